@@ -1,0 +1,301 @@
+"""One typed, frozen experiment config: read from TOML, overridden with `--set key=value`.
+
+Every section is a frozen dataclass; unknown keys, wrong types and values out of range raise a
+ConfigError that names the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from silotune.errors import ConfigError
+
+Algorithm = Literal["fedit", "locit", "cenit"]
+Strategy = Literal["fedavg", "fedprox", "fedadam"]
+Partitioner = Literal["iid", "dirichlet"]
+PromptStyle = Literal["alpaca", "chat"]
+DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What to run and how to name it."""
+
+    name: str = "experiment"
+    algorithms: tuple[Algorithm, ...] = ("fedit",)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model: `smollm2-135m-instruct` (packaged), `tiny-llama`, a hub id or a path."""
+
+    name: str = "smollm2-135m-instruct"
+    # Shape of the `tiny-llama` random model (ignored for real models).
+    tiny_layers: int = 2
+    tiny_hidden: int = 64
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter hyper-parameters, passed to PEFT's own LoraConfig."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the records come from and how their fields map to instruction/input/output."""
+
+    path: str = "bundled:medquad_demo.jsonl"
+    format: DataFormat = "auto"
+    hub_split: str = "train"
+    instruction_field: str = "question"
+    input_field: str = ""
+    output_field: str = "answer"
+    label_field: str = "qtype"
+    prompt_style: PromptStyle = "alpaca"
+    max_length: int = 128
+    eval_size: int = 16
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the non-eval records are split across clients (flwr-datasets partitioners)."""
+
+    clients: int = 3
+    method: Partitioner = "dirichlet"
+    alpha: float = 1.0
+    # Few-shot cap: at most this many records per client (0 = no cap).
+    max_examples_per_client: int = 0
+    min_partition_size: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The one local training loop every algorithm uses, so comparisons are fair."""
+
+    rounds: int = 2
+    local_steps: int = 5
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Server strategy (Flower's own) and sampling for federated algorithms."""
+
+    strategy: Strategy = "fedavg"
+    fraction_train: float = 1.0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    round_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: loss/perplexity and ROUGE-L of greedy generations."""
+
+    generate: bool = True
+    max_new_tokens: int = 48
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as written to a run's `config.json`."""
+        plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(self)))
+        return plain
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the whole config."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# Numeric lower bounds: (section, key) -> (minimum, inclusive?)
+_MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
+    ("lora", "r"): (1, True),
+    ("lora", "alpha"): (1, True),
+    ("lora", "dropout"): (0.0, True),
+    ("data", "max_length"): (8, True),
+    ("data", "eval_size"): (1, True),
+    ("partition", "clients"): (1, True),
+    ("partition", "alpha"): (0.0, False),
+    ("partition", "max_examples_per_client"): (0, True),
+    ("partition", "min_partition_size"): (0, True),
+    ("train", "rounds"): (1, True),
+    ("train", "local_steps"): (1, True),
+    ("train", "batch_size"): (1, True),
+    ("train", "lr"): (0.0, False),
+    ("train", "weight_decay"): (0.0, True),
+    ("train", "max_grad_norm"): (0.0, True),
+    ("federated", "fraction_train"): (0.0, False),
+    ("federated", "proximal_mu"): (0.0, True),
+    ("federated", "server_lr"): (0.0, False),
+    ("federated", "round_timeout_s"): (0.0, False),
+    ("eval", "max_new_tokens"): (1, True),
+    ("eval", "batch_size"): (1, True),
+    ("model", "tiny_layers"): (1, True),
+    ("model", "tiny_hidden"): (8, True),
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (defaults when `path` is None), then apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts (as parsed from TOML)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    _reject_unknown(raw, sections, where="config")
+    built: dict[str, Any] = {}
+    for name in sections:
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"[{name}] must be a table of keys, got {section!r}")
+        built[name] = _build_section(name, _section_type(name), section)
+    config = Config(**built)
+    _check_combinations(config)
+    return config
+
+
+def _section_type(name: str) -> type[Any]:
+    hints = get_type_hints(Config)
+    cls = hints[name]
+    assert isinstance(cls, type)
+    return cls
+
+
+def _build_section(section: str, cls: type[Any], values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(values, fields, where=f"[{section}]")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+        bound = _MINIMUMS.get((section, key))
+        if bound is not None:
+            minimum, inclusive = bound
+            if kwargs[key] < minimum or (not inclusive and kwargs[key] == minimum):
+                relation = ">=" if inclusive else ">"
+                raise ConfigError(f"{section}.{key} must be {relation} {minimum}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _reject_unknown(values: dict[str, Any], known: dict[str, Any], where: str) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {where}{hint} (known: {', '.join(known)})")
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check `value` against the annotation `hint`; convert lists to tuples and ints to floats."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+            )
+        return value
+    if origin is tuple:
+        item_hint = get_args(hint)[0]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", item_hint, v) for i, v in enumerate(value))
+    if origin in (Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for {key}: {hint}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation for {key}: {hint}")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as TOML, else taken as text."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set expects section.key=value (e.g. train.rounds=3), got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    section, key = parts
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table of keys")
+    table[key] = value
+
+
+def _check_combinations(config: Config) -> None:
+    if not config.experiment.algorithms:
+        raise ConfigError("experiment.algorithms is empty; list at least one, e.g. ['fedit']")
+    if len(set(config.experiment.algorithms)) != len(config.experiment.algorithms):
+        raise ConfigError(f"experiment.algorithms repeats a name: {config.experiment.algorithms}")
+    if config.federated.fraction_train > 1.0:
+        raise ConfigError(
+            f"federated.fraction_train must be in (0, 1], got {config.federated.fraction_train}"
+        )
+    if config.partition.method == "dirichlet" and not config.data.label_field:
+        raise ConfigError(
+            "partition.method = 'dirichlet' needs data.label_field (the column to skew on); "
+            "set it, or use partition.method = 'iid'"
+        )
+    if not config.data.instruction_field or not config.data.output_field:
+        raise ConfigError("data.instruction_field and data.output_field must name columns")

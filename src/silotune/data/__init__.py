@@ -1,0 +1,1 @@
+"""Records, prompts, SFT tokenisation and partitioning."""

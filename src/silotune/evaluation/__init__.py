@@ -1,0 +1,1 @@
+"""Held-out evaluation: loss, perplexity and ROUGE-L of greedy generations."""

@@ -1,0 +1,19 @@
+"""Text metrics (through rouge-score, never re-implemented)."""
+
+from __future__ import annotations
+
+from rouge_score import rouge_scorer
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure of predictions against references (stemmed, as is usual)."""
+    if len(predictions) != len(references):
+        raise ValueError("predictions and references differ in length")
+    if not predictions:
+        return 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [
+        scorer.score(ref, pred)["rougeL"].fmeasure
+        for pred, ref in zip(predictions, references, strict=True)
+    ]
+    return float(sum(scores) / len(scores))

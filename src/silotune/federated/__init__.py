@@ -1,0 +1,1 @@
+"""Federated instruction tuning on Flower: the thin apps and the algorithms they run."""

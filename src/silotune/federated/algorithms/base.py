@@ -1,0 +1,114 @@
+"""What every algorithm receives (a Job) and returns (an AlgorithmResult), and their registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from silotune.config import Config
+from silotune.data.partition import Split
+from silotune.evaluation.evaluator import EvalSet
+from silotune.modeling.adapters import StateDict
+from silotune.modeling.load import ModelSource
+from silotune.registry import Registry
+from silotune.training.loop import Examples
+from silotune.training.workbench import Workbench
+
+Mode = Literal["federated", "local", "centralized"]
+
+
+@dataclass
+class Job:
+    """Everything an algorithm needs: config, data (already split and tokenised), model, folders."""
+
+    config: Config
+    source: ModelSource
+    split: Split
+    client_examples: list[Examples]
+    eval_set: EvalSet
+    workbench: Workbench
+    partitions_dir: Path
+    on_round: Callable[[RoundLog], None] = lambda _: None
+    verbose: bool = False
+
+
+@dataclass
+class RoundLog:
+    """One round of one algorithm: held-out metrics, training and traffic."""
+
+    round: int
+    metrics: dict[str, float]
+    train_loss: float
+    bytes_up: int = 0  # as serialised in the messages
+    bytes_down: int = 0
+    tensor_bytes_up: int = 0  # raw tensor data within them
+    tensor_bytes_down: int = 0
+    wall_s: float = 0.0
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The line written to metrics.jsonl."""
+        return {
+            "round": self.round,
+            **self.metrics,
+            "train_loss": self.train_loss,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "tensor_bytes_up": self.tensor_bytes_up,
+            "tensor_bytes_down": self.tensor_bytes_down,
+            "wall_s": round(self.wall_s, 3),
+            "clients": self.clients,
+        }
+
+
+@dataclass
+class AlgorithmResult:
+    """What a finished algorithm hands to the report writer."""
+
+    rounds: list[RoundLog]
+    adapters: dict[str, StateDict]
+    per_client_final: list[dict[str, float]] = field(default_factory=list)
+    samples: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Held-out metrics after the last round."""
+        return self.rounds[-1].metrics
+
+    def bytes(self) -> dict[str, int]:
+        """Total traffic over all rounds."""
+        keys = ("bytes_up", "bytes_down", "tensor_bytes_up", "tensor_bytes_down")
+        return {k: sum(getattr(r, k) for r in self.rounds) for k in keys}
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """A registered algorithm: its mode, a one-line description and its entry point."""
+
+    name: str
+    mode: Mode
+    description: str
+    run: Callable[[Job], AlgorithmResult]
+
+
+ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
+
+
+def register(
+    name: str, mode: Mode, description: str
+) -> Callable[[Callable[[Job], AlgorithmResult]], Callable[[Job], AlgorithmResult]]:
+    """Decorator registering `fn(job) -> AlgorithmResult` as algorithm `name`."""
+
+    def add(fn: Callable[[Job], AlgorithmResult]) -> Callable[[Job], AlgorithmResult]:
+        ALGORITHMS.register(name)(AlgorithmSpec(name, mode, description, fn))
+        return fn
+
+    return add
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of metric dicts that share their keys."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}

@@ -1,0 +1,1 @@
+"""Base models (loading, caching) and named PEFT adapters."""

@@ -1,0 +1,26 @@
+"""The only conversions between torch/PEFT adapter tensors and Flower records."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from silotune.modeling.adapters import StateDict
+
+
+def adapter_to_record(state: StateDict) -> ArrayRecord:
+    """Adapter tensors -> ArrayRecord (numpy serialisation, never pickle)."""
+    return ArrayRecord(state)
+
+
+def record_to_adapter(record: ArrayRecord) -> StateDict:
+    """ArrayRecord -> adapter tensors (fresh CPU tensors that own their memory)."""
+    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+def tensor_bytes(record: ArrayRecord) -> int:
+    """Bytes of raw tensor data in a record (without serialisation headers or key names)."""
+    return sum(
+        int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+        for array in record.values()
+    )

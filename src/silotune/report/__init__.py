@@ -1,0 +1,1 @@
+"""Run outputs: summary.json, metrics.jsonl, report.md and plots."""

@@ -1,0 +1,195 @@
+"""report.md for one run and for a comparison of algorithms, with numbers from the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec
+from silotune.report.context import RunContext
+
+_METRICS = (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"))
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _metric_cells(metrics: dict[str, float]) -> list[Any]:
+    return [metrics.get(key, "–") for key, _ in _METRICS]
+
+
+def partition_table(stats: list[dict[str, Any]]) -> str:
+    """Client sizes and label mixes."""
+    rows = [
+        [s["client"], s["size"], ", ".join(f"{k}: {v}" for k, v in s["labels"].items()) or "–"]
+        for s in stats
+    ]
+    return table(["client", "records", "label mix"], rows)
+
+
+def _plots(plots: list[Path], folder: Path) -> list[str]:
+    return [f"![{p.stem}]({p.relative_to(folder).as_posix()})" for p in plots]
+
+
+def _samples(samples: list[dict[str, str]]) -> list[str]:
+    lines = []
+    for s in samples:
+        lines += [
+            f"**Instruction:** {_fmt(s['instruction'])}",
+            "",
+            f"- reference: {_fmt(s['reference'])[:400]}",
+            f"- generated: {_fmt(s['prediction'])[:400]}",
+            "",
+        ]
+    return lines
+
+
+def run_markdown(
+    spec: AlgorithmSpec,
+    result: AlgorithmResult,
+    summary: dict[str, Any],
+    partition_stats: list[dict[str, Any]],
+    plots: list[Path],
+    folder: Path,
+) -> str:
+    """The report of one algorithm's run."""
+    comm = summary["communication"]
+    lines = [
+        f"# {spec.name} ({spec.mode}): {spec.description}",
+        "",
+        f"Model: {summary['model']}; {summary['rounds']} rounds, {summary['clients']} clients; "
+        f"wall time {summary['timing']['wall_s']:.1f} s.",
+        "",
+        "## Held-out results",
+        "",
+        table(
+            ["model", *(label for _, label in _METRICS)],
+            [
+                ["base (no tuning)", *_metric_cells(summary["base"])],
+                [spec.name, *_metric_cells(result.final)],
+            ],
+        ),
+        "",
+        "## Per round",
+        "",
+        table(
+            [
+                "round",
+                *(label for _, label in _METRICS),
+                "train loss",
+                "bytes up",
+                "bytes down",
+                "wall s",
+            ],
+            [
+                [
+                    r.round,
+                    *_metric_cells(r.metrics),
+                    r.train_loss,
+                    r.bytes_up,
+                    r.bytes_down,
+                    r.wall_s,
+                ]
+                for r in result.rounds
+            ],
+        ),
+        "",
+        f"Traffic in total: {comm['bytes_up']:,} bytes up, {comm['bytes_down']:,} bytes down "
+        f"(one adapter is {comm['adapter_bytes']:,} bytes of tensors).",
+        "",
+    ]
+    if result.per_client_final:
+        lines += [
+            "## Per client (final)",
+            "",
+            table(
+                ["client", *(label for _, label in _METRICS)],
+                [[i, *_metric_cells(m)] for i, m in enumerate(result.per_client_final)],
+            ),
+            "",
+        ]
+    lines += ["## Data split", "", partition_table(partition_stats), ""]
+    lines += [*(f"- {n}" for n in result.notes), ""] if result.notes else []
+    lines += ["## Curves", "", *_plots(plots, folder), ""]
+    if result.samples:
+        lines += ["## Sample generations (held-out)", "", *_samples(result.samples)]
+    return "\n".join(lines)
+
+
+def comparison_markdown(
+    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, Any]]],
+    ctx: RunContext,
+    plots: list[Path],
+    folder: Path,
+) -> str:
+    """The side-by-side report of several algorithms on one split and budget."""
+    cfg = ctx.config
+    rows = [["base (no tuning)", "–", *_metric_cells(ctx.base), 0, 0, "–"]]
+    for spec, result, summary in runs:
+        comm = summary["communication"]
+        rows.append(
+            [
+                f"[{spec.name}]({spec.name}/report.md)",
+                spec.mode,
+                *_metric_cells(result.final),
+                comm["bytes_up"],
+                comm["bytes_down"],
+                summary["timing"]["wall_s"],
+            ]
+        )
+    header = [
+        "algorithm",
+        "mode",
+        *(label for _, label in _METRICS),
+        "bytes up",
+        "bytes down",
+        "wall s",
+    ]
+    per_round = [
+        [spec.name, r.round, *_metric_cells(r.metrics), r.train_loss]
+        for spec, result, _ in runs
+        for r in result.rounds
+    ]
+    lines = [
+        f"# {cfg.experiment.name}: {', '.join(spec.name for spec, _, _ in runs)} side by side",
+        "",
+        f"Model: {ctx.model}. {len(ctx.partition_stats)} clients ({cfg.partition.method}"
+        + (f", alpha={cfg.partition.alpha}" if cfg.partition.method == "dirichlet" else "")
+        + f"), {cfg.train.rounds} rounds × {cfg.train.local_steps} local steps, batch "
+        f"{cfg.train.batch_size}, lr {cfg.train.lr}, LoRA r={cfg.lora.r}; the same seed, split and "
+        f"step budget for every algorithm. Held-out set: {cfg.data.eval_size} records.",
+        "",
+        "## Final held-out results",
+        "",
+        table(header, rows),
+        "",
+        "## Per round",
+        "",
+        table(["algorithm", "round", *(label for _, label in _METRICS), "train loss"], per_round),
+        "",
+        "## Data split",
+        "",
+        partition_table(ctx.partition_stats),
+        "",
+        "## Notes",
+        "",
+        *(f"- {spec.name}: {note}" for spec, result, _ in runs for note in result.notes),
+        "",
+        "## Curves",
+        "",
+        *_plots(plots, folder),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Write a finished algorithm's run folder and, for several algorithms, their comparison.
+
+A run folder is the contract other tools read:
+    summary.json      algorithm, mode, rounds, clients, final metrics, communication, timing
+    metrics.jsonl     one line per round
+    adapters/<name>/  stock PEFT adapter folders
+    report.md, plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from silotune import __version__
+from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec
+from silotune.report.context import RunContext
+from silotune.report.markdown import comparison_markdown, run_markdown
+from silotune.report.plots import plot_curves
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Pretty JSON with a trailing newline."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def summarize(
+    spec: AlgorithmSpec, result: AlgorithmResult, ctx: RunContext, wall_s: float
+) -> dict[str, Any]:
+    """The summary.json of one algorithm's run."""
+    return {
+        "algorithm": spec.name,
+        "mode": spec.mode,
+        "rounds": len(result.rounds),
+        "clients": len(ctx.partition_stats),
+        "final": result.final,
+        "base": ctx.base,
+        "per_client_final": result.per_client_final,
+        "communication": {**result.bytes(), "adapter_bytes": ctx.adapter_bytes},
+        "timing": {"wall_s": round(wall_s, 2)},
+        "model": ctx.model,
+        "strategy": ctx.config.federated.strategy if spec.mode == "federated" else None,
+        "config_fingerprint": ctx.config.fingerprint(),
+        "silotune_version": __version__,
+    }
+
+
+def write_run(
+    folder: Path,
+    spec: AlgorithmSpec,
+    result: AlgorithmResult,
+    ctx: RunContext,
+    save_adapter: Any,
+    wall_s: float,
+) -> dict[str, Any]:
+    """Write one algorithm's run folder; `save_adapter(state, path)` writes PEFT folders."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, state in result.adapters.items():
+        (folder / "adapters").mkdir(exist_ok=True)
+        save_adapter(state, folder / "adapters" / name)
+    with (folder / "metrics.jsonl").open("w", encoding="utf-8") as fh:
+        for log in result.rounds:
+            fh.write(json.dumps(log.to_json()) + "\n")
+    summary = summarize(spec, result, ctx, wall_s)
+    rows = [log.to_json() for log in result.rounds]
+    plots = plot_curves({spec.name: rows}, ctx.base, folder / "plots")
+    (folder / "report.md").write_text(
+        run_markdown(spec, result, summary, ctx.partition_stats, plots, folder), encoding="utf-8"
+    )
+    # Last: a summary.json marks the folder as a finished result.
+    write_json(folder / "summary.json", summary)
+    return summary
+
+
+def write_comparison(
+    folder: Path,
+    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, Any]]],
+    ctx: RunContext,
+) -> None:
+    """Side-by-side report of several algorithms run on the same split and budget."""
+    series = {spec.name: [log.to_json() for log in result.rounds] for spec, result, _ in runs}
+    plots = plot_curves(series, ctx.base, folder / "plots")
+    text = comparison_markdown(runs, ctx, plots, folder)
+    (folder / "report.md").write_text(text, encoding="utf-8")
+    write_json(
+        folder / "comparison.json",
+        {"base": ctx.base, "runs": {spec.name: summary for spec, _, summary in runs}},
+    )

@@ -1,0 +1,45 @@
+"""Per-round curves as PNG files (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+# Metric key -> axis label
+CURVES = {"eval_loss": "held-out loss", "rouge_l": "ROUGE-L F"}
+
+
+def plot_curves(
+    series: dict[str, list[dict[str, float]]],
+    base: dict[str, float],
+    folder: Path,
+) -> list[Path]:
+    """One PNG per metric: a line per series (algorithm) over rounds, the base model dashed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, label in CURVES.items():
+        if not any(key in row for rows in series.values() for row in rows):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows in series.items():
+            points = [(row["round"], row[key]) for row in rows if key in row]
+            ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        if key in base:
+            ax.axhline(base[key], linestyle="--", color="grey", label="base model")
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = folder / f"{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,207 @@
+"""Run an experiment: load and split data, load the model, run each algorithm, write the results.
+
+Output layout: with one algorithm, OUT is that algorithm's run folder; with several, OUT holds a
+run folder per algorithm plus a side-by-side `report.md` and `comparison.json`. Work happens in
+`OUT.incomplete` and is renamed to OUT only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from silotune.config import Config
+from silotune.data.load import load_records
+from silotune.data.partition import Split, split_dataset
+from silotune.data.sft import tokenize_dataset
+from silotune.errors import ConfigError
+from silotune.evaluation.evaluator import build_eval_set
+from silotune.federated.algorithms import ALGORITHMS
+from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec, Job, RoundLog
+from silotune.federated.client_app import partition_file
+from silotune.modeling.adapters import adapter_nbytes
+from silotune.modeling.load import resolve_model
+from silotune.report.context import RunContext
+from silotune.report.outputs import write_comparison, write_json, write_run
+from silotune.training.workbench import Workbench
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated config with its output folder chosen."""
+
+    config: Config
+    out: Path
+    specs: list[AlgorithmSpec]
+
+
+def plan_experiment(config: Config, out: Path | None) -> Experiment:
+    """Resolve algorithms and the output folder; refuse to overwrite an existing result."""
+    specs = [ALGORITHMS.get(name) for name in config.experiment.algorithms]
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{config.experiment.name}-{stamp}"
+    if out.exists():
+        raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
+    return Experiment(config, out, specs)
+
+
+def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> Path:
+    """Run every algorithm of `exp` and return the finished output folder."""
+    cfg = exp.config
+    started = time.perf_counter()
+    loaded = load_records(cfg.data)
+    split = split_dataset(loaded.dataset, cfg.data, cfg.partition, cfg.experiment.seed)
+    console.print(
+        f"[bold]{cfg.experiment.name}[/]: {loaded.source_rows} records read"
+        + (
+            f", {loaded.dropped_empty} dropped (empty instruction or output)"
+            if loaded.dropped_empty
+            else ""
+        )
+        + f"; {len(split.eval)} held out for evaluation"
+    )
+    console.print(_partition_table(split))
+
+    work = exp.out.with_name(exp.out.name + ".incomplete")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    _write_split(work, split, cfg)
+
+    with console.status(f"loading model {cfg.model.name} ..."):
+        source = resolve_model(cfg.model)
+        bench = Workbench(source, cfg)
+        eval_set = build_eval_set(split.eval, bench.tokenizer, cfg.data)
+        client_examples = [
+            tokenize_dataset(part, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length)
+            for part in split.clients
+        ]
+    console.print(f"model: {source.description}")
+    with console.status("evaluating the base model ..."):
+        base = bench.evaluate_base(eval_set).metrics()
+    console.print(f"base model: {_fmt_metrics(base)}")
+    ctx = RunContext(
+        config=cfg,
+        model=source.description,
+        base=base,
+        partition_stats=split.stats(),
+        adapter_bytes=adapter_nbytes(bench.initial),
+    )
+
+    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]] = []
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        for spec in exp.specs:
+            task = progress.add_task(f"{spec.name} rounds", total=cfg.train.rounds)
+
+            def on_round(log: RoundLog, name: str = spec.name, task_id: TaskID = task) -> None:
+                progress.advance(task_id)
+                progress.console.print(f"  {name} round {log.round}: {_fmt_metrics(log.metrics)}")
+
+            job = Job(
+                config=cfg,
+                source=source,
+                split=split,
+                client_examples=client_examples,
+                eval_set=eval_set,
+                workbench=bench,
+                partitions_dir=work / "partitions",
+                on_round=on_round,
+                verbose=verbose,
+            )
+            t0 = time.perf_counter()
+            result = spec.run(job)
+            folder = work if len(exp.specs) == 1 else work / spec.name
+            summary = write_run(folder, spec, result, ctx, bench.save, time.perf_counter() - t0)
+            runs.append((spec, result, summary))
+    if len(exp.specs) > 1:
+        write_comparison(work, runs, ctx)
+    console.print(_results_table(runs, base))
+    work.rename(exp.out)
+    console.print(
+        f"finished in {time.perf_counter() - started:.0f} s; report: {exp.out / 'report.md'}"
+    )
+    return exp.out
+
+
+def _write_split(work: Path, split: Split, cfg: Config) -> None:
+    """Each client's records in its own file (what that client alone reads), plus the eval set."""
+    parts = work / "partitions"
+    parts.mkdir()
+    for i, part in enumerate(split.clients):
+        part.to_json(str(partition_file(parts, i)), lines=True, force_ascii=False)
+    split.eval.to_json(str(parts / "eval.jsonl"), lines=True, force_ascii=False)
+    write_json(parts / "stats.json", split.stats())
+    write_json(work / "config.json", cfg.to_dict())
+
+
+def _partition_table(split: Split) -> Table:
+    table = Table(title="clients")
+    table.add_column("client", justify="right")
+    table.add_column("records", justify="right")
+    table.add_column("label mix")
+    for row in split.stats():
+        labels = row["labels"]
+        assert isinstance(labels, dict)
+        table.add_row(str(row["client"]), str(row["size"]), json.dumps(labels)[1:-1] or "–")
+    return table
+
+
+def _results_table(
+    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]], base: dict[str, float]
+) -> Table:
+    table = Table(title="held-out results")
+    for col in (
+        "algorithm",
+        "mode",
+        "eval loss",
+        "perplexity",
+        "ROUGE-L",
+        "bytes up",
+        "bytes down",
+    ):
+        table.add_column(col, justify="left" if col in ("algorithm", "mode") else "right")
+    table.add_row("base", "–", *_cells(base), "0", "0")
+    for spec, result, summary in runs:
+        comm = summary["communication"]
+        assert isinstance(comm, dict)
+        table.add_row(
+            spec.name,
+            spec.mode,
+            *_cells(result.final),
+            f"{comm['bytes_up']:,}",
+            f"{comm['bytes_down']:,}",
+        )
+    return table
+
+
+def _cells(metrics: dict[str, float]) -> list[str]:
+    return [
+        f"{metrics[k]:.4f}" if k in metrics else "–" for k in ("eval_loss", "perplexity", "rouge_l")
+    ]
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -1,0 +1,99 @@
+"""One local training loop for every algorithm (FedIT clients, LocIT, CenIT): a fair comparison.
+
+It trains whatever parameters require gradients (the active LoRA adapter) for a fixed number of
+optimizer steps with AdamW, gradient clipping and an optional FedProx proximal term.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from silotune.config import TrainConfig
+from silotune.data.sft import Batch, batch_stream
+
+Examples = list[tuple[list[int], list[int]]]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of `train_steps` did."""
+
+    loss: float  # mean training loss over the steps
+    steps: int
+    examples: int  # distinct examples available to this trainer (FedAvg weights by it)
+    seconds: float
+
+
+def train_steps(
+    model: nn.Module,
+    examples: Examples,
+    cfg: TrainConfig,
+    steps: int,
+    pad_id: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Run `steps` optimizer steps on `examples`; the model is left in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (no active adapter?)")
+    # With FedProx, pull towards the parameters received at the start of the round.
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = batch_stream(examples, cfg.batch_size, pad_id, seed)
+    start = time.perf_counter()
+    # Dropout draws from the global RNG: seed it too, so a (state, data, seed) triple is replayable.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        total = _run(model, params, anchors, optimizer, batches, cfg, steps, proximal_mu, on_step)
+    return TrainResult(
+        loss=total / steps,
+        steps=steps,
+        examples=len(examples),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _run(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    anchors: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    cfg: TrainConfig,
+    steps: int,
+    proximal_mu: float,
+    on_step: Callable[[int, float], None] | None,
+) -> float:
+    """The steps themselves; returns the summed training loss."""
+    total = 0.0
+    model.train()
+    try:
+        for step in range(steps):
+            batch = next(batches)
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                labels=batch.labels,
+            )
+            loss = out.loss
+            if anchors:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            total += float(out.loss.detach())
+            if on_step is not None:
+                on_step(step, float(out.loss.detach()))
+    finally:
+        model.eval()
+    return total

@@ -1,0 +1,38 @@
+"""Shared fixtures: a private model cache, the tiny preset, and a tiny Workbench."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from silotune.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep converted models of the test session out of the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SILOTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    """The tiny preset (random 2-layer Llama, bundled data)."""
+    return load_config(CONFIGS / "tiny.toml")
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tiny_config: Config):  # type: ignore[no-untyped-def]
+    """A Workbench on the tiny model, shared by tests that only read or reset its adapter."""
+    from silotune.modeling.load import resolve_model
+    from silotune.training.workbench import Workbench
+
+    return Workbench(resolve_model(tiny_config.model), tiny_config)
