@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `silotune` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    console = Console()
+    # Tables of results are wide: keep them readable when output goes to a file or a pipe.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     _quiet_libraries(verbose=args.verbose)
     try:
         if args.command == "run":

@@ -1,0 +1,95 @@
+"""The metering mixin on Flower's own strategies, driven with hand-made reply messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from silotune.config import FederatedConfig
+from silotune.federated.strategies import (
+    ARRAYS,
+    METRICS,
+    FederationError,
+    MeteredFedAdam,
+    MeteredFedAvg,
+    MeteredFedProx,
+    RoundTraffic,
+    build_strategy,
+)
+from silotune.records import tensor_bytes
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are stamped with the running task's ids, which an app run would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def _request() -> Message:
+    content = RecordDict({ARRAYS: ArrayRecord({"w": torch.zeros(2, 3)}), "config": ConfigRecord()})
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+def _reply(value: float, examples: int) -> Message:
+    arrays = ArrayRecord({"w": torch.full((2, 3), value)})
+    metrics = MetricRecord({"num-examples": examples, "train_loss": value, "train_s": 0.5})
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=_request())
+
+
+def _error_reply(reason: str) -> Message:
+    return Message(Error(code=1, reason=reason), reply_to=_request())
+
+
+def _fresh(round_: int = 1) -> MeteredFedAvg:
+    strategy = build_strategy(FederatedConfig(), clients=3)
+    assert isinstance(strategy, MeteredFedAvg)
+    strategy.traffic = {round_: RoundTraffic(started=0.0, bytes_down=0, tensor_bytes_down=0)}
+    return strategy
+
+
+def test_aggregates_weighted_and_meters_replies() -> None:
+    strategy = _fresh()
+    replies = [_reply(1.0, 1), _reply(5.0, 3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 4.0))
+    traffic = strategy.traffic[1]
+    assert traffic.tensor_bytes_up == 2 * 6 * 4
+    assert traffic.bytes_up == sum(r.content.array_records[ARRAYS].count_bytes() for r in replies)
+    assert [c["train_loss"] for c in traffic.clients] == [1.0, 5.0]
+    assert traffic.failures == []
+    assert traffic.wall_s > 0
+
+
+def test_failed_clients_are_recorded_and_skipped() -> None:
+    strategy = _fresh()
+    arrays, _ = strategy.aggregate_train(1, [_reply(2.0, 2), _error_reply("out of memory")])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 2.0))
+    assert strategy.traffic[1].failures == ["out of memory"]
+
+
+def test_a_round_where_every_client_failed_stops_the_run() -> None:
+    strategy = _fresh()
+    with pytest.raises(FederationError, match=r"every client failed.*disk full"):
+        strategy.aggregate_train(1, [_error_reply("disk full")])
+
+
+def test_strategy_choices_build_flower_strategies() -> None:
+    assert isinstance(build_strategy(FederatedConfig(strategy="fedprox"), 2), MeteredFedProx)
+    adam = build_strategy(FederatedConfig(strategy="fedadam", server_lr=0.05), 2)
+    assert isinstance(adam, MeteredFedAdam) and adam.eta == 0.05
+    prox = build_strategy(FederatedConfig(strategy="fedprox", proximal_mu=0.3), 4)
+    assert isinstance(prox, MeteredFedProx) and prox.proximal_mu == 0.3
+    half = build_strategy(FederatedConfig(fraction_train=0.5), 4)
+    assert half.min_train_nodes == 2 and half.min_available_nodes == 4  # type: ignore[attr-defined]
+
+
+def test_tensor_bytes_counts_raw_data_only() -> None:
+    record = ArrayRecord({"a": torch.zeros(4, 5), "b": torch.zeros(3, dtype=torch.float64)})
+    assert tensor_bytes(record) == 4 * 5 * 4 + 3 * 8
