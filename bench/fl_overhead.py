@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from silotune.cli import quiet_libraries
 from silotune.config import load_config
 from silotune.runner import plan_experiment, run_experiment
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    quiet_libraries()
     config = load_config(
         args.config,
         [
@@ -77,7 +79,7 @@ def main() -> None:
             f"{r['tensor_bytes_down'] / adapter:.3f}",
             f"{r['bytes_up'] / adapter:.4f}",
         )
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     steady = rows[1:] or rows
     wall = sum(r["wall_s"] for r in steady)

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Tables of results are wide: keep them readable when output goes to a file or a pipe.
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    _quiet_libraries(verbose=args.verbose)
+    if not args.verbose:
+        quiet_libraries()
     try:
         if args.command == "run":
             return _run(args, console)
@@ -96,10 +97,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Keep library chatter out of the results unless asked for."""
-    if verbose:
-        return
+def quiet_libraries() -> None:
+    """Keep library chatter (Flower, Ray, transformers, datasets) out of the results."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     warnings.filterwarnings("ignore", category=UserWarning)
