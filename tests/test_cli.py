@@ -51,6 +51,21 @@ def test_user_errors_exit_2_without_traceback(
     assert not out.exists() and not out.with_name("run.incomplete").exists()
 
 
+def test_unloadable_model_is_a_user_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants
+
+    # Offline mode is read at import; flip the constant so the hub is not even tried.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    code = main(["run", TINY, "--out", str(out), "--set", "model.name=no-such-org/no-such-model"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    assert "cannot load model 'no-such-org/no-such-model'" in err and "set model.name" in err
+    assert not out.exists() and not out.with_name("run.incomplete").exists()
+
+
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(tmp_path / "nope.toml")]) == 2
     assert "config file not found" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from silotune.config import Config
 from silotune.data.load import load_records
 from silotune.data.partition import Split, split_dataset
 from silotune.data.sft import tokenize_dataset
-from silotune.errors import ConfigError
+from silotune.errors import ConfigError, UserError
 from silotune.evaluation.evaluator import build_eval_set
 from silotune.federated.algorithms import ALGORITHMS
 from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec, Job, RoundLog
@@ -82,8 +82,25 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    _write_split(work, split, cfg)
+    try:
+        _run_in(work, exp, split, console, verbose)
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:
+        console.print(f"[red]run stopped; partial output left in {work} (not a result)[/]")
+        raise
+    work.rename(exp.out)
+    console.print(
+        f"finished in {time.perf_counter() - started:.0f} s; report: {exp.out / 'report.md'}"
+    )
+    return exp.out
 
+
+def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose: bool) -> None:
+    """Everything after the data split, written into the work folder."""
+    cfg = exp.config
+    _write_split(work, split, cfg)
     with console.status(f"loading model {cfg.model.name} ..."):
         source = resolve_model(cfg.model)
         bench = Workbench(source, cfg)
@@ -139,11 +156,6 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     if len(exp.specs) > 1:
         write_comparison(work, runs, ctx)
     console.print(_results_table(runs, base))
-    work.rename(exp.out)
-    console.print(
-        f"finished in {time.perf_counter() - started:.0f} s; report: {exp.out / 'report.md'}"
-    )
-    return exp.out
 
 
 def _write_split(work: Path, split: Split, cfg: Config) -> None:

@@ -71,17 +71,31 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
 
 def load_model(source: ModelSource) -> PreTrainedModel:
     """Load the base model in fp32 on CPU, in eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+    except OSError as exc:  # not found locally, no network, no access
+        raise _not_loadable(source, exc) from None
     model.eval()  # type: ignore[no-untyped-call]
     return model
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """Load the tokenizer and make sure it can pad (reusing EOS when it has no pad token)."""
-    tokenizer = AutoTokenizer.from_pretrained(source.location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location)
+    except OSError as exc:
+        raise _not_loadable(source, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _not_loadable(source: ModelSource, exc: OSError) -> ConfigError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(
+        f"cannot load model {source.location!r} ({first_line}); set model.name to a local model "
+        "folder, a hub id this machine can download, or smollm2-135m-instruct"
+    )
 
 
 def _materialize_smollm2() -> ModelSource:
