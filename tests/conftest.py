@@ -36,3 +36,12 @@ def tiny_bench(tiny_config: Config):  # type: ignore[no-untyped-def]
     from silotune.training.workbench import Workbench
 
     return Workbench(resolve_model(tiny_config.model), tiny_config)
+
+
+@pytest.fixture
+def flower_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are stamped with the running task's ids, which a Flower app run would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

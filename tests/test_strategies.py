@@ -20,14 +20,7 @@ from silotune.federated.strategies import (
 )
 from silotune.records import tensor_bytes
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are stamped with the running task's ids, which an app run would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def _request() -> Message:

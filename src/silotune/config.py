@@ -18,11 +18,13 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from silotune.errors import ConfigError
 
-Algorithm = Literal["fedit", "locit", "cenit"]
+Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Partitioner = Literal["iid", "dirichlet"]
 PromptStyle = Literal["alpaca", "chat"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
+PrivateData = Literal["local+synthetic", "local"]
+TruncatedPolicy = Literal["drop", "keep"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,25 @@ class FederatedConfig:
 
 
 @dataclass(frozen=True)
+class SyntheticConfig:
+    """FedPIT / LocIT+SA self-generation: in-context prompts, decoding, filters, isolation."""
+
+    per_round: int = 8  # synthetic examples each client generates per round
+    icl_examples: int = 8  # local examples shown in each generation prompt (fewer if fewer)
+    instruction_max_new_tokens: int = 48
+    instruction_temperature: float = 0.7  # 0 = greedy
+    response_max_new_tokens: int = 96
+    repetition_penalty: float = 1.2  # for responses
+    batch_size: int = 8
+    min_instruction_words: int = 3
+    min_response_words: int = 5
+    dedup_rouge_l: float = 0.7  # drop if ROUGE-L F against a local or kept instruction exceeds it
+    truncated: TruncatedPolicy = "drop"  # generations that ran out of tokens
+    private_data: PrivateData = "local+synthetic"  # what FedPIT's private adapter trains on
+    beta: float = 1.0  # FedPIT v2: upload beta * global + (1 - beta) * private
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation: loss/perplexity and ROUGE-L of greedy generations."""
 
@@ -125,6 +146,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +181,17 @@ _MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("federated", "proximal_mu"): (0.0, True),
     ("federated", "server_lr"): (0.0, False),
     ("federated", "round_timeout_s"): (0.0, False),
+    ("synthetic", "per_round"): (1, True),
+    ("synthetic", "icl_examples"): (1, True),
+    ("synthetic", "instruction_max_new_tokens"): (4, True),
+    ("synthetic", "instruction_temperature"): (0.0, True),
+    ("synthetic", "response_max_new_tokens"): (4, True),
+    ("synthetic", "repetition_penalty"): (0.0, False),
+    ("synthetic", "batch_size"): (1, True),
+    ("synthetic", "min_instruction_words"): (0, True),
+    ("synthetic", "min_response_words"): (0, True),
+    ("synthetic", "dedup_rouge_l"): (0.0, True),
+    ("synthetic", "beta"): (0.0, True),
     ("eval", "max_new_tokens"): (1, True),
     ("eval", "batch_size"): (1, True),
     ("model", "tiny_layers"): (1, True),
@@ -291,6 +324,13 @@ def _check_combinations(config: Config) -> None:
     if config.federated.fraction_train > 1.0:
         raise ConfigError(
             f"federated.fraction_train must be in (0, 1], got {config.federated.fraction_train}"
+        )
+    if config.synthetic.beta > 1.0:
+        raise ConfigError(f"synthetic.beta must be in [0, 1], got {config.synthetic.beta}")
+    if config.synthetic.dedup_rouge_l > 1.0:
+        raise ConfigError(
+            f"synthetic.dedup_rouge_l must be in [0, 1] (1 keeps all), got "
+            f"{config.synthetic.dedup_rouge_l}"
         )
     if config.partition.method == "dirichlet" and not config.data.label_field:
         raise ConfigError(

@@ -145,6 +145,7 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
                 eval_set=eval_set,
                 workbench=bench,
                 partitions_dir=work / "partitions",
+                clients_dir=work / "clients",
                 on_round=on_round,
                 verbose=verbose,
             )

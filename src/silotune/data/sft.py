@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -59,12 +58,12 @@ def encode_prompt(
 
 
 def tokenize_dataset(
-    dataset: datasets.Dataset,
+    dataset: Iterable[Mapping[str, str]],
     tokenizer: PreTrainedTokenizerBase,
     style: PromptStyle,
     max_length: int,
 ) -> list[tuple[list[int], list[int]]]:
-    """Encode every record of an instruction dataset."""
+    """Encode every record (instruction/input/output) of a dataset or a list of records."""
     return [
         encode_example(tokenizer, style, r["instruction"], r["input"], r["output"], max_length)
         for r in dataset

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from silotune.config import DataConfig, EvalConfig
 from silotune.data.sft import IGNORE_INDEX, collate, encode_example, encode_prompt
 from silotune.evaluation.metrics import rouge_l
+from silotune.modeling.generation import DecodeConfig, generate, pad_id
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,10 @@ def evaluate(
 ) -> EvalResult:
     """Token-weighted held-out loss, its perplexity, and ROUGE-L of greedy generations."""
     model.eval()
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(eval_set.examples), cfg.batch_size):
-        batch = collate(eval_set.examples[start : start + cfg.batch_size], pad_id)
+        batch = collate(eval_set.examples[start : start + cfg.batch_size], pad)
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         logits = out.logits[:, :-1].float()  # (b, t-1, v)
         targets = batch.labels[:, 1:]  # (b, t-1)
@@ -97,7 +98,8 @@ def evaluate(
     perplexity = math.exp(min(eval_loss, 50.0))
     if not cfg.generate:
         return EvalResult(eval_loss, perplexity, None)
-    predictions = generate(model, tokenizer, eval_set.prompts, cfg)
+    decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    predictions = [g.text.strip() for g in generate(model, tokenizer, eval_set.prompts, decode)]
     samples = [
         {"instruction": i, "reference": r, "prediction": p}
         for i, r, p in list(
@@ -105,40 +107,3 @@ def evaluate(
         )[:n_samples]
     ]
     return EvalResult(eval_loss, perplexity, rouge_l(predictions, eval_set.references), samples)
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    cfg: EvalConfig,
-) -> list[str]:
-    """Greedy continuations of tokenised prompts, batched with left padding."""
-    pad_id = _pad_id(tokenizer)
-    texts: list[str] = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start : start + cfg.batch_size]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        out = model.generate(  # type: ignore[operator]
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = out[:, width:]  # (b, new)
-        texts += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return texts
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    assert isinstance(pad, int)
-    return pad

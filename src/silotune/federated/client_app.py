@@ -1,7 +1,8 @@
-"""The Flower ClientApp: receive the global adapter, train it on this node's data, reply with it.
+"""The Flower ClientApp: translate messages to a LocalRequest for the algorithm's client role.
 
-Thin on purpose: data loading and training live in plain modules. The frozen base model is
-loaded once per worker process (see Workbench); the adapter is replaced from every message.
+Thin on purpose: what a client does lives in plain modules (`LOCAL_ROLES`). The frozen base model
+is loaded once per worker process (see Workbench); adapters are replaced from every message and
+from the client's own state, so nothing of one client stays in the model for the next.
 """
 
 from __future__ import annotations
@@ -16,20 +17,25 @@ from flwr.clientapp import ClientApp
 from silotune.config import Config
 from silotune.data.load import load_partition_file
 from silotune.data.sft import tokenize_dataset
+from silotune.data.synthetic import Record
+from silotune.evaluation.evaluator import EvalSet, build_eval_set
+from silotune.federated.local import LOCAL_ROLES, LocalRequest
 from silotune.federated.strategies import ARRAYS, METRICS
 from silotune.modeling.load import ModelSource
-from silotune.records import adapter_to_record, record_to_adapter
+from silotune.records import adapter_to_record, load_store, record_to_adapter, save_store
 from silotune.training.loop import Examples
-from silotune.training.workbench import Workbench, derive_seed
+from silotune.training.workbench import Workbench
 
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """What every client of a run shares: the config, the base model and where partitions are."""
+    """What every client of a run shares: config, base model, algorithm, where data lives."""
 
     config: Config
     source: ModelSource
     partitions_dir: str
+    algorithm: str
+    clients_dir: str
 
 
 def partition_file(partitions_dir: str | Path, partition_id: int) -> Path:
@@ -39,44 +45,72 @@ def partition_file(partitions_dir: str | Path, partition_id: int) -> Path:
 
 @cache
 def _workbench(spec: ClientSpec) -> Workbench:
-    return Workbench(spec.source, spec.config)
+    private = LOCAL_ROLES.get(spec.algorithm).needs_private_slot
+    return Workbench(spec.source, spec.config, private=private)
 
 
 @cache
-def _examples(spec: ClientSpec, partition_id: int) -> Examples:
-    bench = _workbench(spec)
-    records = load_partition_file(partition_file(spec.partitions_dir, partition_id))
+def _local_data(spec: ClientSpec, partition_id: int) -> tuple[list[Record], Examples]:
+    dataset = load_partition_file(partition_file(spec.partitions_dir, partition_id))
     data = spec.config.data
-    return tokenize_dataset(records, bench.tokenizer, data.prompt_style, data.max_length)
+    examples = tokenize_dataset(
+        dataset, _workbench(spec).tokenizer, data.prompt_style, data.max_length
+    )
+    records = [{k: str(r[k]) for k in ("instruction", "input", "output")} for r in dataset]
+    return records, examples
+
+
+@cache
+def _eval_set(spec: ClientSpec) -> EvalSet:
+    dataset = load_partition_file(Path(spec.partitions_dir) / "eval.jsonl")
+    return build_eval_set(dataset, _workbench(spec).tokenizer, spec.config.data)
+
+
+def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
+    partition_id = _as_int(context.node_config["partition-id"])
+    config = msg.content.config_records["config"]
+    records, examples = _local_data(spec, partition_id)
+    return LocalRequest(
+        bench=_workbench(spec),
+        config=spec.config,
+        client=partition_id,
+        round=_as_int(config["server-round"]),
+        global_state=record_to_adapter(msg.content.array_records[ARRAYS]),
+        store=load_store(context.state),
+        records=records,
+        examples=examples,
+        client_dir=Path(spec.clients_dir) / f"client-{partition_id}",
+        proximal_mu=_as_float(config.get("proximal-mu", 0.0)),
+    )
 
 
 def make_client_app(spec: ClientSpec) -> ClientApp:
-    """A ClientApp that runs the shared local training loop on its node's partition."""
+    """A ClientApp running `spec.algorithm`'s client role on its node's partition."""
     app = ClientApp()
+    role = LOCAL_ROLES.get(spec.algorithm)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        partition_id = _as_int(context.node_config["partition-id"])
-        config = msg.content.config_records["config"]
-        server_round = _as_int(config["server-round"])
-        bench = _workbench(spec)
-        state, result = bench.train(
-            record_to_adapter(msg.content.array_records[ARRAYS]),
-            _examples(spec, partition_id),
-            steps=spec.config.train.local_steps,
-            seed=derive_seed(spec.config.experiment.seed, "client", partition_id, server_round),
-            proximal_mu=_as_float(config.get("proximal-mu", 0.0)),
-        )
+        req = _request(spec, msg, context)
+        reply = role.train(req)
+        save_store(context.state, req.store)
         metrics = MetricRecord(
-            {
-                "num-examples": result.examples,
-                "client": partition_id,
-                "train_loss": result.loss,
-                "train_s": result.seconds,
-            }
+            {"num-examples": reply.weight, "client": req.client, **reply.metrics}
         )
-        reply = RecordDict({ARRAYS: adapter_to_record(state), METRICS: metrics})
-        return Message(content=reply, reply_to=msg)
+        content = RecordDict({ARRAYS: adapter_to_record(reply.upload), METRICS: metrics})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        if role.evaluate is None:
+            raise RuntimeError(f"{spec.algorithm} clients do not evaluate locally")
+        req = _request(spec, msg, context)
+        eval_set = _eval_set(spec)
+        result = role.evaluate(req, eval_set)
+        metrics = MetricRecord(
+            {"num-examples": len(eval_set.examples), "client": req.client, **result}
+        )
+        return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
 
     return app
 

@@ -40,6 +40,7 @@ class RoundTraffic:
     wall_s: float = 0.0
     clients: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    client_evals: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Metered(Strategy):
@@ -85,6 +86,18 @@ class Metered(Strategy):
         traffic.wall_s = time.perf_counter() - traffic.started
         return aggregated
 
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Keep each client's own evaluation, then aggregate as the strategy does."""
+        replies = list(replies)
+        self.traffic[server_round].client_evals = [
+            dict(metrics)
+            for m in replies
+            if not m.has_error() and (metrics := m.content.metric_records.get(METRICS))
+        ]
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
+
 
 class MeteredFedAvg(Metered, FedAvg):
     """FedAvg, metered."""
@@ -98,37 +111,38 @@ class MeteredFedAdam(Metered, FedAdam):
     """FedAdam (server-side Adam on the averaged update), metered."""
 
 
-StrategyFactory = Callable[[FederatedConfig, int], Metered]
+StrategyFactory = Callable[[FederatedConfig, int, bool], Metered]
 STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 
 
-def _sampling(cfg: FederatedConfig, clients: int) -> dict[str, Any]:
+def _sampling(cfg: FederatedConfig, clients: int, client_eval: bool) -> dict[str, Any]:
     per_round = max(1, int(clients * cfg.fraction_train))
-    # Central evaluation only: the server evaluates the global adapter on the held-out set.
+    # The server always evaluates the global adapter; clients also evaluate when they infer
+    # with more than it (FedPIT's private adapter), every client every round.
     return {
         "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": 0.0,
+        "fraction_evaluate": 1.0 if client_eval else 0.0,
         "min_train_nodes": per_round,
-        "min_evaluate_nodes": 0,
+        "min_evaluate_nodes": clients if client_eval else 0,
         "min_available_nodes": clients,
     }
 
 
 @STRATEGIES.register("fedavg")
-def _fedavg(cfg: FederatedConfig, clients: int) -> Metered:
-    return MeteredFedAvg(**_sampling(cfg, clients))
+def _fedavg(cfg: FederatedConfig, clients: int, client_eval: bool) -> Metered:
+    return MeteredFedAvg(**_sampling(cfg, clients, client_eval))
 
 
 @STRATEGIES.register("fedprox")
-def _fedprox(cfg: FederatedConfig, clients: int) -> Metered:
-    return MeteredFedProx(**_sampling(cfg, clients), proximal_mu=cfg.proximal_mu)
+def _fedprox(cfg: FederatedConfig, clients: int, client_eval: bool) -> Metered:
+    return MeteredFedProx(**_sampling(cfg, clients, client_eval), proximal_mu=cfg.proximal_mu)
 
 
 @STRATEGIES.register("fedadam")
-def _fedadam(cfg: FederatedConfig, clients: int) -> Metered:
-    return MeteredFedAdam(**_sampling(cfg, clients), eta=cfg.server_lr)
+def _fedadam(cfg: FederatedConfig, clients: int, client_eval: bool) -> Metered:
+    return MeteredFedAdam(**_sampling(cfg, clients, client_eval), eta=cfg.server_lr)
 
 
-def build_strategy(cfg: FederatedConfig, clients: int) -> Metered:
+def build_strategy(cfg: FederatedConfig, clients: int, client_eval: bool = False) -> Metered:
     """The configured Flower strategy, metered."""
-    return STRATEGIES.get(cfg.strategy)(cfg, clients)
+    return STRATEGIES.get(cfg.strategy)(cfg, clients, client_eval)

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from silotune.config import LoraConfig
 
 GLOBAL = "global"
+PRIVATE = "private"
 StateDict = dict[str, torch.Tensor]
 
 
@@ -38,6 +39,43 @@ def add_lora(
         peft_model = get_peft_model(model, peft_lora_config(cfg), adapter_name=name)
     assert isinstance(peft_model, PeftModel)
     return peft_model
+
+
+def add_named_lora(model: PeftModel, cfg: LoraConfig, name: str, seed: int = 0) -> None:
+    """Add a second LoRA adapter `name` (same shape as the first) to a PEFT model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model.add_adapter(name, peft_lora_config(cfg))
+
+
+def use_adapters(model: PeftModel, active: list[str], trainable: list[str]) -> None:
+    """Make `active` adapters take part in the forward pass; only `trainable` ones get gradients."""
+    if not set(trainable) <= set(active):
+        raise ValueError(f"trainable adapters {trainable} must be active ({active})")
+    # PeftModel.set_adapter takes one name; the tuner underneath takes several.
+    model.base_model.set_adapter(active)  # type: ignore[operator]
+    for name, param in model.named_parameters():
+        owner = _adapter_of(name)
+        if owner is not None:
+            param.requires_grad = owner in trainable
+
+
+def _adapter_of(param_name: str) -> str | None:
+    # LoRA parameters are named `...lora_A.<adapter>.weight` / `...lora_B.<adapter>.weight`.
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
+
+
+def mix_adapters(a: StateDict, b: StateDict, beta: float) -> StateDict:
+    """`beta * a + (1 - beta) * b`, key by key (FedPIT v2's upload); beta = 1 returns `a` itself."""
+    if beta == 1.0:
+        return a
+    if a.keys() != b.keys():
+        raise ValueError("adapters to mix have different keys")
+    return {k: beta * a[k] + (1.0 - beta) * b[k] for k in a}
 
 
 def get_adapter(model: PeftModel, name: str = GLOBAL) -> StateDict:

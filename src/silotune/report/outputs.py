@@ -39,6 +39,7 @@ def summarize(
         "per_client_final": result.per_client_final,
         "communication": {**result.bytes(), "adapter_bytes": ctx.adapter_bytes},
         "timing": {"wall_s": round(wall_s, 2)},
+        **({"synthetic": result.synthetic.to_json()} if result.synthetic else {}),
         "model": ctx.model,
         "strategy": ctx.config.federated.strategy if spec.mode == "federated" else None,
         "config_fingerprint": ctx.config.fingerprint(),

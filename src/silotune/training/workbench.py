@@ -1,7 +1,8 @@
-"""A base model with one LoRA adapter slot, used to train and evaluate many adapter states.
+"""A base model with named LoRA adapter slots, used to train and evaluate many adapter states.
 
-The frozen base is loaded once per process; every call swaps in the adapter state it is given,
+The frozen base is loaded once per process; every call swaps in the adapter states it is given,
 so nothing one client trains stays in the model for the next (optimizer state is per call too).
+Slots: `global` always; `private` (FedPIT's never-shared adapter) when asked for.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from silotune.config import Config
 from silotune.evaluation.evaluator import EvalResult, EvalSet, evaluate
 from silotune.modeling.adapters import (
     GLOBAL,
+    PRIVATE,
     StateDict,
     add_lora,
+    add_named_lora,
     get_adapter,
     save_adapter,
     set_adapter,
+    use_adapters,
 )
 from silotune.modeling.load import ModelSource, load_model, load_tokenizer
 from silotune.training.loop import Examples, TrainResult, train_steps
@@ -30,17 +34,56 @@ def derive_seed(*parts: int | str) -> int:
 
 
 class Workbench:
-    """Base model + tokenizer + the `global` LoRA adapter slot."""
+    """Base model + tokenizer + LoRA adapter slots."""
 
-    def __init__(self, source: ModelSource, config: Config) -> None:
+    def __init__(self, source: ModelSource, config: Config, private: bool = False) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(source)
         base = load_model(source)
-        self.model = add_lora(base, config.lora, GLOBAL, seed=config.experiment.seed)
+        seed = config.experiment.seed
+        self.model = add_lora(base, config.lora, GLOBAL, seed=seed)
         self.initial: StateDict = get_adapter(self.model, GLOBAL)
+        self.initial_private: StateDict = {}
+        if private:
+            add_named_lora(self.model, config.lora, PRIVATE, seed=derive_seed(seed, PRIVATE))
+            self.initial_private = get_adapter(self.model, PRIVATE)
+        use_adapters(self.model, [GLOBAL], [GLOBAL])
         pad = self.tokenizer.pad_token_id
         assert isinstance(pad, int)
         self.pad_id = pad
+
+    def put(self, name: str, state: StateDict) -> None:
+        """Load `state` into slot `name`."""
+        set_adapter(self.model, state, name)
+
+    def take(self, name: str) -> StateDict:
+        """A copy of slot `name`'s current tensors."""
+        return get_adapter(self.model, name)
+
+    def use(self, active: list[str], trainable: list[str] | None = None) -> None:
+        """Choose the slots that take part in the forward pass (and those that train)."""
+        use_adapters(self.model, active, trainable or [])
+
+    def fit(
+        self,
+        name: str,
+        examples: Examples,
+        steps: int,
+        seed: int,
+        active: list[str],
+        proximal_mu: float = 0.0,
+    ) -> TrainResult:
+        """Train slot `name` in place; the other `active` slots take part but stay frozen."""
+        self.use(active, [name])
+        return train_steps(
+            self.model,
+            examples,
+            self.config.train,
+            steps,
+            self.pad_id,
+            seed,
+            proximal_mu=proximal_mu,
+        )
 
     def train(
         self,
@@ -50,29 +93,29 @@ class Workbench:
         seed: int,
         proximal_mu: float = 0.0,
     ) -> tuple[StateDict, TrainResult]:
-        """Train a copy of `state` for `steps` steps on `examples`; return the new state."""
-        set_adapter(self.model, state, GLOBAL)
-        result = train_steps(
-            self.model,
-            examples,
-            self.config.train,
-            steps,
-            self.pad_id,
-            seed,
-            proximal_mu=proximal_mu,
-        )
-        return get_adapter(self.model, GLOBAL), result
+        """Train a copy of `state` in the global slot alone; return the new state."""
+        self.put(GLOBAL, state)
+        result = self.fit(GLOBAL, examples, steps, seed, [GLOBAL], proximal_mu)
+        return self.take(GLOBAL), result
 
-    def evaluate(self, state: StateDict, eval_set: EvalSet) -> EvalResult:
-        """Held-out metrics of the base model with adapter `state`."""
-        set_adapter(self.model, state, GLOBAL)
+    def evaluate(
+        self, state: StateDict, eval_set: EvalSet, private: StateDict | None = None
+    ) -> EvalResult:
+        """Held-out metrics of base + `state` (+ a private adapter on top, as FedPIT infers)."""
+        self.put(GLOBAL, state)
+        if private is None:
+            self.use([GLOBAL])
+        else:
+            self.put(PRIVATE, private)
+            self.use([GLOBAL, PRIVATE])
         return evaluate(self.model, self.tokenizer, eval_set, self.config.eval)
 
     def evaluate_base(self, eval_set: EvalSet) -> EvalResult:
-        """Held-out metrics of the base model alone (adapter disabled)."""
+        """Held-out metrics of the base model alone (adapters disabled)."""
         with self.model.disable_adapter():
             return evaluate(self.model, self.tokenizer, eval_set, self.config.eval)
 
     def save(self, state: StateDict, target: Path) -> None:
         """Write `state` as a stock PEFT adapter folder."""
+        self.use([GLOBAL])
         save_adapter(self.model, state, target, GLOBAL)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from silotune.config import Config
 from silotune.data.partition import Split
+from silotune.data.synthetic import SyntheticStats
 from silotune.evaluation.evaluator import EvalSet
 from silotune.modeling.adapters import StateDict
 from silotune.modeling.load import ModelSource
@@ -30,6 +31,7 @@ class Job:
     eval_set: EvalSet
     workbench: Workbench
     partitions_dir: Path
+    clients_dir: Path  # each client's own disk (in simulation, a folder per client)
     on_round: Callable[[RoundLog], None] = lambda _: None
     verbose: bool = False
 
@@ -72,6 +74,7 @@ class AlgorithmResult:
     per_client_final: list[dict[str, float]] = field(default_factory=list)
     samples: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    synthetic: SyntheticStats | None = None
 
     @property
     def final(self) -> dict[str, float]:

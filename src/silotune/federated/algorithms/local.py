@@ -1,9 +1,11 @@
-"""The two non-federated references: LocIT (each client alone) and CenIT (all data pooled)."""
+"""Non-federated references: LocIT (+SA: self-augmented), each client alone; CenIT, data pooled."""
 
 from __future__ import annotations
 
 import time
 
+from silotune.data.sft import tokenize_dataset
+from silotune.data.synthetic import Record, SyntheticStats, self_generate
 from silotune.federated.algorithms.base import (
     AlgorithmResult,
     Job,
@@ -11,14 +13,35 @@ from silotune.federated.algorithms.base import (
     mean_metrics,
     register,
 )
+from silotune.modeling.adapters import GLOBAL, StateDict
+from silotune.training.loop import Examples
 from silotune.training.workbench import derive_seed
 
 
 @register("locit", "local", "each client tunes alone on its own data; no communication")
 def run_locit(job: Job) -> AlgorithmResult:
     """Every client trains `local_steps` per round on its own data, as it would in FedIT."""
+    return _run_alone(job, self_augment=False)
+
+
+@register(
+    "locit-sa",
+    "local",
+    "each client tunes alone on its own data plus data it self-generates (no communication)",
+)
+def run_locit_sa(job: Job) -> AlgorithmResult:
+    """LocIT with FedPIT's self-augmentation: each round, generate with the client's own model."""
+    return _run_alone(job, self_augment=True)
+
+
+def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
     cfg, bench = job.config, job.workbench
     states = [bench.initial for _ in job.client_examples]
+    records = [
+        [{k: str(r[k]) for k in ("instruction", "input", "output")} for r in part]
+        for part in job.split.clients
+    ]
+    synthetic_total = SyntheticStats()
     rounds: list[RoundLog] = []
     last_results = []
     for rnd in range(1, cfg.train.rounds + 1):
@@ -26,6 +49,12 @@ def run_locit(job: Job) -> AlgorithmResult:
         clients, evals, losses = [], [], []
         for cid, examples in enumerate(job.client_examples):
             seed = derive_seed(cfg.experiment.seed, "client", cid, rnd)
+            extra: dict[str, object] = {}
+            if self_augment:
+                synthetic, stats = _self_generate(job, states[cid], records[cid], seed)
+                examples = examples + synthetic
+                synthetic_total.add(stats)
+                extra = dict(stats.to_metrics())
             states[cid], trained = bench.train(states[cid], examples, cfg.train.local_steps, seed)
             result = bench.evaluate(states[cid], job.eval_set)
             evals.append(result)
@@ -36,6 +65,7 @@ def run_locit(job: Job) -> AlgorithmResult:
                     "train_loss": trained.loss,
                     "train_s": trained.seconds,
                     **result.metrics(),
+                    **extra,
                 }
             )
         last_results = evals
@@ -53,8 +83,24 @@ def run_locit(job: Job) -> AlgorithmResult:
         adapters={f"client-{cid}": s for cid, s in enumerate(states)},
         per_client_final=[e.metrics() for e in last_results],
         samples=last_results[0].samples,
+        synthetic=synthetic_total if self_augment else None,
         notes=["Metrics are the mean over the clients' own models; per-client values follow."],
     )
+
+
+def _self_generate(
+    job: Job, state: StateDict, records: list[Record], seed: int
+) -> tuple[Examples, SyntheticStats]:
+    """Self-generate with the client's current model (base + its adapter), tokenised."""
+    cfg, bench = job.config, job.workbench
+    bench.put(GLOBAL, state)
+    bench.use([GLOBAL])
+    kept, stats = self_generate(
+        bench.model, bench.tokenizer, records, cfg.synthetic, cfg.data, seed
+    )
+    return tokenize_dataset(
+        kept, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length
+    ), stats
 
 
 @register("cenit", "centralized", "one model tuned on all clients' data pooled; the ceiling")

@@ -1,0 +1,224 @@
+"""FedPIT self-generation: new instruction/response pairs from a client's own few examples.
+
+Two steps per synthetic example, both by the current model (no external API):
+
+    k random local examples ──▶ Self-Instruct-style prompt ──▶ new instruction (+ input)
+    new instruction ──▶ the run's prompt style ──▶ response (greedy, repetition penalty)
+
+then filters, each counted: unparseable, empty, truncated, too short, near-duplicate (ROUGE-L F of
+the instruction against every local and already-kept instruction).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rouge_score import rouge_scorer
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from silotune.config import DataConfig, SyntheticConfig
+from silotune.data.sft import encode_prompt
+from silotune.modeling.generation import DecodeConfig, Generation, generate
+
+Record = dict[str, str]
+FILTERS = ("unparseable", "empty", "truncated", "too_short", "duplicate")
+_TASK = "### Task"
+_NO_INPUT = "<none>"
+_HEADER = (
+    "Here are example tasks from one domain. Each has an instruction and, if it needs one, an "
+    "input. Write one new task for the same domain: a different question, in the same format.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One generated example before filtering."""
+
+    instruction: str
+    input: str
+    output: str
+    instruction_finished: bool
+    response_finished: bool
+
+
+@dataclass
+class SyntheticStats:
+    """How many examples were generated, kept, and dropped by each filter."""
+
+    generated: int = 0
+    kept: int = 0
+    dropped_by_filter: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: SyntheticStats) -> None:
+        """Accumulate another round's or client's counts."""
+        self.generated += other.generated
+        self.kept += other.kept
+        self.dropped_by_filter.update(other.dropped_by_filter)
+
+    def to_json(self) -> dict[str, object]:
+        """As written to summary.json (every filter listed, zeros included)."""
+        return {
+            "generated": self.generated,
+            "kept": self.kept,
+            "dropped_by_filter": {name: self.dropped_by_filter[name] for name in FILTERS},
+        }
+
+    def to_metrics(self) -> dict[str, int]:
+        """Flat counts for a Flower MetricRecord."""
+        flat = {"synthetic_generated": self.generated, "synthetic_kept": self.kept}
+        flat.update({f"dropped_{name}": self.dropped_by_filter[name] for name in FILTERS})
+        return flat
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, object]) -> SyntheticStats:
+        """Inverse of to_metrics (missing counts are 0)."""
+
+        def count(key: str) -> int:
+            value = metrics.get(key, 0)
+            return int(value) if isinstance(value, int | float) else 0
+
+        stats = cls(count("synthetic_generated"), count("synthetic_kept"))
+        stats.dropped_by_filter.update({n: count(f"dropped_{n}") for n in FILTERS})
+        return stats
+
+
+def self_instruct_prompt(demos: Sequence[Record]) -> str:
+    """The in-context prompt: numbered example tasks, then the header of a new one."""
+    parts = [_HEADER]
+    for i, rec in enumerate(demos, start=1):
+        task_input = rec.get("input", "").strip() or _NO_INPUT
+        parts.append(
+            f"{_TASK} {i}\nInstruction: {rec['instruction'].strip()}\nInput: {task_input}\n\n"
+        )
+    parts.append(f"{_TASK} {len(demos) + 1}\nInstruction:")
+    return "".join(parts)
+
+
+def parse_task(text: str) -> tuple[str, str] | None:
+    """(instruction, input) from the model's continuation of the prompt, or None if unparseable.
+
+    The continuation should read ` <instruction>\nInput: <input or <none>>\n\n### Task ...`;
+    the task block ends at the first blank line or the next task header.
+    """
+    block = text.split(_TASK, 1)[0].strip("\n").split("\n\n", 1)[0]
+    lines = block.split("\n")
+    instruction = lines[0].strip()
+    if instruction.lower().startswith("input:"):
+        return None
+    task_input = ""
+    if len(lines) > 1:
+        if not lines[1].startswith("Input:"):
+            return None
+        task_input = "\n".join([lines[1].removeprefix("Input:"), *lines[2:]]).strip()
+        if task_input == _NO_INPUT:
+            task_input = ""
+    return instruction, task_input
+
+
+def task_complete(generation: Generation) -> bool:
+    """The task block was finished: the model stopped, or closed the block with a blank line."""
+    return generation.finished or "\n\n" in generation.text.strip("\n")
+
+
+class NearDuplicates:
+    """ROUGE-L F of a new instruction against every instruction seen so far."""
+
+    def __init__(self, threshold: float, seen: Sequence[str]) -> None:
+        self.threshold = threshold
+        self.seen = list(seen)
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+    def is_duplicate(self, instruction: str) -> bool:
+        """True when too close to something already seen; otherwise remember it."""
+        for other in self.seen:
+            if self._scorer.score(other, instruction)["rougeL"].fmeasure > self.threshold:
+                return True
+        self.seen.append(instruction)
+        return False
+
+
+def filter_candidates(
+    candidates: Sequence[Candidate], local_instructions: Sequence[str], cfg: SyntheticConfig
+) -> tuple[list[Record], SyntheticStats]:
+    """Apply the filters in order; every dropped candidate is counted under its first failure."""
+    stats = SyntheticStats(generated=len(candidates))
+    dedup = NearDuplicates(cfg.dedup_rouge_l, local_instructions)
+    kept: list[Record] = []
+    for c in candidates:
+        reason = _rejection(c, cfg, dedup)
+        if reason is None:
+            kept.append({"instruction": c.instruction, "input": c.input, "output": c.output})
+        else:
+            stats.dropped_by_filter[reason] += 1
+    stats.kept = len(kept)
+    return kept, stats
+
+
+def _rejection(c: Candidate, cfg: SyntheticConfig, dedup: NearDuplicates) -> str | None:
+    if not c.instruction.strip() or not c.output.strip():
+        return "empty"
+    finished = c.instruction_finished and c.response_finished
+    if cfg.truncated == "drop" and not finished:
+        return "truncated"
+    if (
+        len(c.instruction.split()) < cfg.min_instruction_words
+        or len(c.output.split()) < cfg.min_response_words
+    ):
+        return "too_short"
+    if dedup.is_duplicate(c.instruction):
+        return "duplicate"
+    return None
+
+
+def self_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    local: Sequence[Record],
+    cfg: SyntheticConfig,
+    data: DataConfig,
+    seed: int,
+) -> tuple[list[Record], SyntheticStats]:
+    """Generate `cfg.per_round` candidates from `local` with `model` as it is now; filter them."""
+    rng = random.Random(seed)
+    k = min(cfg.icl_examples, len(local))
+    prompts = [
+        tokenizer(self_instruct_prompt(rng.sample(list(local), k)))["input_ids"]
+        for _ in range(cfg.per_round)
+    ]
+    tasks = generate(
+        model,
+        tokenizer,
+        prompts,
+        DecodeConfig(
+            max_new_tokens=cfg.instruction_max_new_tokens,
+            batch_size=cfg.batch_size,
+            temperature=cfg.instruction_temperature,
+            stop=(_TASK,),
+        ),
+        seed=seed,
+    )
+    parsed = [(parse_task(t.text), task_complete(t)) for t in tasks]
+    unparseable = sum(1 for p, _ in parsed if p is None)
+    usable = [(p, done) for p, done in parsed if p is not None]
+    answers: list[Generation] = generate(
+        model,
+        tokenizer,
+        [encode_prompt(tokenizer, data.prompt_style, ins, inp) for (ins, inp), _ in usable],
+        DecodeConfig(
+            max_new_tokens=cfg.response_max_new_tokens,
+            batch_size=cfg.batch_size,
+            repetition_penalty=cfg.repetition_penalty,
+        ),
+    )
+    candidates = [
+        Candidate(ins, inp, ans.text.strip(), done, ans.finished)
+        for ((ins, inp), done), ans in zip(usable, answers, strict=True)
+    ]
+    kept, stats = filter_candidates(candidates, [r["instruction"] for r in local], cfg)
+    stats.generated += unparseable
+    stats.dropped_by_filter["unparseable"] += unparseable
+    return kept, stats

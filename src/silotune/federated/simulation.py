@@ -1,0 +1,117 @@
+"""Run a federated algorithm on Flower's Simulation Engine and collect its rounds.
+
+The server evaluates the global adapter on the held-out set after every round. Algorithms whose
+clients infer with more than the global adapter (FedPIT: global + private) also evaluate on the
+clients; their mean is then the round's headline metric and the global-only one is kept as
+`global_*`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import Result
+from flwr.simulation import run_simulation
+
+from silotune.data.synthetic import SyntheticStats
+from silotune.federated.algorithms.base import AlgorithmResult, Job, RoundLog, mean_metrics
+from silotune.federated.client_app import ClientSpec, make_client_app
+from silotune.federated.local import LOCAL_ROLES
+from silotune.federated.server_app import ServerPlan, make_server_app
+from silotune.federated.strategies import RoundTraffic, build_strategy
+from silotune.records import adapter_to_record, record_to_adapter
+
+_EVAL_KEYS = ("eval_loss", "perplexity", "rouge_l")
+
+
+def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
+    """Run `algorithm`'s client role for `train.rounds` rounds under the configured strategy."""
+    cfg, bench = job.config, job.workbench
+    role = LOCAL_ROLES.get(algorithm)
+    clients = len(job.client_examples)
+    strategy = build_strategy(cfg.federated, clients, client_eval=role.evaluate is not None)
+    rounds: list[RoundLog] = []
+    samples: list[dict[str, str]] = []
+    results: list[Result] = []
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # the base model is evaluated once for all algorithms
+        evaluated = bench.evaluate(record_to_adapter(arrays), job.eval_set)
+        log = _round_log(server_round, strategy.traffic[server_round], evaluated.metrics())
+        rounds.append(log)
+        samples[:] = evaluated.samples
+        job.on_round(log)
+        return MetricRecord(dict(evaluated.metrics().items()))
+
+    plan = ServerPlan(
+        strategy=strategy,
+        initial=adapter_to_record(bench.initial),
+        rounds=cfg.train.rounds,
+        round_timeout_s=cfg.federated.round_timeout_s,
+        evaluate_fn=evaluate_fn,
+    )
+    spec = ClientSpec(cfg, job.source, str(job.partitions_dir), algorithm, str(job.clients_dir))
+    simulate(make_client_app(spec), make_server_app(plan, results.append), clients, job.verbose)
+    if not results or len(rounds) != cfg.train.rounds:
+        raise RuntimeError("the Flower simulation ended before all rounds completed")
+    synthetic = SyntheticStats()
+    for traffic in strategy.traffic.values():
+        for client in traffic.clients:
+            synthetic.add(SyntheticStats.from_metrics(client))
+    last = strategy.traffic[cfg.train.rounds]
+    return AlgorithmResult(
+        rounds=rounds,
+        adapters={"global": record_to_adapter(results[0].arrays)},
+        per_client_final=[_eval_metrics(c) for c in last.client_evals],
+        samples=samples,
+        synthetic=synthetic if synthetic.generated else None,
+        notes=[f"Server strategy: Flower's {type(strategy).__name__.removeprefix('Metered')}."],
+    )
+
+
+def _round_log(
+    server_round: int, traffic: RoundTraffic, global_metrics: dict[str, float]
+) -> RoundLog:
+    metrics = dict(global_metrics)
+    if traffic.client_evals:
+        # Clients infer with more than the global adapter: their mean is the headline.
+        metrics = {
+            **mean_metrics([_eval_metrics(c) for c in traffic.client_evals]),
+            **{f"global_{k}": v for k, v in global_metrics.items()},
+        }
+    losses = [float(c["train_loss"]) for c in traffic.clients]
+    return RoundLog(
+        round=server_round,
+        metrics=metrics,
+        train_loss=sum(losses) / len(losses) if losses else float("nan"),
+        bytes_up=traffic.bytes_up,
+        bytes_down=traffic.bytes_down,
+        tensor_bytes_up=traffic.tensor_bytes_up,
+        tensor_bytes_down=traffic.tensor_bytes_down,
+        wall_s=traffic.wall_s,
+        clients=[*traffic.clients, *({"failed": r} for r in traffic.failures)],
+    )
+
+
+def _eval_metrics(client: dict[str, object]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in client.items() if k in _EVAL_KEYS and isinstance(v, int | float)
+    }
+
+
+def simulate(client_app: object, server_app: object, clients: int, verbose: bool = False) -> None:
+    """Run the apps on Flower's Simulation Engine, one worker using all CPUs at a time."""
+    cpus = os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "log_to_driver": verbose, "logging_level": "ERROR"},
+    }
+    run_simulation(
+        server_app=server_app,  # type: ignore[arg-type]
+        client_app=client_app,  # type: ignore[arg-type]
+        num_supernodes=clients,
+        backend_config=backend,  # type: ignore[arg-type]
+        verbose_logging=verbose,
+    )

@@ -1,0 +1,81 @@
+"""Batched generation from tokenised prompts (left padding), shared by evaluation and synthesis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One continuation and whether the model ended it (EOS or a stop string) or ran out of room."""
+
+    text: str
+    finished: bool
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode: greedy when temperature is 0."""
+
+    max_new_tokens: int
+    batch_size: int = 8
+    temperature: float = 0.0
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The padding token id (EOS when the tokenizer has no pad token)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert isinstance(pad, int)
+    return pad
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    cfg: DecodeConfig,
+    seed: int = 0,
+) -> list[Generation]:
+    """Continue each tokenised prompt; sampling (temperature > 0) is seeded."""
+    out: list[Generation] = []
+    eos = tokenizer.eos_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[start : start + cfg.batch_size]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                input_ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            sampling = cfg.temperature > 0
+            extra: dict[str, object] = {}
+            if sampling:
+                extra.update(temperature=cfg.temperature, top_p=cfg.top_p)
+            if cfg.stop:
+                extra.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
+            tokens = model.generate(  # type: ignore[operator]
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=sampling,
+                repetition_penalty=cfg.repetition_penalty,
+                pad_token_id=pad_id(tokenizer),
+                eos_token_id=eos,
+                **extra,
+            )
+            for row in tokens[:, width:]:  # (new,)
+                ids = row.tolist()
+                text = str(tokenizer.decode(ids, skip_special_tokens=True))
+                ended = eos in ids or any(s in text for s in cfg.stop)
+                out.append(Generation(text=text, finished=ended))
+    return out
