@@ -19,7 +19,13 @@ from .conftest import CONFIGS
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(
-        CONFIGS / "tiny.toml", ["experiment.algorithms=['locit','cenit']", "train.rounds=2"]
+        CONFIGS / "tiny.toml",
+        [
+            "experiment.algorithms=['locit','cenit']",
+            "train.rounds=2",
+            "judge.kind='local'",
+            "judge.local_model='tiny-llama'",
+        ],
     )
     out = tmp_path_factory.mktemp("runs") / "local"
     return run_experiment(plan_experiment(config, out), Console(file=io.StringIO()))
@@ -76,6 +82,18 @@ def test_cenit_counts_the_raw_data_it_needs(local_run: Path) -> None:
             rec = json.loads(line)
             pooled += len((rec["instruction"] + rec["input"] + rec["output"]).encode())
     assert summary["communication"]["bytes_up"] == pooled
+
+
+def test_judge_win_rate_is_reported(local_run: Path) -> None:
+    locit = json.loads((local_run / "locit" / "summary.json").read_text())
+    cenit = json.loads((local_run / "cenit" / "summary.json").read_text())
+    assert locit["judge"]["items"] == 3 * 8  # every client's model on every held-out item
+    assert cenit["judge"]["items"] == 8
+    assert "tiny-llama (local" in cenit["judge"]["judge"]
+    for summary in (locit, cenit):
+        assert 0.0 <= summary["final"]["judge_win_rate"] <= 1.0
+        assert "judge_win_rate" in summary["base"]
+    assert "judge win rate" in (local_run / "report.md").read_text()
 
 
 def test_existing_output_is_never_overwritten(local_run: Path) -> None:

@@ -25,6 +25,7 @@ PromptStyle = Literal["alpaca", "chat"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
 PrivateData = Literal["local+synthetic", "local"]
 TruncatedPolicy = Literal["drop", "keep"]
+JudgeKind = Literal["none", "openai", "local"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """The bilateral judge: which of two answers is better, asked in both orders."""
+
+    kind: JudgeKind = "none"
+    # kind = "openai": any OpenAI-compatible endpoint; the key is read from the named variable.
+    base_url: str = ""  # empty: $OPENAI_BASE_URL, else the OpenAI API
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    # kind = "local": a causal LM on this machine (the packaged default is a weak judge).
+    local_model: str = "smollm2-135m-instruct"
+    max_items: int = 0  # judge at most this many held-out items (0 = all)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment."""
 
@@ -148,6 +164,7 @@ class Config:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to a run's `config.json`."""
@@ -192,6 +209,8 @@ _MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("synthetic", "min_response_words"): (0, True),
     ("synthetic", "dedup_rouge_l"): (0.0, True),
     ("synthetic", "beta"): (0.0, True),
+    ("judge", "timeout_s"): (0.0, False),
+    ("judge", "max_items"): (0, True),
     ("eval", "max_new_tokens"): (1, True),
     ("eval", "batch_size"): (1, True),
     ("model", "tiny_layers"): (1, True),
@@ -332,6 +351,10 @@ def _check_combinations(config: Config) -> None:
             f"synthetic.dedup_rouge_l must be in [0, 1] (1 keeps all), got "
             f"{config.synthetic.dedup_rouge_l}"
         )
+    if config.judge.kind == "openai" and not config.judge.model:
+        raise ConfigError("judge.kind = 'openai' needs judge.model (the model name to ask)")
+    if config.judge.kind != "none" and not config.eval.generate:
+        raise ConfigError("the judge compares generations: set eval.generate = true")
     if config.partition.method == "dirichlet" and not config.data.label_field:
         raise ConfigError(
             "partition.method = 'dirichlet' needs data.label_field (the column to skew on); "

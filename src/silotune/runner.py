@@ -30,7 +30,8 @@ from silotune.data.load import load_records
 from silotune.data.partition import Split, split_dataset
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
-from silotune.evaluation.evaluator import build_eval_set
+from silotune.evaluation.evaluator import EvalSet, build_eval_set
+from silotune.evaluation.judge import Judge, JudgeResult, bilateral_win_rate, build_judge
 from silotune.federated.algorithms import ALGORITHMS
 from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec, Job, RoundLog
 from silotune.federated.client_app import partition_file
@@ -110,8 +111,15 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
             for part in split.clients
         ]
     console.print(f"model: {source.description}")
+    judge = None
+    if cfg.judge.kind != "none":
+        with console.status(f"setting up the {cfg.judge.kind} judge ..."):
+            judge = build_judge(cfg.judge)
     with console.status("evaluating the base model ..."):
-        base = bench.evaluate_base(eval_set).metrics()
+        base_eval = bench.evaluate_base(eval_set)
+        base = base_eval.metrics()
+        if judge is not None:
+            base["judge_win_rate"] = _judged(judge, cfg, eval_set, [base_eval.predictions]).win_rate
     console.print(f"base model: {_fmt_metrics(base)}")
     ctx = RunContext(
         config=cfg,
@@ -151,12 +159,33 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
             )
             t0 = time.perf_counter()
             result = spec.run(job)
+            if judge is not None:
+                progress.console.print(f"  {spec.name}: judging against the references ...")
+                result.judge = _judged(judge, cfg, eval_set, result.final_predictions)
+                result.rounds[-1].metrics["judge_win_rate"] = result.judge.win_rate
             folder = work if len(exp.specs) == 1 else work / spec.name
             summary = write_run(folder, spec, result, ctx, bench.save, time.perf_counter() - t0)
             runs.append((spec, result, summary))
     if len(exp.specs) > 1:
         write_comparison(work, runs, ctx)
     console.print(_results_table(runs, base))
+
+
+def _judged(
+    judge: Judge, cfg: Config, eval_set: EvalSet, predictions: list[list[str]]
+) -> JudgeResult:
+    """Bilateral win rate over the references, averaged over the models (e.g. one per client)."""
+    n = cfg.judge.max_items or len(eval_set.references)
+    results = [
+        bilateral_win_rate(judge, eval_set.instructions[:n], preds[:n], eval_set.references[:n])
+        for preds in predictions
+    ]
+    return JudgeResult(
+        win_rate=sum(r.win_rate for r in results) / len(results),
+        items=sum(r.items for r in results),
+        unparsed=sum(r.unparsed for r in results),
+        judge=judge.label,
+    )
 
 
 def _write_split(work: Path, split: Split, cfg: Config) -> None:
@@ -192,6 +221,7 @@ def _results_table(
         "eval loss",
         "perplexity",
         "ROUGE-L",
+        "judge",
         "bytes up",
         "bytes down",
     ):
@@ -212,7 +242,8 @@ def _results_table(
 
 def _cells(metrics: dict[str, float]) -> list[str]:
     return [
-        f"{metrics[k]:.4f}" if k in metrics else "–" for k in ("eval_loss", "perplexity", "rouge_l")
+        f"{metrics[k]:.4f}" if k in metrics else "–"
+        for k in ("eval_loss", "perplexity", "rouge_l", "judge_win_rate")
     ]
 
 

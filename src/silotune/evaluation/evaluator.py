@@ -34,6 +34,7 @@ class EvalResult:
     perplexity: float
     rouge_l: float | None
     samples: list[dict[str, str]] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)  # one per held-out record
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics only."""
@@ -106,4 +107,5 @@ def evaluate(
             zip(eval_set.instructions, eval_set.references, predictions, strict=True)
         )[:n_samples]
     ]
-    return EvalResult(eval_loss, perplexity, rouge_l(predictions, eval_set.references), samples)
+    score = rouge_l(predictions, eval_set.references)
+    return EvalResult(eval_loss, perplexity, score, samples, predictions)

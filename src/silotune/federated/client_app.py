@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from silotune.config import Config
@@ -20,7 +20,7 @@ from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
 from silotune.federated.local import LOCAL_ROLES, LocalRequest
-from silotune.federated.strategies import ARRAYS, METRICS
+from silotune.federated.strategies import ARRAYS, METRICS, PREDICTIONS
 from silotune.modeling.load import ModelSource
 from silotune.records import adapter_to_record, load_store, record_to_adapter, save_store
 from silotune.training.loop import Examples
@@ -108,9 +108,12 @@ def make_client_app(spec: ClientSpec) -> ClientApp:
         eval_set = _eval_set(spec)
         result = role.evaluate(req, eval_set)
         metrics = MetricRecord(
-            {"num-examples": len(eval_set.examples), "client": req.client, **result}
+            {"num-examples": len(eval_set.examples), "client": req.client, **result.metrics()}
         )
-        return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+        # Generations on the shared held-out set (not on private data), for the judge.
+        predictions = ConfigRecord({"text": result.predictions})
+        content = RecordDict({METRICS: metrics, PREDICTIONS: predictions})
+        return Message(content=content, reply_to=msg)
 
     return app
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from silotune.config import Config
 from silotune.data.synthetic import Record
-from silotune.evaluation.evaluator import EvalSet
+from silotune.evaluation.evaluator import EvalResult, EvalSet
 from silotune.modeling.adapters import StateDict
 from silotune.registry import Registry
 from silotune.training.loop import Examples
@@ -52,7 +52,7 @@ class LocalRole:
     """A federated algorithm's client side: its training round, optionally its own evaluation."""
 
     train: Callable[[LocalRequest], LocalReply]
-    evaluate: Callable[[LocalRequest, EvalSet], dict[str, float]] | None = None
+    evaluate: Callable[[LocalRequest, EvalSet], EvalResult] | None = None
     needs_private_slot: bool = False
 
 

@@ -33,6 +33,7 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
     strategy = build_strategy(cfg.federated, clients, client_eval=role.evaluate is not None)
     rounds: list[RoundLog] = []
     samples: list[dict[str, str]] = []
+    predictions: list[str] = []
     results: list[Result] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -42,6 +43,7 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
         log = _round_log(server_round, strategy.traffic[server_round], evaluated.metrics())
         rounds.append(log)
         samples[:] = evaluated.samples
+        predictions[:] = evaluated.predictions
         job.on_round(log)
         return MetricRecord(dict(evaluated.metrics().items()))
 
@@ -66,6 +68,8 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
         adapters={"global": record_to_adapter(results[0].arrays)},
         per_client_final=[_eval_metrics(c) for c in last.client_evals],
         samples=samples,
+        # Judge what clients infer with: their own generations where they evaluate themselves.
+        final_predictions=last.client_predictions or [predictions],
         synthetic=synthetic if synthetic.generated else None,
         notes=[f"Server strategy: Flower's {type(strategy).__name__.removeprefix('Metered')}."],
     )

@@ -22,6 +22,7 @@ from silotune.registry import Registry
 
 ARRAYS = "arrays"
 METRICS = "metrics"
+PREDICTIONS = "predictions"
 
 
 class FederationError(RuntimeError):
@@ -41,6 +42,7 @@ class RoundTraffic:
     clients: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     client_evals: list[dict[str, Any]] = field(default_factory=list)
+    client_predictions: list[list[str]] = field(default_factory=list)
 
 
 class Metered(Strategy):
@@ -91,10 +93,16 @@ class Metered(Strategy):
     ) -> MetricRecord | None:
         """Keep each client's own evaluation, then aggregate as the strategy does."""
         replies = list(replies)
-        self.traffic[server_round].client_evals = [
-            dict(metrics)
-            for m in replies
-            if not m.has_error() and (metrics := m.content.metric_records.get(METRICS))
+        ok = [m for m in replies if not m.has_error()]
+        traffic = self.traffic[server_round]
+        traffic.client_evals = [
+            dict(metrics) for m in ok if (metrics := m.content.metric_records.get(METRICS))
+        ]
+        traffic.client_predictions = [
+            [str(t) for t in texts]
+            for m in ok
+            if (record := m.content.config_records.get(PREDICTIONS))
+            and isinstance(texts := record.get("text", []), list)
         ]
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
 

@@ -8,7 +8,12 @@ from typing import Any
 from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec
 from silotune.report.context import RunContext
 
-_METRICS = (("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"))
+_METRICS = (
+    ("eval_loss", "eval loss"),
+    ("perplexity", "perplexity"),
+    ("rouge_l", "ROUGE-L"),
+    ("judge_win_rate", "judge win rate"),
+)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:

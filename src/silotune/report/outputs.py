@@ -9,6 +9,7 @@ A run folder is the contract other tools read:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ def summarize(
         "communication": {**result.bytes(), "adapter_bytes": ctx.adapter_bytes},
         "timing": {"wall_s": round(wall_s, 2)},
         **({"synthetic": result.synthetic.to_json()} if result.synthetic else {}),
+        **({"judge": dataclasses.asdict(result.judge)} if result.judge else {}),
         "model": ctx.model,
         "strategy": ctx.config.federated.strategy if spec.mode == "federated" else None,
         "config_fingerprint": ctx.config.fingerprint(),

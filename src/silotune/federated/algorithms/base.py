@@ -11,6 +11,7 @@ from silotune.config import Config
 from silotune.data.partition import Split
 from silotune.data.synthetic import SyntheticStats
 from silotune.evaluation.evaluator import EvalSet
+from silotune.evaluation.judge import JudgeResult
 from silotune.modeling.adapters import StateDict
 from silotune.modeling.load import ModelSource
 from silotune.registry import Registry
@@ -75,6 +76,9 @@ class AlgorithmResult:
     samples: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     synthetic: SyntheticStats | None = None
+    # Held-out generations of each final model (one list per model: 1, or one per client).
+    final_predictions: list[list[str]] = field(default_factory=list)
+    judge: JudgeResult | None = None
 
     @property
     def final(self) -> dict[str, float]:

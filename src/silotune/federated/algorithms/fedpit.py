@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import self_generate
-from silotune.evaluation.evaluator import EvalSet
+from silotune.evaluation.evaluator import EvalResult, EvalSet
 from silotune.federated.algorithms.base import AlgorithmResult, Job, register
 from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, LocalRole
 from silotune.federated.simulation import run_federated
@@ -37,7 +37,12 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
         synthetic, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length
     )
     steps = cfg.train.local_steps
-    metrics: dict[str, int | float] = dict(stats.to_metrics())
+    # Every client reports the same metric keys (Flower aggregates only consistent replies).
+    metrics: dict[str, int | float] = {
+        **stats.to_metrics(),
+        "global_train_loss": 0.0,
+        "train_s": 0.0,
+    }
     if synthetic_examples:
         trained = bench.fit(
             GLOBAL, synthetic_examples, steps, seed + 1, [GLOBAL], proximal_mu=req.proximal_mu
@@ -49,7 +54,7 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     # `global` takes part in the private adapter's training, frozen.
     trained_private = bench.fit(PRIVATE, private_examples, steps, seed + 2, [GLOBAL, PRIVATE])
     metrics["train_loss"] = trained_private.loss
-    metrics["train_s"] = float(metrics.get("train_s", 0.0)) + trained_private.seconds
+    metrics["train_s"] += trained_private.seconds
     new_global, new_private = bench.take(GLOBAL), bench.take(PRIVATE)
     req.store[PRIVATE] = new_private
     # The client's own disk keeps its private adapter as a stock PEFT folder.
@@ -65,10 +70,10 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     )
 
 
-def fedpit_evaluate(req: LocalRequest, eval_set: EvalSet) -> dict[str, float]:
+def fedpit_evaluate(req: LocalRequest, eval_set: EvalSet) -> EvalResult:
     """Held-out metrics of what this client infers with: base + global + its private adapter."""
     private = req.store.get(PRIVATE, req.bench.initial_private)
-    return req.bench.evaluate(req.global_state, eval_set, private=private).metrics()
+    return req.bench.evaluate(req.global_state, eval_set, private=private)
 
 
 LOCAL_ROLES.register("fedpit")(

@@ -84,6 +84,7 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
         per_client_final=[e.metrics() for e in last_results],
         samples=last_results[0].samples,
         synthetic=synthetic_total if self_augment else None,
+        final_predictions=[e.predictions for e in last_results],
         notes=["Metrics are the mean over the clients' own models; per-client values follow."],
     )
 
@@ -135,6 +136,7 @@ def run_cenit(job: Job) -> AlgorithmResult:
         rounds=rounds,
         adapters={"global": state},
         samples=result.samples,
+        final_predictions=[result.predictions],
         notes=[
             f"{steps} steps per round on {len(pooled)} pooled records (the same total as all "
             "clients in a federated round); bytes_up is the raw text uploaded once."

@@ -1,0 +1,151 @@
+"""The bilateral judge against a fake OpenAI-compatible server on loopback (no client mocks)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from silotune.config import JudgeConfig, load_config
+from silotune.errors import ConfigError
+from silotune.evaluation.judge import (
+    LocalJudge,
+    OpenAIJudge,
+    bilateral_win_rate,
+    build_judge,
+    parse_verdict,
+)
+
+Policy = Callable[[str], str]
+
+
+def prefers_marked(prompt: str) -> str:
+    """A fair judge: the answer that says GOOD wins; tie when both or neither do."""
+    first = prompt.split("Answer 1:\n", 1)[1].split("\n\nAnswer 2:", 1)[0]
+    second = prompt.split("Answer 2:\n", 1)[1].split("\n\nWhich answer", 1)[0]
+    if ("GOOD" in first) == ("GOOD" in second):
+        return "tie"
+    return "1" if "GOOD" in first else "2"
+
+
+@pytest.fixture
+def judge_server() -> Iterator[tuple[str, list[dict[str, object]], list[Policy]]]:
+    seen: list[dict[str, object]] = []
+    policy: list[Policy] = [prefers_marked]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+            reply = policy[0](body["messages"][-1]["content"])
+            payload = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": reply},
+                    }
+                ],
+            }
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", seen, policy
+    server.shutdown()
+
+
+@pytest.fixture
+def judge(
+    judge_server: tuple[str, list[dict[str, object]], list[Policy]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> OpenAIJudge:
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
+    cfg = JudgeConfig(
+        kind="openai", base_url=judge_server[0], model="fake-judge", api_key_env="TEST_JUDGE_KEY"
+    )
+    built = build_judge(cfg)
+    assert isinstance(built, OpenAIJudge)
+    return built
+
+
+QUESTIONS = ["What causes gout?", "What is asthma?"]
+REFERENCES = ["Uric acid crystals.", "A lung disease."]
+
+
+def test_both_orders_are_asked_with_the_key(
+    judge: OpenAIJudge, judge_server: tuple[str, list[dict[str, object]], list[Policy]]
+) -> None:
+    result = bilateral_win_rate(judge, QUESTIONS[:1], ["GOOD answer"], REFERENCES[:1])
+    _, seen, _ = judge_server
+    assert len(seen) == 2
+    assert all(r["path"] == "/v1/chat/completions" and r["auth"] == "Bearer sk-test" for r in seen)
+    assert all(r["model"] == "fake-judge" and r["temperature"] == 0 for r in seen)
+    prompts = [r["messages"][-1]["content"] for r in seen]  # type: ignore[index]
+    assert "Answer 1:\nGOOD answer" in prompts[0] and "Answer 2:\nGOOD answer" in prompts[1]
+    assert result.win_rate == 1.0 and result.items == 1 and result.unparsed == 0
+
+
+def test_win_loss_and_tie_scores(judge: OpenAIJudge) -> None:
+    assert bilateral_win_rate(judge, QUESTIONS, ["GOOD a", "GOOD b"], REFERENCES).win_rate == 1.0
+    assert (
+        bilateral_win_rate(judge, QUESTIONS, ["bad", "bad"], ["GOOD r", "GOOD s"]).win_rate == 0.0
+    )
+    assert (
+        bilateral_win_rate(judge, QUESTIONS, ["same", "GOOD"], ["same", "plain"]).win_rate == 0.75
+    )
+
+
+def test_order_swap_cancels_a_position_bias(
+    judge: OpenAIJudge, judge_server: tuple[str, list[dict[str, object]], list[Policy]]
+) -> None:
+    judge_server[2][0] = lambda prompt: "1"  # always prefers whatever comes first
+    assert bilateral_win_rate(judge, QUESTIONS, ["GOOD a", "bad"], REFERENCES).win_rate == 0.5
+
+
+def test_unreadable_replies_count_as_ties_and_are_reported(
+    judge: OpenAIJudge, judge_server: tuple[str, list[dict[str, object]], list[Policy]]
+) -> None:
+    judge_server[2][0] = lambda prompt: "I cannot decide."
+    result = bilateral_win_rate(judge, QUESTIONS, ["GOOD a", "GOOD b"], REFERENCES)
+    assert result.win_rate == 0.5 and result.unparsed == 4
+
+
+def test_parse_verdict() -> None:
+    assert parse_verdict("1") == "first"
+    assert parse_verdict(" Answer 2.") == "second"
+    assert parse_verdict("Tie") == "tie"
+    assert parse_verdict("neither") is None
+
+
+def test_missing_key_and_model_are_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(ConfigError, match=r"\$NO_SUCH_KEY_VAR"):
+        OpenAIJudge(JudgeConfig(kind="openai", model="m", api_key_env="NO_SUCH_KEY_VAR"))
+    with pytest.raises(ConfigError, match=r"needs judge\.model"):
+        load_config(None, ["judge.kind='openai'"])
+    with pytest.raises(ConfigError, match=r"set eval\.generate = true"):
+        load_config(None, ["judge.kind='local'", "eval.generate=false"])
+
+
+def test_local_judge_scores_both_orders() -> None:
+    local = LocalJudge(JudgeConfig(kind="local", local_model="tiny-llama"))
+    result = bilateral_win_rate(local, QUESTIONS, ["an answer", "another"], REFERENCES)
+    assert 0.0 <= result.win_rate <= 1.0 and result.items == 2
+    assert "tiny-llama (local" in local.label
