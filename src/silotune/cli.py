@@ -89,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     from silotune.config import load_config
-    from silotune.runner import plan_experiment, run_experiment
+    from silotune.runner import plan_experiment, run_experiment, run_sweep
 
     config = load_config(args.config, args.overrides)
-    experiment = plan_experiment(config, args.out)
-    run_experiment(experiment, console, verbose=args.verbose)
+    if config.sweep.key:
+        run_sweep(config, args.out, console, verbose=args.verbose)
+    else:
+        run_experiment(plan_experiment(config, args.out), console, verbose=args.verbose)
     return 0
 
 

@@ -152,6 +152,14 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """Run the whole experiment once per value of one key (e.g. partition.alpha)."""
+
+    key: str = ""  # section.key
+    values: tuple[str, ...] = ()  # written as with --set: numbers, true/false, text
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment."""
 
@@ -165,6 +173,7 @@ class Config:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to a run's `config.json`."""
@@ -238,6 +247,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from nested dicts (as parsed from TOML)."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
     _reject_unknown(raw, sections, where="config")
+    sweep = raw.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("values"), list):
+        # Sweep values may be written as TOML numbers or booleans; keep them as --set text.
+        sweep["values"] = [v if isinstance(v, str) else json.dumps(v) for v in sweep["values"]]
     built: dict[str, Any] = {}
     for name in sections:
         section = raw.get(name, {})
@@ -247,6 +260,23 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     config = Config(**built)
     _check_combinations(config)
     return config
+
+
+def sweep_variants(config: Config) -> list[tuple[str, Config]]:
+    """One (label, config) per swept value; a config without a sweep is its own only variant."""
+    key = config.sweep.key
+    if not key:
+        return [("", config)]
+    variants = []
+    for value in config.sweep.values:
+        raw = config.to_dict()
+        raw["sweep"] = {}
+        _apply_override(raw, f"{key}={value}")
+        try:
+            variants.append((f"{key.split('.')[-1]}={value}", config_from_dict(raw)))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep value {value!r} for {key}: {exc}") from None
+    return variants
 
 
 def _section_type(name: str) -> type[Any]:
@@ -344,6 +374,12 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError(
             f"federated.fraction_train must be in (0, 1], got {config.federated.fraction_train}"
         )
+    if bool(config.sweep.key) != bool(config.sweep.values):
+        raise ConfigError("a sweep needs both sweep.key (section.key) and sweep.values")
+    if config.sweep.key:
+        if config.sweep.key.split(".")[0] in ("sweep", "experiment"):
+            raise ConfigError(f"sweep.key cannot be {config.sweep.key!r}; sweep a setting")
+        sweep_variants(config)  # every value must make a valid config
     if config.synthetic.beta > 1.0:
         raise ConfigError(f"synthetic.beta must be in [0, 1], got {config.synthetic.beta}")
     if config.synthetic.dedup_rouge_l > 1.0:

@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from silotune.config import Config
+from silotune.config import Config, sweep_variants
 from silotune.data.load import load_records
 from silotune.data.partition import Split, split_dataset
 from silotune.data.sft import tokenize_dataset
@@ -39,6 +39,7 @@ from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.report.context import RunContext
 from silotune.report.outputs import write_comparison, write_json, write_run
+from silotune.report.sweep import write_sweep_report
 from silotune.training.workbench import Workbench
 
 
@@ -54,12 +55,39 @@ class Experiment:
 def plan_experiment(config: Config, out: Path | None) -> Experiment:
     """Resolve algorithms and the output folder; refuse to overwrite an existing result."""
     specs = [ALGORITHMS.get(name) for name in config.experiment.algorithms]
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / f"{config.experiment.name}-{stamp}"
+    out = out or default_out(config)
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
     return Experiment(config, out, specs)
+
+
+def default_out(config: Config) -> Path:
+    """runs/<experiment name>-<timestamp>"""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.experiment.name}-{stamp}"
+
+
+def run_sweep(config: Config, out: Path | None, console: Console, verbose: bool = False) -> Path:
+    """Run the experiment once per swept value into OUT/<key>=<value>/, then compare them."""
+    variants = sweep_variants(config)
+    out = out or default_out(config)
+    plans = [(label, plan_experiment(sub, out / label)) for label, sub in variants]
+    if out.exists():
+        raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
+    work = out.with_name(out.name + ".incomplete")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    done = []
+    for (label, plan), value in zip(plans, config.sweep.values, strict=True):
+        console.rule(f"{config.sweep.key} = {value}")
+        folder = run_experiment(Experiment(plan.config, work / label, plan.specs), console, verbose)
+        done.append((label, value, folder))
+    write_sweep_report(work, config.sweep.key, done)
+    write_json(work / "config.json", config.to_dict())
+    work.rename(out)
+    console.print(f"sweep finished; report: {out / 'report.md'}")
+    return out
 
 
 def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> Path:

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+__all__ = ["CURVES", "plot_curves", "plt"]
+
 # Metric key -> axis label
 CURVES = {"eval_loss": "held-out loss", "rouge_l": "ROUGE-L F"}
 

@@ -1,0 +1,92 @@
+"""The report of a sweep: each algorithm's final held-out metrics against the swept value."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from silotune.report.markdown import table
+from silotune.report.plots import CURVES, plt
+
+_COLUMNS = (("eval_loss", "eval loss"), ("rouge_l", "ROUGE-L"), ("judge_win_rate", "judge"))
+
+
+def load_results(folder: Path) -> dict[str, dict[str, Any]]:
+    """algorithm -> summary of a finished experiment folder (one or several algorithms)."""
+    comparison = folder / "comparison.json"
+    if comparison.is_file():
+        runs: dict[str, dict[str, Any]] = json.loads(comparison.read_text())["runs"]
+        return runs
+    summary = json.loads((folder / "summary.json").read_text())
+    return {summary["algorithm"]: summary}
+
+
+def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Path]]) -> None:
+    """`variants`: (label, value, experiment folder) in sweep order."""
+    results = {label: load_results(path) for label, _, path in variants}
+    algorithms = list(next(iter(results.values())))
+    rows = []
+    for label, value, _ in variants:
+        for name in algorithms:
+            final = results[label][name]["final"]
+            rows.append(
+                [value, f"[{name}]({label}/{name}/report.md)" if len(algorithms) > 1 else name]
+                + [final.get(k, "–") for k, _ in _COLUMNS]
+            )
+    plots = _plot(folder, key, variants, results, algorithms)
+    text = "\n".join(
+        [
+            f"# Sweep over {key}",
+            "",
+            "Each value runs the whole experiment (same seed, budget and held-out set); the "
+            "table shows every algorithm's final held-out metrics.",
+            "",
+            table([key, "algorithm", *(label for _, label in _COLUMNS)], rows),
+            "",
+            *(f"![{p.stem}]({p.relative_to(folder).as_posix()})" for p in plots),
+            "",
+        ]
+    )
+    (folder / "report.md").write_text(text, encoding="utf-8")
+    (folder / "sweep.json").write_text(
+        json.dumps(
+            {"key": key, "values": {v: results[label] for label, v, _ in variants}}, indent=2
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+
+
+def _plot(
+    folder: Path,
+    key: str,
+    variants: list[tuple[str, str, Path]],
+    results: dict[str, dict[str, dict[str, Any]]],
+    algorithms: list[str],
+) -> list[Path]:
+    try:
+        xs = [float(v) for _, v, _ in variants]
+    except ValueError:
+        return []  # a sweep over names has no axis to plot on
+    (folder / "plots").mkdir(exist_ok=True)
+    written = []
+    for metric, label in CURVES.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in algorithms:
+            ys = [results[lab][name]["final"].get(metric, math.nan) for lab, _, _ in variants]
+            ax.plot(xs, ys, marker="o", label=name)
+        if min(xs) > 0 and max(xs) / min(xs) >= 100:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(label)
+        ax.set_title(f"final {label} against {key}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = folder / "plots" / f"sweep_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
