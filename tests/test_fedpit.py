@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from rich.console import Console
 
 from silotune.config import Config, load_config
-from silotune.data.load import load_records
+from silotune.data.load import as_records, load_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import SyntheticStats
 from silotune.federated.algorithms import fedpit
@@ -140,7 +140,7 @@ def test_global_learns_only_from_synthetic_data() -> None:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fedpit, "save_adapter", lambda *a, **k: None)
-        rows = [{k: str(r[k]) for k in ("instruction", "input", "output")} for r in local]
+        rows = as_records(local)
         global_a, private_a = run(rows[:10])
         global_b, private_b = run(rows[10:20])
     # Different real data, same synthetic data: the shared adapter is identical...
@@ -199,3 +199,4 @@ def test_fedpit_end_to_end_on_flower(tmp_path: Path) -> None:
         folder = out / "clients" / f"client-{client}" / "adapters" / PRIVATE
         assert (folder / "adapter_model.safetensors").is_file()
     assert (out / "adapters" / GLOBAL / "adapter_config.json").is_file()
+    assert "self-generated examples: kept" in (out / "report.md").read_text()

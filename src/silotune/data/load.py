@@ -104,3 +104,8 @@ def load_partition_file(path: Path) -> datasets.Dataset:
     loaded = datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
     assert isinstance(loaded, datasets.Dataset)
     return loaded
+
+
+def as_records(dataset: datasets.Dataset) -> list[dict[str, str]]:
+    """Plain instruction/input/output dicts (what prompts and self-generation work on)."""
+    return [{k: str(r[k]) for k in ("instruction", "input", "output")} for r in dataset]

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from silotune.config import Config
-from silotune.data.load import load_partition_file
+from silotune.data.load import as_records, load_partition_file
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
@@ -56,8 +56,7 @@ def _local_data(spec: ClientSpec, partition_id: int) -> tuple[list[Record], Exam
     examples = tokenize_dataset(
         dataset, _workbench(spec).tokenizer, data.prompt_style, data.max_length
     )
-    records = [{k: str(r[k]) for k in ("instruction", "input", "output")} for r in dataset]
-    return records, examples
+    return as_records(dataset), examples
 
 
 @cache

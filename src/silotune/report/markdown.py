@@ -35,6 +35,16 @@ def _metric_cells(metrics: dict[str, float]) -> list[Any]:
     return [metrics.get(key, "–") for key, _ in _METRICS]
 
 
+def synthetic_line(synthetic: dict[str, Any]) -> str:
+    """`kept K of G generated (dropped: reason n, ...)`."""
+    dropped = ", ".join(f"{k} {v}" for k, v in synthetic["dropped_by_filter"].items() if v)
+    return (
+        f"self-generated examples: kept {synthetic['kept']} of {synthetic['generated']}"
+        + (f" (dropped: {dropped})" if dropped else "")
+        + "."
+    )
+
+
 def partition_table(stats: list[dict[str, Any]]) -> str:
     """Client sizes and label mixes."""
     rows = [
@@ -125,6 +135,8 @@ def run_markdown(
             ),
             "",
         ]
+    if "synthetic" in summary:
+        lines += ["## Self-generated data", "", synthetic_line(summary["synthetic"]), ""]
     lines += ["## Data split", "", partition_table(partition_stats), ""]
     lines += [*(f"- {n}" for n in result.notes), ""] if result.notes else []
     lines += ["## Curves", "", *_plots(plots, folder), ""]
@@ -191,6 +203,11 @@ def comparison_markdown(
         "## Notes",
         "",
         *(f"- {spec.name}: {note}" for spec, result, _ in runs for note in result.notes),
+        *(
+            f"- {spec.name}: {synthetic_line(summary['synthetic'])}"
+            for spec, _, summary in runs
+            if "synthetic" in summary
+        ),
         "",
         "## Curves",
         "",

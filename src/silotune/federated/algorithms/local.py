@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record, SyntheticStats, self_generate
 from silotune.federated.algorithms.base import (
@@ -37,10 +38,7 @@ def run_locit_sa(job: Job) -> AlgorithmResult:
 def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
     cfg, bench = job.config, job.workbench
     states = [bench.initial for _ in job.client_examples]
-    records = [
-        [{k: str(r[k]) for k in ("instruction", "input", "output")} for r in part]
-        for part in job.split.clients
-    ]
+    records = [as_records(part) for part in job.split.clients]
     synthetic_total = SyntheticStats()
     rounds: list[RoundLog] = []
     last_results = []
