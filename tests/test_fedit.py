@@ -60,6 +60,7 @@ def test_traffic_is_one_adapter_per_client_each_way(fedit_run: tuple[Config, Pat
     comm = summary["communication"]
     one = comm["adapter_bytes"]
     assert comm["tensor_bytes_down"] == comm["tensor_bytes_up"] == ROUNDS * 3 * one
+    assert comm["adapters_up_per_round"] == [3.0] * ROUNDS
     # Serialised records add only small per-tensor headers and key names.
     assert comm["tensor_bytes_up"] < comm["bytes_up"] < 1.5 * comm["tensor_bytes_up"]
 

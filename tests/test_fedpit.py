@@ -193,6 +193,7 @@ def test_fedpit_end_to_end_on_flower(tmp_path: Path) -> None:
     comm = summary["communication"]
     # Each round uploads exactly one global adapter per client, nothing else.
     assert comm["tensor_bytes_up"] == 2 * 3 * comm["adapter_bytes"]
+    assert comm["adapters_up_per_round"] == [3.0, 3.0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("global_eval_loss" in r and "eval_loss" in r for r in rows)
     for client in range(3):

@@ -38,7 +38,15 @@ def summarize(
         "final": result.final,
         "base": ctx.base,
         "per_client_final": result.per_client_final,
-        "communication": {**result.bytes(), "adapter_bytes": ctx.adapter_bytes},
+        "communication": {
+            **result.bytes(),
+            "adapter_bytes": ctx.adapter_bytes,
+            # How many adapters' worth of tensors went up each round: the clients' count when
+            # exactly one shared adapter (and nothing private) is uploaded per client.
+            "adapters_up_per_round": [
+                round(r.tensor_bytes_up / ctx.adapter_bytes, 4) for r in result.rounds
+            ],
+        },
         "timing": {"wall_s": round(wall_s, 2)},
         **({"synthetic": result.synthetic.to_json()} if result.synthetic else {}),
         **({"judge": dataclasses.asdict(result.judge)} if result.judge else {}),
