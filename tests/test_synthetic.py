@@ -79,11 +79,13 @@ def test_each_filter_drops_and_counts() -> None:
     }
 
 
-def test_truncated_can_be_kept_and_dedup_can_be_disabled() -> None:
+def test_truncated_responses_can_be_kept_and_dedup_can_be_disabled() -> None:
     cfg = SyntheticConfig(truncated="keep", dedup_rouge_l=1.0, min_response_words=1)
     candidates = [_c("What is the outlook for a stroke ?", "It depends", done=False)] * 2
-    kept, stats = filter_candidates(candidates, LOCAL, cfg)
+    unfinished_task = Candidate("What is the outlook", "", "An answer.", False, True)
+    kept, stats = filter_candidates([*candidates, unfinished_task], LOCAL, cfg)
     assert len(kept) == 2 and stats.kept == 2
+    assert stats.dropped_by_filter["truncated"] == 1, "an unfinished instruction is always dropped"
 
 
 def test_stats_round_trip_through_metrics_and_add_up() -> None:

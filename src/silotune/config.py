@@ -122,7 +122,8 @@ class SyntheticConfig:
     min_instruction_words: int = 3
     min_response_words: int = 5
     dedup_rouge_l: float = 0.7  # drop if ROUGE-L F against a local or kept instruction exceeds it
-    truncated: TruncatedPolicy = "drop"  # generations that ran out of tokens
+    # Responses that ran out of tokens (unfinished instructions are always dropped).
+    truncated: TruncatedPolicy = "drop"
     private_data: PrivateData = "local+synthetic"  # what FedPIT's private adapter trains on
     beta: float = 1.0  # FedPIT v2: upload beta * global + (1 - beta) * private
 

@@ -161,8 +161,8 @@ def filter_candidates(
 def _rejection(c: Candidate, cfg: SyntheticConfig, dedup: NearDuplicates) -> str | None:
     if not c.instruction.strip() or not c.output.strip():
         return "empty"
-    finished = c.instruction_finished and c.response_finished
-    if cfg.truncated == "drop" and not finished:
+    # An unfinished task block is unreliable; a long response is only cut (policy decides).
+    if not c.instruction_finished or (cfg.truncated == "drop" and not c.response_finished):
         return "truncated"
     if (
         len(c.instruction.split()) < cfg.min_instruction_words
