@@ -16,6 +16,7 @@ from silotune.evaluation.judge import (
     OpenAIJudge,
     bilateral_win_rate,
     build_judge,
+    parse_rating,
     parse_verdict,
 )
 
@@ -127,6 +128,21 @@ def test_unreadable_replies_count_as_ties_and_are_reported(
     assert result.win_rate == 0.5 and result.unparsed == 4
 
 
+def test_rating_through_the_endpoint(
+    judge: OpenAIJudge, judge_server: tuple[str, list[dict[str, object]], list[Policy]]
+) -> None:
+    judge_server[2][0] = lambda prompt: "7" if "from 1 (useless) to 10" in prompt else "?"
+    assert judge.rate("What causes gout?", "Uric acid.") == pytest.approx(6 / 9)
+    judge_server[2][0] = lambda prompt: "no idea"
+    assert judge.rate("What causes gout?", "Uric acid.") is None
+
+
+def test_parse_rating() -> None:
+    assert parse_rating("10") == 1.0
+    assert parse_rating("Score: 1/10") == 0.0
+    assert parse_rating("none") is None
+
+
 def test_parse_verdict() -> None:
     assert parse_verdict("1") == "first"
     assert parse_verdict(" Answer 2.") == "second"
@@ -142,10 +158,14 @@ def test_missing_key_and_model_are_config_errors(monkeypatch: pytest.MonkeyPatch
         load_config(None, ["judge.kind='openai'"])
     with pytest.raises(ConfigError, match=r"set eval\.generate = true"):
         load_config(None, ["judge.kind='local'", "eval.generate=false"])
+    with pytest.raises(ConfigError, match=r"judge_min_score needs a judge"):
+        load_config(None, ["synthetic.judge_min_score=0.5"])
 
 
 def test_local_judge_scores_both_orders() -> None:
     local = LocalJudge(JudgeConfig(kind="local", local_model="tiny-llama"))
     result = bilateral_win_rate(local, QUESTIONS, ["an answer", "another"], REFERENCES)
     assert 0.0 <= result.win_rate <= 1.0 and result.items == 2
+    rating = local.rate(QUESTIONS[0], "an answer")
+    assert rating is not None and 0.0 < rating < 1.0
     assert "tiny-llama (local" in local.label

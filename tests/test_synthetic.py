@@ -97,3 +97,32 @@ def test_stats_round_trip_through_metrics_and_add_up() -> None:
     total.add(again)
     assert total.generated == 4 and total.kept == 2
     assert set(total.to_json()["dropped_by_filter"]) == set(FILTERS)  # type: ignore[arg-type]
+
+
+class _ScoringJudge:
+    """Rates an answer 1.0 when it mentions a doctor, 0.2 otherwise; None for `???`."""
+
+    label = "test judge"
+
+    def compare(self, question: str, first: str, second: str) -> None:
+        return None
+
+    def rate(self, question: str, answer: str) -> float | None:
+        if "???" in answer:
+            return None
+        return 1.0 if "doctor" in answer else 0.2
+
+
+def test_judge_filter_drops_low_and_unreadable_ratings() -> None:
+    candidates = [
+        _c("What are the treatments for migraine ?", "See a doctor about triptans and rest."),
+        _c("What causes kidney stones in adults ?", "Minerals crystallise in concentrated urine."),
+        _c("How is anemia diagnosed in children ?", "??? a blood test can show it clearly"),
+    ]
+    cfg = SyntheticConfig(judge_min_score=0.5)
+    kept, stats = filter_candidates(candidates, LOCAL, cfg, judge=_ScoringJudge())
+    assert [k["instruction"] for k in kept] == ["What are the treatments for migraine ?"]
+    assert stats.dropped_by_filter["judge"] == 2
+    # Off by default: the same candidates all pass without a judge score threshold.
+    kept, _ = filter_candidates(candidates, LOCAL, SyntheticConfig(), judge=_ScoringJudge())
+    assert len(kept) == 3

@@ -122,6 +122,7 @@ class SyntheticConfig:
     min_instruction_words: int = 3
     min_response_words: int = 5
     dedup_rouge_l: float = 0.7  # drop if ROUGE-L F against a local or kept instruction exceeds it
+    judge_min_score: float = 0.0  # > 0: ask the [judge] to rate each answer (0..1), drop below
     # Responses that ran out of tokens (unfinished instructions are always dropped).
     truncated: TruncatedPolicy = "drop"
     private_data: PrivateData = "local+synthetic"  # what FedPIT's private adapter trains on
@@ -219,6 +220,7 @@ _MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("synthetic", "min_response_words"): (0, True),
     ("synthetic", "dedup_rouge_l"): (0.0, True),
     ("synthetic", "beta"): (0.0, True),
+    ("synthetic", "judge_min_score"): (0.0, True),
     ("judge", "timeout_s"): (0.0, False),
     ("judge", "max_items"): (0, True),
     ("eval", "max_new_tokens"): (1, True),
@@ -388,9 +390,19 @@ def _check_combinations(config: Config) -> None:
             f"synthetic.dedup_rouge_l must be in [0, 1] (1 keeps all), got "
             f"{config.synthetic.dedup_rouge_l}"
         )
+    if config.synthetic.judge_min_score > 0 and config.judge.kind == "none":
+        raise ConfigError(
+            "synthetic.judge_min_score needs a judge: set judge.kind to 'openai' or 'local'"
+        )
+    if config.synthetic.judge_min_score > 1.0:
+        raise ConfigError("synthetic.judge_min_score is a 0..1 score; 0 turns the filter off")
     if config.judge.kind == "openai" and not config.judge.model:
         raise ConfigError("judge.kind = 'openai' needs judge.model (the model name to ask)")
-    if config.judge.kind != "none" and not config.eval.generate:
+    if (
+        config.judge.kind != "none"
+        and not config.eval.generate
+        and not (config.synthetic.judge_min_score > 0)
+    ):
         raise ConfigError("the judge compares generations: set eval.generate = true")
     if config.partition.method == "dirichlet" and not config.data.label_field:
         raise ConfigError(

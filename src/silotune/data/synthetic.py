@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rouge_score import rouge_scorer
 from torch import nn
@@ -24,8 +25,11 @@ from silotune.config import DataConfig, SyntheticConfig
 from silotune.data.sft import encode_prompt
 from silotune.modeling.generation import DecodeConfig, Generation, generate
 
+if TYPE_CHECKING:
+    from silotune.evaluation.judge import Judge
+
 Record = dict[str, str]
-FILTERS = ("unparseable", "empty", "truncated", "too_short", "duplicate")
+FILTERS = ("unparseable", "empty", "truncated", "too_short", "duplicate", "judge")
 _TASK = "### Task"
 _NO_INPUT = "<none>"
 _HEADER = (
@@ -142,14 +146,24 @@ class NearDuplicates:
 
 
 def filter_candidates(
-    candidates: Sequence[Candidate], local_instructions: Sequence[str], cfg: SyntheticConfig
+    candidates: Sequence[Candidate],
+    local_instructions: Sequence[str],
+    cfg: SyntheticConfig,
+    judge: Judge | None = None,
 ) -> tuple[list[Record], SyntheticStats]:
-    """Apply the filters in order; every dropped candidate is counted under its first failure."""
+    """Apply the filters in order; every dropped candidate is counted under its first failure.
+
+    The judge filter (last, as it is the costly one) runs when `cfg.judge_min_score` > 0.
+    """
     stats = SyntheticStats(generated=len(candidates))
     dedup = NearDuplicates(cfg.dedup_rouge_l, local_instructions)
     kept: list[Record] = []
     for c in candidates:
         reason = _rejection(c, cfg, dedup)
+        if reason is None and judge is not None and cfg.judge_min_score > 0:
+            score = judge.rate(c.instruction, c.output)
+            if score is None or score < cfg.judge_min_score:
+                reason = "judge"
         if reason is None:
             kept.append({"instruction": c.instruction, "input": c.input, "output": c.output})
         else:
@@ -181,6 +195,7 @@ def self_generate(
     cfg: SyntheticConfig,
     data: DataConfig,
     seed: int,
+    judge: Judge | None = None,
 ) -> tuple[list[Record], SyntheticStats]:
     """Generate `cfg.per_round` candidates from `local` with `model` as it is now; filter them."""
     rng = random.Random(seed)
@@ -218,7 +233,7 @@ def self_generate(
         Candidate(ins, inp, ans.text.strip(), done, ans.finished)
         for ((ins, inp), done), ans in zip(usable, answers, strict=True)
     ]
-    kept, stats = filter_candidates(candidates, [r["instruction"] for r in local], cfg)
+    kept, stats = filter_candidates(candidates, [r["instruction"] for r in local], cfg, judge)
     stats.generated += unparseable
     stats.dropped_by_filter["unparseable"] += unparseable
     return kept, stats

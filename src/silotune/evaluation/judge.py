@@ -14,11 +14,12 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal, Protocol
 
 import torch
 
-from silotune.config import JudgeConfig, ModelConfig
+from silotune.config import Config, JudgeConfig, ModelConfig
 from silotune.errors import ConfigError
 from silotune.registry import Registry
 
@@ -40,6 +41,10 @@ class Judge(Protocol):
         """The better answer (first, second, tie); None when the judge's reply was unreadable."""
         ...
 
+    def rate(self, question: str, answer: str) -> float | None:
+        """How good one answer is, from 0 to 1; None when the judge's reply was unreadable."""
+        ...
+
 
 @dataclass(frozen=True)
 class JudgeResult:
@@ -49,6 +54,23 @@ class JudgeResult:
     items: int
     unparsed: int
     judge: str
+
+
+_RATE_PROMPT = (
+    "Question:\n{question}\n\nAnswer:\n{answer}\n\n"
+    "Rate how correct, complete and helpful the answer is, from 1 (useless) to 10 (excellent). "
+    "Reply with the number only."
+)
+_YES_NO_PROMPT = (
+    "Question:\n{question}\n\nAnswer:\n{answer}\n\n"
+    "Is this a correct and helpful answer to the question? Reply with yes or no."
+)
+
+
+def parse_rating(reply: str) -> float | None:
+    """The first whole number 1..10 in a reply, scaled to 0..1."""
+    found = re.search(r"\b(10|[1-9])\b", reply)
+    return None if found is None else (int(found.group(1)) - 1) / 9
 
 
 def judge_prompt(question: str, first: str, second: str) -> str:
@@ -111,16 +133,20 @@ class OpenAIJudge:
 
     def compare(self, question: str, first: str, second: str) -> Verdict | None:
         """Ask the endpoint, deterministically (temperature 0)."""
+        return parse_verdict(self._ask(judge_prompt(question, first, second)))
+
+    def rate(self, question: str, answer: str) -> float | None:
+        """Ask for a 1..10 rating."""
+        return parse_rating(self._ask(_RATE_PROMPT.format(question=question, answer=answer)))
+
+    def _ask(self, prompt: str) -> str:
         response = self._client.chat.completions.create(
             model=self._model,
-            messages=[
-                {"role": "system", "content": _SYSTEM},
-                {"role": "user", "content": judge_prompt(question, first, second)},
-            ],
+            messages=[{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt}],
             temperature=0,
             max_tokens=4,
         )
-        return parse_verdict(response.choices[0].message.content or "")
+        return response.choices[0].message.content or ""
 
 
 class LocalJudge:
@@ -133,6 +159,7 @@ class LocalJudge:
         self._model = load_model(source)
         self._tokenizer = load_tokenizer(source)
         self._options = [self._token_id("1"), self._token_id("2")]
+        self._yes_no = [self._token_id("yes"), self._token_id("no")]
         weak = " — a small model, a weak judge" if "135m" in cfg.local_model.lower() else ""
         self.label = f"{cfg.local_model} (local{weak})"
 
@@ -140,25 +167,32 @@ class LocalJudge:
         ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
         return int(ids[-1])
 
-    @torch.no_grad()
     def compare(self, question: str, first: str, second: str) -> Verdict | None:
         """Pick the answer number the model finds more likely next."""
-        messages = [
-            {"role": "system", "content": _SYSTEM},
-            {"role": "user", "content": judge_prompt(question, first, second)},
-        ]
-        if self._tokenizer.chat_template:
-            text = self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        else:
-            text = judge_prompt(question, first, second)
-        ids = self._tokenizer(str(text), add_special_tokens=False, return_tensors="pt")
-        logits = self._model(input_ids=ids["input_ids"]).logits[0, -1]  # (v,)
-        one, two = (float(logits[i]) for i in self._options)
+        one, two = self._next_token_logits(judge_prompt(question, first, second), self._options)
         if one == two:
             return "tie"
         return "first" if one > two else "second"
+
+    def rate(self, question: str, answer: str) -> float | None:
+        """The probability of `yes` against `no` for "is this a correct and helpful answer?"."""
+        prompt = _YES_NO_PROMPT.format(question=question, answer=answer)
+        yes, no = self._next_token_logits(prompt, self._yes_no)
+        return float(torch.sigmoid(torch.tensor(yes - no)))
+
+    @torch.no_grad()
+    def _next_token_logits(self, prompt: str, token_ids: list[int]) -> list[float]:
+        messages = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt}]
+        text = prompt
+        if self._tokenizer.chat_template:
+            text = str(
+                self._tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+            )
+        ids = self._tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        logits = self._model(input_ids=ids["input_ids"]).logits[0, -1]  # (v,)
+        return [float(logits[i]) for i in token_ids]
 
 
 JUDGES: Registry[Callable[[JudgeConfig], Judge]] = Registry("judge")
@@ -169,3 +203,14 @@ JUDGES.register("local")(LocalJudge)
 def build_judge(cfg: JudgeConfig) -> Judge:
     """The configured judge (`kind` must not be "none")."""
     return JUDGES.get(cfg.kind)(cfg)
+
+
+@cache
+def synthetic_judge(cfg: JudgeConfig) -> Judge:
+    """The judge that rates self-generated answers, built once per process."""
+    return build_judge(cfg)
+
+
+def filter_judge(cfg: Config) -> Judge | None:
+    """The judge for the synthetic-data filter, or None when that filter is off."""
+    return synthetic_judge(cfg.judge) if cfg.synthetic.judge_min_score > 0 else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import self_generate
 from silotune.evaluation.evaluator import EvalResult, EvalSet
+from silotune.evaluation.judge import filter_judge
 from silotune.federated.algorithms.base import AlgorithmResult, Job, register
 from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, LocalRole
 from silotune.federated.simulation import run_federated
@@ -32,7 +33,9 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     bench.put(PRIVATE, private)
     # The generator is the current global model: base + global, without the private adapter.
     bench.use([GLOBAL])
-    synthetic, stats = self_generate(bench.model, bench.tokenizer, req.records, syn, cfg.data, seed)
+    synthetic, stats = self_generate(
+        bench.model, bench.tokenizer, req.records, syn, cfg.data, seed, filter_judge(cfg)
+    )
     synthetic_examples = tokenize_dataset(
         synthetic, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length
     )

@@ -7,6 +7,7 @@ import time
 from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record, SyntheticStats, self_generate
+from silotune.evaluation.judge import filter_judge
 from silotune.federated.algorithms.base import (
     AlgorithmResult,
     Job,
@@ -95,7 +96,7 @@ def _self_generate(
     bench.put(GLOBAL, state)
     bench.use([GLOBAL])
     kept, stats = self_generate(
-        bench.model, bench.tokenizer, records, cfg.synthetic, cfg.data, seed
+        bench.model, bench.tokenizer, records, cfg.synthetic, cfg.data, seed, filter_judge(cfg)
     )
     return tokenize_dataset(
         kept, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length
