@@ -7,16 +7,15 @@ ConfigError that names the key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import tomllib
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from silotune.errors import ConfigError
+from silotune.typed_values import build_section, reject_unknown
 
 Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
@@ -249,7 +248,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from nested dicts (as parsed from TOML)."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    _reject_unknown(raw, sections, where="config")
+    reject_unknown(raw, sections, where="config")
     sweep = raw.get("sweep")
     if isinstance(sweep, dict) and isinstance(sweep.get("values"), list):
         # Sweep values may be written as TOML numbers or booleans; keep them as --set text.
@@ -259,7 +258,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         section = raw.get(name, {})
         if not isinstance(section, dict):
             raise ConfigError(f"[{name}] must be a table of keys, got {section!r}")
-        built[name] = _build_section(name, _section_type(name), section)
+        built[name] = build_section(name, _section_type(name), section, _MINIMUMS)
     config = Config(**built)
     _check_combinations(config)
     return config
@@ -287,66 +286,6 @@ def _section_type(name: str) -> type[Any]:
     cls = hints[name]
     assert isinstance(cls, type)
     return cls
-
-
-def _build_section(section: str, cls: type[Any], values: dict[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(values, fields, where=f"[{section}]")
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
-        bound = _MINIMUMS.get((section, key))
-        if bound is not None:
-            minimum, inclusive = bound
-            if kwargs[key] < minimum or (not inclusive and kwargs[key] == minimum):
-                relation = ">=" if inclusive else ">"
-                raise ConfigError(f"{section}.{key} must be {relation} {minimum}, got {value!r}")
-    return cls(**kwargs)
-
-
-def _reject_unknown(values: dict[str, Any], known: dict[str, Any], where: str) -> None:
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {where}{hint} (known: {', '.join(known)})")
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """Check `value` against the annotation `hint`; convert lists to tuples and ints to floats."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ConfigError(
-                f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}"
-            )
-        return value
-    if origin is tuple:
-        item_hint = get_args(hint)[0]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", item_hint, v) for i, v in enumerate(value))
-    if origin in (Union, types.UnionType):
-        raise TypeError(f"unsupported annotation for {key}: {hint}")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation for {key}: {hint}")
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
