@@ -1,4 +1,4 @@
-"""`silotune` command line: `silotune run CONFIG.toml [--set section.key=value ...] [--out DIR]`."""
+"""`silotune` command line: `run` an experiment; `certs`, `split-server`, `split-client`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -64,7 +65,56 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verbose", action="store_true", help="show Flower, Ray and transformers logs"
     )
+    _add_split_commands(commands)
     return parser
+
+
+def _add_split_commands(commands: Any) -> None:
+    """`certs`, `split-server` and `split-client`: split learning across machines."""
+    certs = commands.add_parser(
+        "certs",
+        help="create a development CA, a server and per-client certificates (mutual TLS)",
+        description=(
+            "Write ca.pem, server.pem/.key and clients/<id>.pem/.key into DIR. Give the server "
+            "its files and each client ca.pem plus its own pair; keep ca.key offline."
+        ),
+    )
+    certs.add_argument("dir", type=Path, help="output folder")
+    certs.add_argument("--clients", required=True, help="comma-separated client ids, e.g. a,b,c")
+    certs.add_argument(
+        "--hosts",
+        default="localhost,127.0.0.1",
+        help="comma-separated DNS names / IPs clients use to reach the server",
+    )
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+    server = commands.add_parser(
+        "split-server",
+        help="serve the middle blocks of a split-learning run (FL-GLM)",
+        description="Hold the middle blocks and their adapter; train them for the clients.",
+    )
+    client = commands.add_parser(
+        "split-client",
+        help="train the front/back of a split-learning run against a split server",
+        description="Hold embeddings, first and last blocks, the data and the labels.",
+    )
+    for sub in (server, client):
+        sub.add_argument("config", type=Path, help="experiment config (TOML or a run's JSON)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+        sub.add_argument("--certs", type=Path, help="folder made by `silotune certs`")
+        sub.add_argument(
+            "--insecure", action="store_true", help="no TLS (tests on one machine only)"
+        )
+        sub.add_argument("--out", type=Path, help="where to write results and adapters")
+        sub.add_argument("--verbose", action="store_true", help="show library logs")
+    server.add_argument("--listen", default="0.0.0.0:50051", help="host:port to listen on")
+    server.add_argument(
+        "--clients", type=int, default=0, help="stop after this many clients ended (0: never)"
+    )
+    client.add_argument("--id", required=True, help="this client's id (its certificate's name)")
+    client.add_argument("--server", required=True, help="host:port of the split server")
+    client.add_argument("--data", type=Path, required=True, help="this client's records")
+    client.add_argument("--eval", type=Path, required=True, help="held-out records")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet_libraries()
     try:
-        if args.command == "run":
-            return _run(args, console)
+        handler = {
+            "run": _run,
+            "certs": _certs,
+            "split-server": _split_server,
+            "split-client": _split_client,
+        }[args.command]
+        return handler(args, console)
     except UserError as exc:
         message = Text.assemble(("error: ", "bold red"), str(exc))
         Console(stderr=True).print(message, soft_wrap=True, highlight=False)
@@ -96,6 +151,46 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         run_sweep(config, args.out, console, verbose=args.verbose)
     else:
         run_experiment(plan_experiment(config, args.out), console, verbose=args.verbose)
+    return 0
+
+
+def _certs(args: argparse.Namespace, console: Console) -> int:
+    from silotune.security.tls import create_dev_pki
+
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    create_dev_pki(args.dir, clients, hosts, overwrite=args.overwrite)
+    console.print(f"certificates for the server ({', '.join(hosts)}) and {clients} in {args.dir}")
+    return 0
+
+
+def _split_certs(args: argparse.Namespace) -> Path | None:
+    if args.insecure == (args.certs is not None):
+        raise UserError("give either --certs DIR (mutual TLS) or --insecure (tests only)")
+    certs: Path | None = args.certs
+    return certs
+
+
+def _split_server(args: argparse.Namespace, console: Console) -> int:
+    from silotune.config import load_config
+    from silotune.split.roles import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = load_config(args.config, args.overrides)
+    summary = run_server(config, args.listen, _split_certs(args), args.clients, args.out)
+    console.print(f"split server done: {summary['steps']} steps")
+    return 0
+
+
+def _split_client(args: argparse.Namespace, console: Console) -> int:
+    from silotune.config import load_config
+    from silotune.split.roles import run_client
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / f"split-{args.id}"
+    report = run_client(config, args.id, args.server, _split_certs(args), args.data, args.eval, out)
+    final = report["rounds"][-1]["metrics"] if report["rounds"] else {}
+    console.print(f"split client {args.id} done: {final}; results in {out}")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_type_hints
 from silotune.errors import ConfigError
 from silotune.typed_values import build_section, reject_unknown
 
-Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit"]
+Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit", "split"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Partitioner = Literal["iid", "dirichlet"]
 PromptStyle = Literal["alpaca", "chat"]
@@ -25,6 +25,9 @@ DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
 PrivateData = Literal["local+synthetic", "local"]
 TruncatedPolicy = Literal["drop", "keep"]
 JudgeKind = Literal["none", "openai", "local"]
+SplitMode = Literal["serial", "batch", "per-client"]
+KeyExchange = Literal["x25519", "rsa"]
+WireDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,35 @@ class DataConfig:
     input_field: str = ""
     output_field: str = "answer"
     label_field: str = "qtype"
+    # When set, the instruction is this template filled from the source row's columns
+    # (str.format_map), e.g. '"{premise}" Question: {hypothesis}? yes/no'; instruction_field
+    # is then unused.
+    instruction_template: str = ""
+    # "source=target" pairs mapping output values, e.g. ["entailment=yes", "not_entailment=no"];
+    # when set, every non-empty output must be listed.
+    output_map: tuple[str, ...] = ()
     prompt_style: PromptStyle = "alpaca"
     max_length: int = 128
     eval_size: int = 16
+
+    def __post_init__(self) -> None:
+        self.output_mapping()  # a malformed data.output_map fails when the config is read
+
+    def output_mapping(self) -> dict[str, str]:
+        """`output_map` as a dict from source value to target value."""
+        mapping: dict[str, str] = {}
+        for entry in self.output_map:
+            source, sep, target = entry.partition("=")
+            source, target = source.strip(), target.strip()
+            if not sep or not source or not target:
+                raise ConfigError(
+                    f"data.output_map entries are 'source=target' (e.g. 'entailment=yes'), "
+                    f"got {entry!r}"
+                )
+            if source in mapping:
+                raise ConfigError(f"data.output_map maps {source!r} twice")
+            mapping[source] = target
+        return mapping
 
 
 @dataclass(frozen=True)
@@ -130,11 +159,22 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: loss/perplexity and ROUGE-L of greedy generations."""
+    """Held-out evaluation: loss/perplexity, ROUGE-L of greedy generations, choice accuracy."""
 
     generate: bool = True
     max_new_tokens: int = 48
     batch_size: int = 8
+    # Non-empty (e.g. ["yes", "no"]): also pick, per held-out item, the choice the model finds
+    # most likely after the prompt and report accuracy against the reference output.
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stripped = {c.strip() for c in self.choices} - {""}
+        if self.choices and (len(stripped) != len(self.choices) or len(stripped) < 2):
+            raise ConfigError(
+                f"eval.choices needs two or more distinct, non-empty strings, got "
+                f"{list(self.choices)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -150,6 +190,25 @@ class JudgeConfig:
     # kind = "local": a causal LM on this machine (the packaged default is a weak judge).
     local_model: str = "smollm2-135m-instruct"
     max_items: int = 0  # judge at most this many held-out items (0 = all)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """FL-GLM split learning: where the model is cut, how the server trains, the wire."""
+
+    mode: SplitMode = "serial"
+    front_blocks: int = 1  # embeddings + this many blocks stay on the client
+    back_blocks: int = 1  # this many blocks + final norm + LM head stay on the client
+    tls: bool = True  # mutual TLS; turn off only for tests on one machine
+    encrypt: bool = True  # AES-256-GCM on every frame, on top of TLS
+    key_exchange: KeyExchange = "x25519"
+    wire_dtype: WireDtype = "float32"  # activations and gradients on the wire (never fp16)
+    batch_window_s: float = 2.0  # batch mode: wait this long for the other clients' activations
+    average_every: int = 1  # per-client mode: average the middle adapters every K steps
+    average_clients: bool = True  # average the clients' front/back adapters each round (SplitFed)
+    step_timeout_s: float = 120.0  # a client silent this long mid-step is dropped
+    host: str = "127.0.0.1"  # where `silotune run` starts its split server
+    port: int = 0  # 0: any free port
 
 
 @dataclass(frozen=True)
@@ -174,6 +233,7 @@ class Config:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,20 +286,27 @@ _MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("eval", "batch_size"): (1, True),
     ("model", "tiny_layers"): (1, True),
     ("model", "tiny_hidden"): (8, True),
+    ("split", "front_blocks"): (0, True),
+    ("split", "back_blocks"): (1, True),
+    ("split", "batch_window_s"): (0.0, True),
+    ("split", "average_every"): (1, True),
+    ("split", "step_timeout_s"): (0.0, False),
+    ("split", "port"): (0, True),
 }
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML file (defaults when `path` is None), then apply `section.key=value` overrides."""
+    """Read a TOML file (or a run's `config.json`), then apply `section.key=value` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        text = p.read_text(encoding="utf-8")
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+            raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{p} is not valid {p.suffix.lstrip('.').upper()}: {exc}") from None
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw)

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file or its contents cannot be used as configured."""
+
+
+class FrameRejected(UserError):
+    """A transport frame or handshake message failed its format, order or integrity check."""

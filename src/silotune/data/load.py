@@ -2,11 +2,14 @@
 
 Every loaded dataset has the columns `instruction`, `input`, `output` (strings) and, when a
 label field is configured, `label`: the mapping from the source's own column names is the
-config's `data.*_field` keys (MedQuAD: question -> instruction, answer -> output).
+config's `data.*_field` keys (MedQuAD: question -> instruction, answer -> output). A task
+phrased as a cloze (RTE) instead fills `data.instruction_template` from several columns and
+rewrites outputs through `data.output_map` (entailment -> yes).
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +45,11 @@ def resolve_data_path(path: str) -> Path:
 
 
 def load_records(cfg: DataConfig) -> LoadedData:
-    """Load, map fields and drop records whose instruction or output is empty."""
+    """Load, map fields (or fill the template), map outputs, drop empty instructions/outputs."""
     raw = _load_raw(cfg)
-    mapping = {"instruction": cfg.instruction_field, "output": cfg.output_field}
+    mapping = {"output": cfg.output_field}
+    if not cfg.instruction_template:
+        mapping["instruction"] = cfg.instruction_field
     if cfg.input_field:
         mapping["input"] = cfg.input_field
     if cfg.label_field:
@@ -55,9 +60,18 @@ def load_records(cfg: DataConfig) -> LoadedData:
                 f"data.{role}_field names column {column!r}, which {cfg.path} does not have "
                 f"(columns: {', '.join(raw.column_names)})"
             )
+    template_columns = _template_columns(cfg, raw.column_names)
+    outputs = cfg.output_mapping()
+    if outputs:
+        _check_outputs_mapped(cfg, outputs, raw[cfg.output_field])
 
     def to_record(row: dict[str, Any]) -> dict[str, str]:
         rec = {role: _text(row[column]) for role, column in mapping.items()}
+        if cfg.instruction_template:
+            values = {column: _text(row[column]) for column in template_columns}
+            rec["instruction"] = _fill(cfg.instruction_template, values)
+        if outputs and rec["output"].strip():
+            rec["output"] = outputs[rec["output"].strip()]
         rec.setdefault("input", "")
         return rec
 
@@ -66,6 +80,49 @@ def load_records(cfg: DataConfig) -> LoadedData:
     if len(kept) == 0:
         raise DataError(f"{cfg.path} has no record with a non-empty instruction and output")
     return LoadedData(kept, source_rows=len(raw), dropped_empty=len(raw) - len(kept))
+
+
+def _template_columns(cfg: DataConfig, columns: list[str]) -> list[str]:
+    """The columns `data.instruction_template` names, each checked to exist."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(cfg.instruction_template)]
+    except ValueError as exc:  # unbalanced braces
+        raise DataError(
+            f"data.instruction_template is not a valid format string ({exc}); write columns "
+            "as {column} and literal braces as {{ }}"
+        ) from None
+    used = [name for name in names if name is not None]
+    for name in used:
+        if not name or name.isdigit():
+            raise DataError(
+                "data.instruction_template has a positional field; name a column in each "
+                f"pair of braces (columns: {', '.join(columns)})"
+            )
+        if name not in columns:
+            raise DataError(
+                f"data.instruction_template names column {name!r}, which {cfg.path} does not "
+                f"have (columns: {', '.join(columns)})"
+            )
+    return sorted(set(used))
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    try:
+        return template.format_map(values)
+    except ValueError as exc:  # a format spec that text cannot take, e.g. {idx:d}
+        raise DataError(f"data.instruction_template cannot be filled: {exc}") from None
+
+
+def _check_outputs_mapped(cfg: DataConfig, outputs: dict[str, str], values: list[Any]) -> None:
+    """Every non-empty output value must have an entry in `data.output_map`."""
+    unmapped = sorted({_text(v).strip() for v in values} - set(outputs) - {""})
+    if unmapped:
+        shown = ", ".join(map(repr, unmapped[:5])) + (" ..." if len(unmapped) > 5 else "")
+        raise DataError(
+            f"data.output_map has no entry for {len(unmapped)} value(s) of column "
+            f"{cfg.output_field!r}: {shown}; add 'value=target' entries for them "
+            f"(mapped now: {', '.join(outputs)})"
+        )
 
 
 def _load_raw(cfg: DataConfig) -> datasets.Dataset:

@@ -1,8 +1,9 @@
-"""Evaluate a (PEFT) causal LM on the fixed held-out set: loss, perplexity, ROUGE-L."""
+"""Evaluate a (PEFT) causal LM on the fixed held-out set: loss, perplexity, ROUGE-L, accuracy."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import datasets
@@ -12,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from silotune.config import DataConfig, EvalConfig
 from silotune.data.sft import IGNORE_INDEX, collate, encode_example, encode_prompt
-from silotune.evaluation.metrics import rouge_l
+from silotune.errors import DataError
+from silotune.evaluation.metrics import accuracy, rouge_l
 from silotune.modeling.generation import DecodeConfig, generate, pad_id
 
 
@@ -24,23 +26,29 @@ class EvalSet:
     prompts: list[list[int]]
     instructions: list[str]
     references: list[str]
+    max_length: int = (
+        0  # the run's data.max_length, which choice scoring cuts prompts to (0: no cut)
+    )
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Held-out metrics of one model; rouge_l is None when generation is off."""
+    """Held-out metrics of one model; rouge_l / accuracy are None without generation / choices."""
 
     eval_loss: float
     perplexity: float
     rouge_l: float | None
     samples: list[dict[str, str]] = field(default_factory=list)
     predictions: list[str] = field(default_factory=list)  # one per held-out record
+    accuracy: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics only."""
         out = {"eval_loss": self.eval_loss, "perplexity": self.perplexity}
         if self.rouge_l is not None:
             out["rouge_l"] = self.rouge_l
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy
         return out
 
 
@@ -66,6 +74,7 @@ def build_eval_set(
         prompts=prompts,
         instructions=list(dataset["instruction"]),
         references=list(dataset["output"]),
+        max_length=data.max_length,
     )
 
 
@@ -77,7 +86,7 @@ def evaluate(
     cfg: EvalConfig,
     n_samples: int = 3,
 ) -> EvalResult:
-    """Token-weighted held-out loss, its perplexity, and ROUGE-L of greedy generations."""
+    """Held-out loss (token-weighted), perplexity, choice accuracy and ROUGE-L of generations."""
     model.eval()
     pad = pad_id(tokenizer)
     loss_sum, tokens = 0.0, 0
@@ -97,8 +106,13 @@ def evaluate(
         tokens += int((targets != IGNORE_INDEX).sum())
     eval_loss = loss_sum / max(tokens, 1)
     perplexity = math.exp(min(eval_loss, 50.0))
+    acc = (
+        choice_accuracy(model, tokenizer, eval_set, cfg.choices, cfg.batch_size)
+        if cfg.choices
+        else None
+    )
     if not cfg.generate:
-        return EvalResult(eval_loss, perplexity, None)
+        return EvalResult(eval_loss, perplexity, None, accuracy=acc)
     decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     predictions = [g.text.strip() for g in generate(model, tokenizer, eval_set.prompts, decode)]
     samples = [
@@ -108,4 +122,55 @@ def evaluate(
         )[:n_samples]
     ]
     score = rouge_l(predictions, eval_set.references)
-    return EvalResult(eval_loss, perplexity, score, samples, predictions)
+    return EvalResult(eval_loss, perplexity, score, samples, predictions, acc)
+
+
+@torch.no_grad()
+def choice_accuracy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_set: EvalSet,
+    choices: Sequence[str],
+    batch_size: int,
+) -> float:
+    """Fraction of items whose most likely choice (summed log-likelihood) is the reference.
+
+    Only `model(input_ids=..., attention_mask=...).logits` is used, never `generate`, so a
+    split-learning wrapper with just a forward pass can be scored too.
+    """
+    wanted = [c.strip() for c in choices]
+    unknown = sorted({r.strip() for r in eval_set.references} - set(wanted))
+    if unknown:
+        raise DataError(
+            f"held-out outputs {', '.join(map(repr, unknown[:5]))} are not among eval.choices "
+            f"({', '.join(wanted)}); map outputs onto the choices with data.output_map"
+        )
+    model.eval()
+    pad = pad_id(tokenizer)
+    # A choice is encoded as encode_example encodes a training response: its own tokens (no
+    # special tokens) + EOS, after the prompt tokens, so "no" cannot win as a prefix of "not".
+    # The prompt keeps its end to fit max_length as in training, but no choice token is ever cut
+    # (encode_example would keep only 8 of a long response; choices must be scored whole).
+    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in wanted]
+    if tokenizer.eos_token_id is not None:
+        choice_ids = [[*ids, tokenizer.eos_token_id] for ids in choice_ids]
+    rows = []  # (ids, labels) per (item, choice), item-major
+    for prompt in eval_set.prompts:
+        for response in choice_ids:
+            room = max(eval_set.max_length - len(response), 1)
+            kept = prompt[-room:] if eval_set.max_length else prompt
+            rows.append(([*kept, *response], [IGNORE_INDEX] * len(kept) + response))
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2),  # (b, v, t-1)
+            batch.labels[:, 1:],  # (b, t-1)
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )  # (b, t-1), 0 on prompt and padding
+        scores.append(-nll.sum(dim=1))
+    by_item = torch.cat(scores).view(len(eval_set.prompts), len(choices))  # (n, c)
+    predicted = [wanted[i] for i in by_item.argmax(dim=1).tolist()]
+    return accuracy(predicted, [r.strip() for r in eval_set.references])

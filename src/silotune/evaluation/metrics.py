@@ -1,4 +1,4 @@
-"""Text metrics (through rouge-score, never re-implemented)."""
+"""Text metrics: ROUGE-L (through rouge-score, never re-implemented) and exact-match accuracy."""
 
 from __future__ import annotations
 
@@ -17,3 +17,12 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
         for pred, ref in zip(predictions, references, strict=True)
     ]
     return float(sum(scores) / len(scores))
+
+
+def accuracy(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to their reference (0.0 when there are none)."""
+    if len(predictions) != len(references):
+        raise ValueError("predictions and references differ in length")
+    if not predictions:
+        return 0.0
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(predictions)

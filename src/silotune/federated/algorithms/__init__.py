@@ -2,5 +2,6 @@
 
 from silotune.federated.algorithms import fedit, fedpit, local
 from silotune.federated.algorithms.base import ALGORITHMS
+from silotune.split import algorithm as split
 
-__all__ = ["ALGORITHMS", "fedit", "fedpit", "local"]
+__all__ = ["ALGORITHMS", "fedit", "fedpit", "local", "split"]

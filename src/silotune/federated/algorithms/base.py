@@ -18,7 +18,7 @@ from silotune.registry import Registry
 from silotune.training.loop import Examples
 from silotune.training.workbench import Workbench
 
-Mode = Literal["federated", "local", "centralized"]
+Mode = Literal["federated", "local", "centralized", "split"]
 
 
 @dataclass

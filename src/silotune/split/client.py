@@ -1,0 +1,249 @@
+"""The split client: front + back on this machine, the middle behind a link to the server.
+
+`SplitCausalLM` looks like a causal LM to the rest of silotune (forward with labels → loss,
+logits; `generate`), so the same training loop and evaluator serve split learning. The middle is
+a callable: the local `Middle` module (centralized reference, tests) or a `RemoteMiddle` whose
+autograd function sends activations forward and gradients back over the link.
+"""
+
+from __future__ import annotations
+
+import base64
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutput
+
+from silotune.config import Config
+from silotune.errors import FrameRejected, UserError
+from silotune.modeling.adapters import StateDict
+from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
+from silotune.split.protocol import Frame, Kind, decode, encode, run_id
+from silotune.split.segments import Back, Front
+from silotune.split.transport import TimedSealer, open_channel, stream_method
+
+MiddleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class SplitError(UserError):
+    """The split server refused a request or the connection failed; the message says why."""
+
+
+@dataclass
+class LinkStats:
+    """What the link cost this client: bytes, and where the seconds went."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    frames: int = 0
+    serialize_s: float = 0.0  # framing + (de)serialisation, crypto excluded
+    wait_s: float = 0.0  # from request sent to reply received
+    server_s: float = 0.0  # of which the server computed
+
+    def crypto_s(self, sealer: TimedSealer) -> float:
+        """Seconds spent sealing and opening frames."""
+        return sealer.seconds
+
+
+class MiddleLink:
+    """One client's session with the split server (a bidirectional gRPC stream)."""
+
+    def __init__(self, config: Config, client_id: str, target: str, certs: Path | None) -> None:
+        self.config = config
+        self.client_id = client_id
+        self.wire = WIRE_DTYPES[config.split.wire_dtype]
+        self.sealer = TimedSealer(PlainFrames("client"))
+        self.stats = LinkStats()
+        self.step = 0
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self._channel = open_channel(target, certs, client_id)
+        self._replies: Iterator[bytes] = stream_method(self._channel)(self._requests())
+        self.target = target
+        # Sees every frame and its wire bytes before they are sent (tests inspect them).
+        self.on_frame: Callable[[Frame, bytes], None] | None = None
+        self._handshake()
+
+    def _requests(self) -> Iterator[bytes]:
+        while (item := self._outbox.get()) is not None:
+            yield item
+
+    def call(self, frame: Frame) -> Frame:
+        """Send one frame, wait for the server's reply; ERROR replies raise SplitError."""
+        start = time.perf_counter()
+        crypto_before = self.sealer.seconds
+        raw = encode(frame, self.sealer)
+        if self.on_frame is not None:
+            self.on_frame(frame, raw)
+        return self.send_raw(raw, start, crypto_before)
+
+    def send_raw(self, raw: bytes, start: float = 0.0, crypto_before: float = 0.0) -> Frame:
+        """Send already encoded bytes and wait for the reply (`call` without the encoding)."""
+        start = start or time.perf_counter()
+        self._outbox.put(raw)
+        sent = time.perf_counter()
+        try:
+            reply_raw = next(self._replies)
+        except grpc.RpcError as exc:
+            raise SplitError(_rpc_message(exc, self.target)) from None
+        except StopIteration:
+            raise SplitError(f"the split server at {self.target} closed the session") from None
+        received = time.perf_counter()
+        reply = decode(reply_raw, self.sealer)
+        done = time.perf_counter()
+        crypto = self.sealer.seconds - crypto_before
+        self.stats.serialize_s += (sent - start) + (done - received) - crypto
+        self.stats.wait_s += received - sent
+        self.stats.server_s += float(reply.meta.get("server_s", 0.0))
+        self.stats.bytes_up += len(raw)
+        self.stats.bytes_down += len(reply_raw)
+        self.stats.frames += 1
+        if reply.kind == Kind.ERROR:
+            raise SplitError(f"split server: {reply.meta.get('message', 'refused')}")
+        return reply
+
+    def _handshake(self) -> None:
+        split = self.config.split
+        hello: dict[str, Any] = {"client": self.client_id, "run": run_id(self.config)}
+        handshake = ClientHandshake(split.key_exchange) if split.encrypt else None
+        if handshake is not None:
+            hello["key"] = base64.b64encode(handshake.hello()).decode()
+        reply = self.call(Frame(Kind.HELLO, meta=hello))
+        if handshake is None:
+            if reply.kind != Kind.READY:
+                raise FrameRejected(f"expected ready from the server, got {reply.kind}")
+            return
+        final, secret = handshake.finish(base64.b64decode(str(reply.meta["key"])))
+        reply = self.call(Frame(Kind.KEY, meta={"key": base64.b64encode(final).decode()}))
+        if reply.kind != Kind.READY:
+            raise FrameRejected(f"expected ready from the server, got {reply.kind}")
+        run = run_id(self.config)
+        cipher = session_ciphers(secret, handshake.salt, run, self.client_id, "client")
+        crypto = self.sealer.seconds
+        self.sealer = TimedSealer(cipher, crypto)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, train: bool) -> torch.Tensor:
+        """The middle's output for `hidden` (b, t, d); with `train` the server keeps the graph."""
+        if train:
+            self.step += 1
+        tensors = {"hidden": hidden.detach().to(self.wire), "mask": mask.bool()}
+        reply = self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, {"train": train}))
+        return reply.tensors["hidden"].to(hidden.dtype)
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        """Send dL/d(middle output); receive dL/d(front output)."""
+        reply = self.call(Frame(Kind.GRAD, self.step, {"grad": grad.detach().to(self.wire)}))
+        return reply.tensors["grad"].to(grad.dtype)
+
+    def average(self, state: StateDict, weight: float) -> StateDict:
+        """Hand in this client's front/back adapter; get the average over the clients."""
+        reply = self.call(Frame(Kind.AVERAGE, self.step, state, {"weight": weight}))
+        return {k: v.clone() for k, v in reply.tensors.items()}
+
+    def close(self) -> None:
+        """Say goodbye and close the channel."""
+        try:
+            self.call(Frame(Kind.BYE))
+        finally:
+            self._outbox.put(None)
+            self._channel.close()
+
+
+def _rpc_message(exc: grpc.RpcError, target: str) -> str:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"cannot reach the split server at {target} ({details}); check the address, that "
+            "the server runs, and that this client's certificate is signed by the server's CA"
+        )
+    return f"split server at {target} failed: {code} {details}"
+
+
+class _RemoteMiddleFn(torch.autograd.Function):
+    """Forward over the link; the backward sends the gradient and returns the server's."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, mask: torch.Tensor, link: MiddleLink) -> Any:
+        ctx.link = link
+        return link.forward(hidden, mask, train=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        return ctx.link.backward(grad), None, None
+
+
+class RemoteMiddle:
+    """The middle as a callable that runs on the split server."""
+
+    def __init__(self, link: MiddleLink) -> None:
+        self.link = link
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.link.forward(hidden, mask, train=False)
+        if not hidden.requires_grad:  # a frozen front: the server still needs our gradient
+            hidden = hidden.detach().requires_grad_(True)
+        out: torch.Tensor = _RemoteMiddleFn.apply(hidden, mask, self.link)  # type: ignore[no-untyped-call]
+        return out
+
+
+class SplitCausalLM(nn.Module):
+    """front → middle → back, called like a transformers causal LM."""
+
+    def __init__(self, front: Front, back: Back, middle: MiddleFn) -> None:
+        super().__init__()
+        self.front = front
+        self.back = back
+        self.middle = middle
+        self.vocab_size = int(back.config.vocab_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Logits (b, t, vocab) and, with labels, the mean next-token loss (as transformers)."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        hidden = self.front(input_ids, mask)  # (b, t, d)
+        hidden = self.middle(hidden, mask)  # (b, t, d)
+        logits = self.back(hidden, mask)  # (b, t, v)
+        loss = None if labels is None else ForCausalLMLoss(logits, labels, self.vocab_size)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        pad_token_id: int,
+        eos_token_id: int | None = None,
+        do_sample: bool = False,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Greedy decoding without a KV cache (each step re-runs the prompt through the split)."""
+        if do_sample:
+            raise ValueError("split models decode greedily; sampling is not supported")
+        ids, mask = input_ids, attention_mask
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for _step in range(max_new_tokens):
+            logits = self(input_ids=ids, attention_mask=mask).logits[:, -1]  # (b, v)
+            token = logits.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+            if bool(finished.all()):
+                break
+        return ids

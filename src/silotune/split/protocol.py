@@ -1,0 +1,132 @@
+"""Frames on the split-learning stream: a small JSON header + raw tensor bytes, never pickle.
+
+```
+ 4 bytes    header length n (big endian)
+ n bytes    header (UTF-8 JSON): kind, step, seq, tensors [{name, dtype, shape}], ...
+ the rest   payload: the tensors' bytes back to back (AES-256-GCM ciphertext + tag when sealed)
+```
+The header travels in clear inside TLS and is authenticated as associated data of the payload,
+so nobody can alter a step number, a shape or the order of frames without the frame failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import torch
+
+from silotune.config import Config
+from silotune.errors import FrameRejected
+from silotune.security.cipher import FrameSealer
+
+_LEN = struct.Struct(">I")
+_MAX_HEADER = 1 << 20
+# dtypes allowed on the wire; anything else is refused before bytes are interpreted.
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class Kind(StrEnum):
+    """What a frame carries."""
+
+    HELLO = "hello"  # client -> server: who, which model split, key agreement
+    WELCOME = "welcome"  # server -> client: key agreement reply, server settings
+    KEY = "key"  # client -> server: key agreement final message
+    ACTIVATIONS = "activations"  # client -> server: front output + padding mask
+    HIDDEN = "hidden"  # server -> client: middle output
+    GRAD = "grad"  # client -> server: dL/d(middle output)
+    GRAD_INPUT = "grad_input"  # server -> client: dL/d(front output)
+    AVERAGE = "average"  # client -> server: its front/back adapter at a round's end
+    AVERAGED = "averaged"  # server -> client: the averaged adapter
+    READY = "ready"  # server -> client: keys agreed, training may start
+    ERROR = "error"  # either way: a refusal with a message
+    BYE = "bye"  # client -> server: done
+
+
+@dataclass
+class Frame:
+    """One decoded frame: its kind, the training step it belongs to, tensors and extra fields."""
+
+    kind: Kind
+    step: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(frame: Frame, sealer: FrameSealer) -> bytes:
+    """Serialise and seal one frame (the sealer numbers it)."""
+    metas, chunks = [], []
+    for name, tensor in frame.tensors.items():
+        if tensor.dtype not in _NAMES:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, not sendable")
+        t = tensor.detach().contiguous().cpu()
+        metas.append({"name": name, "dtype": _NAMES[t.dtype], "shape": list(t.shape)})
+        # Through a byte view so bf16 (which numpy lacks) travels too; no copy for contiguous.
+        chunks.append(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    seq = sealer.next_seq
+    head = {"kind": str(frame.kind), "step": frame.step, "seq": seq, "tensors": metas}
+    head.update(frame.meta)
+    header = json.dumps(head, separators=(",", ":")).encode()
+    used, body = sealer.seal(header, b"".join(chunks))
+    assert used == seq
+    return _LEN.pack(len(header)) + header + body
+
+
+def decode(data: bytes, sealer: FrameSealer) -> Frame:
+    """Check, open and parse one frame; FrameRejected if it is malformed, tampered or replayed."""
+    if len(data) < _LEN.size:
+        raise FrameRejected("frame shorter than its length prefix")
+    (n,) = _LEN.unpack_from(data)
+    if n > _MAX_HEADER or _LEN.size + n > len(data):
+        raise FrameRejected("frame header length is out of range")
+    header = data[_LEN.size : _LEN.size + n]
+    try:
+        head = json.loads(header)
+        seq, kind = int(head.pop("seq")), Kind(head.pop("kind"))
+        step, metas = int(head.pop("step")), head.pop("tensors")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FrameRejected(f"frame header is malformed ({exc})") from None
+    payload = sealer.open(seq, header, memoryview(data)[_LEN.size + n :])
+    return Frame(kind, step, _tensors(metas, payload), head)
+
+
+def _tensors(metas: list[dict[str, Any]], payload: bytes) -> dict[str, torch.Tensor]:
+    """Rebuild tensors from their metadata and the concatenated bytes, checking every size."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    buf = np.frombuffer(payload, dtype=np.uint8) if payload else np.empty(0, np.uint8)
+    for meta in metas:
+        dtype = _DTYPES.get(meta.get("dtype", ""))
+        if dtype is None:
+            raise FrameRejected(f"frame carries a tensor of unsupported dtype {meta.get('dtype')}")
+        shape = [int(s) for s in meta["shape"]]
+        count = int(np.prod(shape)) if shape else 1
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        if offset + nbytes > len(buf):
+            raise FrameRejected("frame payload is shorter than its tensors")
+        raw = torch.from_numpy(buf[offset : offset + nbytes].copy())
+        out[str(meta["name"])] = raw.view(dtype).reshape(shape)
+        offset += nbytes
+    if offset != len(buf):
+        raise FrameRejected("frame payload is longer than its tensors")
+    return out
+
+
+def run_id(config: Config) -> str:
+    """What client and server must agree on (model, adapter, split, training): bound into every
+    frame's associated data, so frames of another run or config never open."""
+    shared = {k: config.to_dict()[k] for k in ("model", "lora", "split", "train")}
+    shared["split"] = {k: v for k, v in shared["split"].items() if k not in ("host", "port")}
+    digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{config.experiment.name}-{digest}"

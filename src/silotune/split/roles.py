@@ -1,0 +1,148 @@
+"""The two roles of a split run as plain functions: the server process and a client process.
+
+Each loads the base model, keeps only its own segments (the rest is freed) and injects its own
+LoRA adapter with PEFT. `silotune split-server` / `split-client` and `silotune run` call these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import inject_adapter_in_model
+from safetensors.torch import save_file
+from torch import nn
+
+from silotune.config import Config
+from silotune.data.load import load_partition_file
+from silotune.data.sft import tokenize_dataset
+from silotune.evaluation.evaluator import build_eval_set, evaluate
+from silotune.modeling.adapters import peft_lora_config
+from silotune.modeling.generation import pad_id
+from silotune.modeling.load import load_model, load_tokenizer, resolve_model
+from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM
+from silotune.split.segments import Segments, split_model
+from silotune.split.server import serve
+from silotune.split.trainers import adapter_state, build_trainer, load_state
+from silotune.training.loop import train_steps
+from silotune.training.workbench import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+def add_segment_lora(module: nn.Module, config: Config, role: str) -> None:
+    """Inject a LoRA adapter into a segment's blocks (if it has any) and freeze the rest."""
+    for p in module.parameters():
+        p.requires_grad = False
+    layers = getattr(module, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(config.experiment.seed, "split", role))
+            inject_adapter_in_model(peft_lora_config(config.lora), module)
+
+
+def load_segments(config: Config) -> Segments:
+    """The base model, cut at the configured blocks."""
+    model = load_model(resolve_model(config.model))
+    return split_model(model, config.split.front_blocks, config.split.back_blocks)
+
+
+def run_server(
+    config: Config, listen: str, certs: Path | None, expected: int, out: Path | None
+) -> dict[str, Any]:
+    """Serve the middle until `expected` clients have ended their sessions (0: until killed)."""
+    segments = load_segments(config)
+    middle = segments.middle
+    del segments  # front and back are not the server's: let them be freed
+    add_segment_lora(middle, config, "middle")
+    trainer = build_trainer(middle, config)
+    server, port, service = serve(trainer, config, listen, certs, expected)
+    log.info("split server (%s) listening on port %d", config.split.mode, port)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "port").write_text(str(port))  # how a launcher on this machine finds us
+    start = time.perf_counter()
+    try:
+        while not service.state.done.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=2.0)
+    summary = {
+        "mode": config.split.mode,
+        "steps": trainer.steps,
+        "compute_s": trainer.compute_s,
+        "wall_s": time.perf_counter() - start,
+        "clients": {c: asdict(s) for c, s in service.state.stats.items()},
+    }
+    if out is not None:
+        save_file(adapter_state(trainer.middle), str(out / "middle-adapter.safetensors"))
+        (out / "server.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_client(
+    config: Config,
+    client_id: str,
+    target: str,
+    certs: Path | None,
+    data_file: Path,
+    eval_file: Path,
+    out: Path,
+) -> dict[str, Any]:
+    """Train front/back with the server's middle for `train.rounds` rounds; evaluate each round."""
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    segments = load_segments(config)
+    front, back = segments.front, segments.back
+    del segments
+    add_segment_lora(front, config, "front")
+    add_segment_lora(back, config, "back")
+    examples = tokenize_dataset(
+        load_partition_file(data_file), tokenizer, config.data.prompt_style, config.data.max_length
+    )
+    eval_set = build_eval_set(load_partition_file(eval_file), tokenizer, config.data)
+    link = MiddleLink(config, client_id, target, certs)
+    model = SplitCausalLM(front, back, RemoteMiddle(link))
+    rounds: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rounds.jsonl").write_text("")
+    try:
+        for rnd in range(1, config.train.rounds + 1):
+            start = time.perf_counter()
+            seed = derive_seed(config.experiment.seed, "split-client", client_id, rnd)
+            trained = train_steps(
+                model, examples, config.train, config.train.local_steps, pad_id(tokenizer), seed
+            )
+            if config.split.average_clients:
+                averaged = link.average(adapter_state(model), float(len(examples)))
+                load_state(model, averaged)
+            result = evaluate(model, tokenizer, eval_set, config.eval)
+            row = {
+                "round": rnd,
+                "metrics": result.metrics(),
+                "train_loss": trained.loss,
+                "train_s": trained.seconds,
+                "wall_s": time.perf_counter() - start,
+                "bytes_up": link.stats.bytes_up,
+                "bytes_down": link.stats.bytes_down,
+            }
+            rounds.append(row)
+            with (out / "rounds.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")  # progress for whoever launched us
+    finally:
+        link.close()
+    report = {
+        "client": client_id,
+        "examples": len(examples),
+        "rounds": rounds,
+        "predictions": result.predictions,
+        "samples": result.samples,
+        "link": {**asdict(link.stats), "crypto_s": link.sealer.seconds},
+    }
+    save_file(adapter_state(model), str(out / "adapter.safetensors"))
+    (out / "result.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,179 @@
+"""Cut a decoder-only causal LM into front / middle / back segments that reuse its own modules.
+
+```
+ client                         server                        client
+ ┌──────────────────────┐      ┌────────────────────────┐     ┌─────────────────────────────┐
+ │ embed_tokens         │      │ blocks f .. n-b-1      │     │ blocks n-b .. n-1           │
+ │ blocks 0 .. f-1      │ ───▶ │ (the middle)           │ ──▶ │ final norm + lm_head → loss │
+ └──────────────────────┘ h_f  └────────────────────────┘ h_m └─────────────────────────────┘
+   tokens stay here                sees hidden states only       labels stay here
+```
+
+Each segment receives the hidden states and the 2-D padding mask and builds what its blocks
+need itself (causal mask per attention type, position ids, rotary embeddings), exactly as the
+model's own `forward` does, so `back(middle(front(x)))` is the full model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from silotune.errors import ConfigError
+
+_MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+@dataclass(frozen=True)
+class SplitPoints:
+    """Which blocks each segment holds."""
+
+    front_blocks: int
+    back_blocks: int
+    layers: int
+
+    @property
+    def middle(self) -> range:
+        """Indices of the server's blocks."""
+        return range(self.front_blocks, self.layers - self.back_blocks)
+
+    def check(self) -> None:
+        """Refuse splits that leave a segment without blocks it needs."""
+        if self.front_blocks < 0 or self.back_blocks < 1:
+            raise ConfigError("split.front_blocks must be >= 0 and split.back_blocks >= 1")
+        if len(self.middle) < 1:
+            raise ConfigError(
+                f"the model has {self.layers} blocks: split.front_blocks ({self.front_blocks}) + "
+                f"split.back_blocks ({self.back_blocks}) must leave at least one for the server"
+            )
+
+
+def decoder_parts(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """The modules a split needs (Llama-family layout: `model.model.*` and `model.lm_head`)."""
+    inner = getattr(model, "model", None)
+    parts = {
+        "embed_tokens": getattr(inner, "embed_tokens", None),
+        "layers": getattr(inner, "layers", None),
+        "norm": getattr(inner, "norm", None),
+        "rotary_emb": getattr(inner, "rotary_emb", None),
+        "lm_head": getattr(model, "lm_head", None),
+    }
+    if not all(isinstance(m, nn.Module) for m in parts.values()):
+        raise ConfigError(
+            f"{type(model).__name__} is not a Llama-family decoder (embed_tokens, layers, norm, "
+            "rotary_emb, lm_head); split learning supports Llama, Qwen2, Mistral and SmolLM models"
+        )
+    return {k: m for k, m in parts.items() if isinstance(m, nn.Module)}
+
+
+class Segment(nn.Module):
+    """Consecutive decoder blocks plus the per-call context they need."""
+
+    def __init__(self, config: Any, rotary: nn.Module, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        self.rotary_emb = rotary
+        self.layers = nn.ModuleList(blocks)
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pass `hidden` (b, t, d) through the blocks, as the model's forward would."""
+        if not len(self.layers):
+            return hidden
+        # Positions count real tokens, so left-padded prompts (generation) get the positions
+        # transformers' generate gives them; with right padding this is arange(t), as in training.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
+        masks: dict[str, Any] = {}
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for block in self.layers:
+            kind = getattr(block, "attention_type", "full_attention")
+            if kind not in masks:
+                masks[kind] = _MASK_BUILDERS[kind](
+                    config=self.config,
+                    inputs_embeds=hidden,
+                    attention_mask=attention_mask,
+                    past_key_values=None,
+                    position_ids=position_ids,
+                )
+            hidden = block(
+                hidden,
+                attention_mask=masks[kind],
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+            )
+        return hidden
+
+
+class Front(Segment):
+    """Token embeddings + the first blocks: token ids in, hidden states out."""
+
+    def __init__(self, config: Any, rotary: nn.Module, embed: nn.Module, blocks: list[nn.Module]):
+        super().__init__(config, rotary, blocks)
+        self.embed_tokens = embed
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(b, t) ids -> (b, t, d) hidden states."""
+        return self.run_blocks(self.embed_tokens(input_ids), attention_mask)
+
+
+class Middle(Segment):
+    """The server's blocks: hidden states in, hidden states out."""
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(b, t, d) -> (b, t, d)."""
+        return self.run_blocks(hidden, attention_mask)
+
+
+class Back(Segment):
+    """The last blocks + final norm + LM head: hidden states in, logits out."""
+
+    def __init__(
+        self,
+        config: Any,
+        rotary: nn.Module,
+        blocks: list[nn.Module],
+        norm: nn.Module,
+        lm_head: nn.Module,
+    ) -> None:
+        super().__init__(config, rotary, blocks)
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(b, t, d) -> (b, t, vocab) logits."""
+        out: torch.Tensor = self.lm_head(self.norm(self.run_blocks(hidden, attention_mask)))
+        return out
+
+
+@dataclass
+class Segments:
+    """The three parts of one model (a client keeps front + back, the server the middle)."""
+
+    front: Front
+    middle: Middle
+    back: Back
+    points: SplitPoints
+
+
+def split_model(model: PreTrainedModel, front_blocks: int, back_blocks: int) -> Segments:
+    """Cut `model` (optionally with LoRA already injected) into segments sharing its modules."""
+    parts = decoder_parts(model)
+    layers = list(parts["layers"].children())
+    points = SplitPoints(front_blocks, back_blocks, len(layers))
+    points.check()
+    config, rotary = model.config, parts["rotary_emb"]
+    return Segments(
+        front=Front(config, rotary, parts["embed_tokens"], layers[:front_blocks]),
+        middle=Middle(config, rotary, [layers[i] for i in points.middle]),
+        back=Back(
+            config, rotary, layers[len(layers) - back_blocks :], parts["norm"], parts["lm_head"]
+        ),
+        points=points,
+    )

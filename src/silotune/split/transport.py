@@ -1,0 +1,95 @@
+"""gRPC plumbing for the split stream: one bidirectional byte stream per client, mutual TLS.
+
+No generated protobuf code: the one method carries raw frame bytes (see protocol.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from silotune.errors import ConfigError
+from silotune.security.cipher import BytesLike, FrameSealer
+from silotune.security.tls import channel_credentials, server_credentials
+
+SERVICE = "silotune.split.Middle"
+METHOD = "Session"
+# gRPC refuses messages over 4 MiB by default; activations of long batches are larger.
+MAX_MESSAGE_BYTES = 1 << 30
+OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    # Silo-to-silo traffic goes direct; an HTTP proxy from the environment would break loopback.
+    ("grpc.enable_http_proxy", 0),
+]
+
+Handler = Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
+
+
+def start_server(
+    listen: str, certs: Path | None, handler: Handler, workers: int
+) -> tuple[grpc.Server, int]:
+    """Serve `handler` on `listen` (host:port, port 0 = any free one); returns (server, port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
+    method = grpc.stream_stream_rpc_method_handler(handler)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, {METHOD: method}),)
+    )
+    try:
+        if certs is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, server_credentials(certs))
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc}") from None
+    if port == 0:
+        raise ConfigError(f"cannot listen on {listen} (address in use or not local?)")
+    server.start()
+    return server, port
+
+
+def open_channel(target: str, certs: Path | None, client_id: str) -> grpc.Channel:
+    """A channel to the split server; mutual TLS with this client's certificate unless None."""
+    if certs is None:
+        return grpc.insecure_channel(target, options=OPTIONS)
+    return grpc.secure_channel(target, channel_credentials(certs, client_id), options=OPTIONS)
+
+
+def stream_method(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
+    """The session method on `channel`, carrying raw bytes."""
+    return channel.stream_stream(f"/{SERVICE}/{METHOD}")
+
+
+@dataclass
+class TimedSealer:
+    """A FrameSealer that adds up the seconds spent sealing and opening (the crypto cost)."""
+
+    inner: FrameSealer
+    seconds: float = 0.0
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number of the next sealed frame."""
+        return self.inner.next_seq
+
+    def seal(self, header: bytes, payload: BytesLike) -> tuple[int, bytes]:
+        """Seal through the wrapped sealer, timed."""
+        start = time.perf_counter()
+        try:
+            return self.inner.seal(header, payload)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def open(self, seq: int, header: bytes, ciphertext: BytesLike) -> bytes:
+        """Open through the wrapped sealer, timed."""
+        start = time.perf_counter()
+        try:
+            return self.inner.open(seq, header, ciphertext)
+        finally:
+            self.seconds += time.perf_counter() - start

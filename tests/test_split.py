@@ -1,0 +1,351 @@
+"""Split learning (FL-GLM): the invariants, the wire, the three server modes, dropout."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from silotune.config import Config, load_config
+from silotune.data.sft import IGNORE_INDEX
+from silotune.errors import ConfigError
+from silotune.modeling.adapters import peft_lora_config
+from silotune.security.tls import create_dev_pki
+from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM, SplitError
+from silotune.split.protocol import Frame, Kind, encode
+from silotune.split.roles import add_segment_lora
+from silotune.split.segments import Segments, split_model
+from silotune.split.server import serve
+from silotune.split.trainers import MiddleTrainer, adapter_state, build_trainer
+
+VOCAB = 97
+
+
+def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    """A random Llama small enough for exact comparisons."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def split_config(*overrides: str) -> Config:
+    base = ["model.name=tiny-llama", "train.lr=0.01", "lora.dropout=0.0"]
+    return load_config(None, [*base, *overrides])
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, mask and labels (prompt and padding masked), as training sees them."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    mask[2, 6:] = 0
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
+    labels[:, :3] = IGNORE_INDEX
+    return ids, mask, labels
+
+
+def randomise_lora(model: torch.nn.Module) -> None:
+    """LoRA B starts at zero (no gradient reaches A); make every adapter tensor non-trivial."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+
+
+def test_segments_reproduce_full_model_logits() -> None:
+    model = tiny_llama()
+    ids, mask, _ = batch()
+    full = model(input_ids=ids, attention_mask=mask).logits
+    s = split_model(model, 1, 1)
+    out = s.back(s.middle(s.front(ids, mask), mask), mask)
+    real = mask.bool()
+    assert torch.equal(full[real], out[real])
+
+
+def test_bad_split_points_are_refused() -> None:
+    with pytest.raises(ConfigError, match="at least one for the server"):
+        split_model(tiny_llama(layers=2), 1, 1)
+
+
+def lora_llama() -> tuple[LlamaForCausalLM, torch.nn.Module]:
+    cfg = split_config()
+    model = tiny_llama()
+    peft = get_peft_model(model, peft_lora_config(cfg.lora))
+    randomise_lora(peft)
+    return model, peft
+
+
+def lora_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_split_step_has_the_centralized_gradients() -> None:
+    model, peft = lora_llama()
+    ids, mask, labels = batch()
+    peft(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    central = lora_grads(peft.base_model.model)
+    peft.zero_grad()
+    s = split_model(model, 1, 1)
+    split = SplitCausalLM(s.front, s.back, s.middle)
+    split(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    got = lora_grads(peft.base_model.model)
+    assert got.keys() == central.keys() and len(got) == 16  # q, v x A, B x 4 blocks
+    for name, grad in central.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@contextmanager
+def running_server(
+    segments: Segments, config: Config, certs: Path | None = None, expected: int = 0
+) -> Iterator[tuple[int, MiddleTrainer]]:
+    """A split server in this process, on a free loopback port."""
+    trainer = build_trainer(segments.middle, config)
+    server, port, _ = serve(trainer, config, "127.0.0.1:0", certs, expected)
+    try:
+        yield port, trainer
+    finally:
+        server.stop(grace=None)
+
+
+def test_gradients_over_the_wire_match_centralized(tmp_path: Path) -> None:
+    """mTLS + AES-GCM frames, float32 on the wire: the client's gradients are exact."""
+    config = split_config()
+    create_dev_pki(tmp_path, ["site-a"])
+    model, peft = lora_llama()
+    ids, mask, labels = batch()
+    peft(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    central = lora_grads(peft.base_model.model)
+    peft.zero_grad()
+    s = split_model(model, 1, 1)  # the segments share the PEFT model's modules
+    with running_server(s, config, certs=tmp_path) as (port, trainer):
+        link = MiddleLink(config, "site-a", f"localhost:{port}", tmp_path)
+        split = SplitCausalLM(s.front, s.back, RemoteMiddle(link))
+        split(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        link.close()
+    assert trainer.steps == 1
+    client_side = lora_grads(peft.base_model.model)  # the server stepped and cleared its own
+    assert len(client_side) == 8  # front block 0 and back block 3: q, v x A, B
+    for name, grad in client_side.items():
+        torch.testing.assert_close(grad, central[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def client_model(
+    config: Config, port: int, client: str, seed: int
+) -> tuple[SplitCausalLM, MiddleLink]:
+    """A client with its own copy of front/back (the server's middle stays on the server)."""
+    s = split_model(tiny_llama(seed=0), 1, 1)
+    add_segment_lora(s.front, config, f"front-{seed}")
+    add_segment_lora(s.back, config, f"back-{seed}")
+    link = MiddleLink(config, client, f"localhost:{port}", None)
+    return SplitCausalLM(s.front, s.back, RemoteMiddle(link)), link
+
+
+def train_client(model: SplitCausalLM, steps: int, seed: int) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    losses = []
+    for step in range(steps):
+        ids, mask, labels = batch(seed * 100 + step)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def in_threads(fns: list[Callable[[], object]]) -> list[object]:
+    results: list[object] = [None] * len(fns)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected_steps"), [("serial", 6), ("batch", 3), ("per-client", 6)]
+)
+def test_three_modes_train_two_clients(mode: str, expected_steps: int) -> None:
+    config = split_config(
+        f"split.mode={mode}", "split.tls=false", "split.encrypt=false", "split.batch_window_s=20"
+    )
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_lora(segments.middle, config, "middle")
+    before = adapter_state(segments.middle)
+    with running_server(segments, config) as (port, trainer):
+        clients = [client_model(config, port, f"c{i}", i) for i in range(2)]
+
+        def work(i: int) -> list[float]:
+            model, _ = clients[i]
+            return train_client(model, 3, seed=i)
+
+        losses = in_threads([lambda i=i: work(i) for i in range(2)])
+        if mode == "per-client":
+            replicas = [adapter_state(r.module) for r in trainer.replicas.values()]  # type: ignore[attr-defined]
+            for name, value in replicas[0].items():
+                assert torch.equal(value, replicas[1][name])  # averaged every step
+        for _, link in clients:
+            link.close()
+    assert trainer.steps == expected_steps  # batch: both clients in one stacked step
+    assert all(math.isfinite(x) for run in losses for x in run)  # type: ignore[attr-defined]
+    after = adapter_state(segments.middle)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the middle trained
+
+
+@pytest.mark.parametrize("mode", ["serial", "batch"])
+def test_a_client_silent_mid_step_is_dropped(mode: str) -> None:
+    config = split_config(
+        f"split.mode={mode}",
+        "split.tls=false",
+        "split.step_timeout_s=1.5",
+        "split.batch_window_s=0.5",
+    )
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_lora(segments.middle, config, "middle")
+    with running_server(segments, config) as (port, trainer):
+        silent, silent_link = client_model(config, port, "silent", 0)
+        healthy, healthy_link = client_model(config, port, "healthy", 1)
+        ids, mask, _ = batch()
+        hidden = silent.front(ids, mask)
+
+        def stall() -> None:
+            silent_link.forward(hidden, mask, train=True)  # and never sends its gradient
+
+        in_threads([stall, lambda: train_client(healthy, 2, seed=1)])
+        assert trainer.steps >= 2  # the healthy client's steps went through
+        with pytest.raises(SplitError, match=r"dropped|no forward"):
+            silent_link.backward(torch.ones_like(hidden))
+        healthy_link.close()
+        silent_link.close()
+
+
+def test_client_vanishing_mid_step_frees_the_server() -> None:
+    config = split_config("split.tls=false", "split.step_timeout_s=60")
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_lora(segments.middle, config, "middle")
+    with running_server(segments, config) as (port, trainer):
+        gone, gone_link = client_model(config, port, "gone", 0)
+        ids, mask, _ = batch()
+        gone_link.forward(gone.front(ids, mask), mask, train=True)
+        gone_link._outbox.put(None)  # the stream ends without a gradient (process died)
+        healthy, healthy_link = client_model(config, port, "healthy", 1)
+        train_client(healthy, 1, seed=1)  # would wait 60 s if the server still held the step
+        healthy_link.close()
+    assert trainer.steps == 1
+
+
+def test_frames_carry_no_tokens_or_labels() -> None:
+    config = split_config("split.tls=false", "split.encrypt=false")
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_lora(segments.middle, config, "middle")
+    sent: list[tuple[Frame, bytes]] = []
+    with running_server(segments, config) as (port, _):
+        model, link = client_model(config, port, "c0", 0)
+        link.on_frame = lambda frame, raw: sent.append((frame, raw))
+        ids, mask, labels = batch()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        link.average(adapter_state(model), 1.0)
+        link.close()
+    kinds = {f.kind for f, _ in sent}
+    assert kinds == {Kind.ACTIVATIONS, Kind.GRAD, Kind.AVERAGE, Kind.BYE}
+    token_bytes = [ids[i][mask[i].bool()].numpy().tobytes() for i in range(len(ids))]
+    for frame, raw in sent:
+        for name, t in frame.tensors.items():
+            assert t.is_floating_point() or t.dtype == torch.bool, name
+            assert t.shape != ids.shape or t.dtype == torch.bool, name
+        assert not any(tb in raw for tb in token_bytes)  # not even as raw int64 bytes
+
+
+def test_tampered_and_replayed_frames_are_refused_without_harm(tmp_path: Path) -> None:
+    config = split_config()
+    create_dev_pki(tmp_path, ["site-a"])
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_lora(segments.middle, config, "middle")
+    with running_server(segments, config, certs=tmp_path) as (port, trainer):
+        model, link = client_model_tls(config, port, tmp_path)
+        ids, mask, _ = batch()
+        hidden = model.front(ids, mask).detach()
+        genuine = encode(
+            Frame(Kind.ACTIVATIONS, 1, {"hidden": hidden, "mask": mask.bool()}, {"train": False}),
+            link.sealer,
+        )
+        tampered = bytearray(genuine)
+        tampered[-20] ^= 1
+        with pytest.raises(SplitError, match="tampered"):
+            link.send_raw(bytes(tampered))
+        assert link.send_raw(genuine).kind == Kind.HIDDEN  # state unharmed: the real one opens
+        with pytest.raises(SplitError, match="replayed"):
+            link.send_raw(genuine)
+        out = link.forward(hidden, mask, train=False)  # and the session goes on
+        assert out.shape == hidden.shape
+        link.close()
+    assert trainer.steps == 0
+
+
+def client_model_tls(config: Config, port: int, certs: Path) -> tuple[SplitCausalLM, MiddleLink]:
+    s = split_model(tiny_llama(), 1, 1)
+    link = MiddleLink(config, "site-a", f"localhost:{port}", certs)
+    return SplitCausalLM(s.front, s.back, RemoteMiddle(link)), link
+
+
+def test_clients_without_a_valid_certificate_are_refused(tmp_path: Path) -> None:
+    config = split_config()
+    create_dev_pki(tmp_path / "ours", ["site-a", "site-b"])
+    create_dev_pki(tmp_path / "rogue", ["site-a"])
+    segments = split_model(tiny_llama(), 1, 1)
+    with running_server(segments, config, certs=tmp_path / "ours") as (port, trainer):
+        with pytest.raises(SplitError, match="cannot reach"):
+            MiddleLink(config, "site-a", f"localhost:{port}", tmp_path / "rogue")
+        with pytest.raises(SplitError, match="cannot reach"):
+            MiddleLink(config, "site-a", f"localhost:{port}", None)  # no certificate at all
+        # A valid certificate cannot claim another client's identity either.
+        with pytest.raises(SplitError, match="certificate is for 'site-b'"):
+            MiddleLink(config, "site-a", f"localhost:{port}", _as(tmp_path, "site-b"))
+        assert not trainer.active()
+
+
+def _as(certs: Path, real_id: str) -> Path:
+    """A cert folder where client `site-a`'s files are really `real_id`'s certificate."""
+    folder = certs / f"as-{real_id}"
+    (folder / "clients").mkdir(parents=True)
+    (folder / "ca.pem").write_bytes((certs / "ours" / "ca.pem").read_bytes())
+    for suffix in ("pem", "key"):
+        source = certs / "ours" / "clients" / f"{real_id}.{suffix}"
+        (folder / "clients" / f"site-a.{suffix}").write_bytes(source.read_bytes())
+    return folder
+
+
+def test_client_with_another_config_is_refused() -> None:
+    config = split_config("split.tls=false")
+    segments = split_model(tiny_llama(), 1, 1)
+    with running_server(segments, config) as (port, _):
+        other = split_config("split.tls=false", "lora.r=4")
+        with pytest.raises(SplitError, match="same model, lora, split and train"):
+            MiddleLink(other, "c0", f"localhost:{port}", None)
