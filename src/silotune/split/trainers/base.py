@@ -1,0 +1,186 @@
+"""What the three ways of training the middle share (members, locks, steps, averaging).
+
+All three take the same calls from the per-client sessions (threads):
+`forward(client, hidden, mask, train)` → middle output, then `backward(client, grad)` → gradient
+for the client's front. Between the two the client runs its back and its loss. A client that
+goes silent mid-step is dropped after `step_timeout_s`: its graph is freed, the rest go on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from silotune.config import Config
+from silotune.modeling.adapters import StateDict
+from silotune.records import average_adapters
+from silotune.registry import Registry
+from silotune.split.rendezvous import Rendezvous
+from silotune.split.segments import Middle
+
+
+class StepDropped(Exception):
+    """This client's step was abandoned (it went silent, or the server dropped it)."""
+
+
+def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that train (the middle's adapter)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def adapter_state(module: nn.Module) -> StateDict:
+    """A detached copy of the trainable tensors."""
+    return {n: p.detach().clone() for n, p in trainable(module).items()}
+
+
+def load_state(module: nn.Module, state: StateDict) -> None:
+    """Copy `state` into the trainable tensors in place."""
+    params = trainable(module)
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+@dataclass
+class Replica:
+    """A middle with its own adapter and optimizer; the frozen base is shared."""
+
+    module: Middle
+    optimizer: torch.optim.Optimizer
+    steps: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+@dataclass
+class Pending:
+    """A training forward waiting for its gradient."""
+
+    inputs: torch.Tensor  # (b, t, d) leaf
+    outputs: torch.Tensor  # (b, t, d)
+
+
+class MiddleTrainer:
+    """Shared bookkeeping: members, compute lock, optimizer step, eval forward, stats."""
+
+    def __init__(self, middle: Middle, config: Config) -> None:
+        self.middle = middle
+        self.config = config
+        self.timeout_s = config.split.step_timeout_s
+        self.cond = threading.Condition(threading.RLock())
+        self.members: set[str] = set()
+        self.dropped: dict[str, str] = {}
+        self.steps = 0
+        self.compute_s = 0.0
+        self.client_average: Rendezvous[tuple[StateDict, float], StateDict] = Rendezvous(
+            _weighted_average, self.timeout_s
+        )
+        middle.train()
+
+    def optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """AdamW over `module`'s adapter, as the local training loop uses."""
+        cfg = self.config.train
+        params = list(trainable(module).values())
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step(self, module: nn.Module, optimizer: torch.optim.Optimizer, scale: float = 1.0) -> None:
+        """Clip and apply the accumulated gradients, then clear them."""
+        params = list(trainable(module).values())
+        if scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        if self.config.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    def join(self, client: str) -> None:
+        """A client opened a session."""
+        with self.cond:
+            self.members.add(client)
+            self.dropped.pop(client, None)
+
+    def leave(self, client: str) -> None:
+        """A client ended its session (or vanished): forget whatever it left pending."""
+        with self.cond:
+            self.members.discard(client)
+            self.release(client, "left")
+            self.cond.notify_all()
+        self.client_average.recheck(self.active())
+
+    def active(self) -> set[str]:
+        """Clients with an open session."""
+        with self.cond:
+            return set(self.members)
+
+    def release(self, client: str, reason: str) -> None:
+        """Drop `client`'s pending work (subclasses free their graphs)."""
+
+    def drop(self, client: str, reason: str) -> None:
+        """Give up on a client mid-step; its late gradient will be refused."""
+        self.dropped[client] = reason
+        self.release(client, reason)
+
+    def check_not_dropped(self, client: str) -> None:
+        """Raise StepDropped if the server gave up on `client`'s current step."""
+        reason = self.dropped.pop(client, None)
+        if reason is not None:
+            raise StepDropped(f"the server dropped this client's step: {reason}")
+
+    def evaluate(self, module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A forward without a graph (evaluation, generation)."""
+        with self.cond, torch.no_grad():
+            module.eval()
+            try:
+                out: torch.Tensor = module(hidden, mask)
+            finally:
+                module.train()
+        return out
+
+    def timed_forward(self, module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> Pending:
+        """Forward with a graph from a fresh leaf, so the input's gradient can be sent back."""
+        start = time.perf_counter()
+        leaf = hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = module(leaf, mask)
+        self.compute_s += time.perf_counter() - start
+        return Pending(leaf, out)
+
+    def timed_backward(self, pending: Pending, grad: torch.Tensor) -> torch.Tensor:
+        """Backward from the client's gradient; returns dL/d(input)."""
+        start = time.perf_counter()
+        torch.autograd.backward(pending.outputs, grad.to(pending.outputs.dtype))
+        self.compute_s += time.perf_counter() - start
+        assert pending.inputs.grad is not None
+        return pending.inputs.grad
+
+    def forward(
+        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, train: bool
+    ) -> torch.Tensor:
+        """The middle's output for `client`'s front output (b, t, d)."""
+        raise NotImplementedError
+
+    def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
+        """Finish `client`'s step from dL/d(output); returns dL/d(input)."""
+        raise NotImplementedError
+
+    def average_clients(self, client: str, state: StateDict, weight: float) -> StateDict:
+        """SplitFed: average the clients' front/back adapters (weighted by their examples)."""
+        return self.client_average.meet(client, (state, weight), self.active)
+
+    def adapter(self) -> StateDict:
+        """The middle adapter to save at the end."""
+        return adapter_state(self.middle)
+
+
+def _weighted_average(deposits: dict[str, tuple[StateDict, float]]) -> StateDict:
+    states = [s for s, _ in deposits.values()]
+    return average_adapters(states, [w for _, w in deposits.values()])
+
+
+TRAINERS: Registry[type[MiddleTrainer]] = Registry("split mode")

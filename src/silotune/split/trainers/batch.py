@@ -1,0 +1,122 @@
+"""Batch-parallel mode: the clients' activations stacked into one step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from silotune.config import Config
+from silotune.split.segments import Middle
+from silotune.split.trainers.base import TRAINERS, MiddleTrainer, Pending, StepDropped
+
+
+@TRAINERS.register("batch")
+class BatchTrainer(MiddleTrainer):
+    """Stack the clients' activations into one batch: one forward, one backward, one step."""
+
+    def __init__(self, middle: Middle, config: Config) -> None:
+        super().__init__(middle, config)
+        self.opt = self.optimizer(middle)
+        self.window_s = config.split.batch_window_s
+        self.batch_id = 0
+        self.arrivals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.first_arrival = 0.0
+        self.rows: dict[str, tuple[int, int, int]] = {}  # client -> (row start, row end, length)
+        self.pending: Pending | None = None
+        self.grads: dict[str, torch.Tensor] = {}
+        self.grad_inputs: dict[str, torch.Tensor] = {}
+        self.deadline = 0.0
+
+    def forward(
+        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, train: bool
+    ) -> torch.Tensor:
+        if not train:
+            return self.evaluate(self.middle, hidden, mask)
+        with self.cond:
+            self.dropped.pop(client, None)
+            while self.pending is not None:  # the previous batch is still in its backward
+                self._wait_or_drop_missing()
+            if not self.arrivals:
+                self.first_arrival = time.monotonic()
+            self.arrivals[client] = (hidden, mask)
+            self.cond.notify_all()
+            batch = self.batch_id
+            while self.batch_id == batch:
+                waited = time.monotonic() - self.first_arrival
+                if self.active() <= set(self.arrivals) or waited >= self.window_s:
+                    self._run_forward()
+                    break
+                self.cond.wait(self.window_s - waited)
+            if client not in self.rows:
+                raise StepDropped("the server dropped this client's step")
+            start, end, length = self.rows[client]
+            assert self.pending is not None
+            return self.pending.outputs[start:end, :length].detach()
+
+    def _run_forward(self) -> None:
+        """Right-pad every arrival to the longest sequence, stack and run the middle once."""
+        width = max(h.shape[1] for h, _ in self.arrivals.values())
+        hs, ms, row = [], [], 0
+        self.rows = {}
+        for client, (h, m) in self.arrivals.items():
+            pad = width - h.shape[1]
+            hs.append(nn.functional.pad(h, (0, 0, 0, pad)))  # (b_i, width, d)
+            ms.append(nn.functional.pad(m, (0, pad)))  # (b_i, width), padding masked out
+            self.rows[client] = (row, row + h.shape[0], h.shape[1])
+            row += h.shape[0]
+        self.pending = self.timed_forward(self.middle, torch.cat(hs), torch.cat(ms))
+        self.arrivals, self.grads, self.grad_inputs = {}, {}, {}
+        self.deadline = time.monotonic() + self.timeout_s
+        self.batch_id += 1
+        self.cond.notify_all()
+
+    def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
+        with self.cond:
+            self.check_not_dropped(client)
+            if self.pending is None or client not in self.rows:
+                raise StepDropped("gradient for a step the server holds no forward for")
+            self.grads[client] = grad
+            if set(self.grads) >= set(self.rows):
+                self._run_backward()
+            while client not in self.grad_inputs:
+                self._wait_or_drop_missing()
+                self.check_not_dropped(client)
+            return self.grad_inputs.pop(client)
+
+    def _wait_or_drop_missing(self) -> None:
+        """Wait for the batch's gradients; past the deadline, drop the silent clients and go on."""
+        remaining = self.deadline - time.monotonic()
+        if remaining > 0:
+            self.cond.wait(remaining)
+            return
+        for client in set(self.rows) - set(self.grads):
+            self.drop(client, f"no gradient within {self.timeout_s:g} s")
+        self._run_backward()
+
+    def _run_backward(self) -> None:
+        """Backward the stacked batch (missing rows get zero gradient); step; hand out slices."""
+        if self.pending is None:
+            return
+        out = self.pending.outputs
+        full = torch.zeros_like(out)
+        for client, g in self.grads.items():
+            start, end, length = self.rows[client]
+            full[start:end, :length] = g.to(out.dtype)
+        if self.grads:
+            grad_in = self.timed_backward(self.pending, full)
+            # The mean of the clients' gradients, so lr means the same as for one client.
+            self.step(self.middle, self.opt, scale=1.0 / len(self.grads))
+            for client in self.grads:
+                start, end, length = self.rows[client]
+                self.grad_inputs[client] = grad_in[start:end, :length]
+        self.pending, self.rows = None, {}
+        self.cond.notify_all()
+
+    def release(self, client: str, reason: str) -> None:
+        with self.cond:
+            self.arrivals.pop(client, None)
+            if self.pending is not None and client in self.rows and client not in self.grads:
+                self.dropped[client] = reason
+                self.cond.notify_all()

@@ -1,0 +1,90 @@
+"""Server-hierarchical mode: one middle adapter per client, averaged every K steps."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from silotune.config import Config
+from silotune.modeling.adapters import StateDict
+from silotune.records import average_adapters
+from silotune.split.rendezvous import Rendezvous
+from silotune.split.segments import Middle
+from silotune.split.trainers.base import (
+    TRAINERS,
+    MiddleTrainer,
+    Pending,
+    Replica,
+    StepDropped,
+    adapter_state,
+    load_state,
+)
+
+
+@TRAINERS.register("per-client")
+class PerClientTrainer(MiddleTrainer):
+    """Server-hierarchical: one middle adapter per client, trained in parallel, averaged every K."""
+
+    def __init__(self, middle: Middle, config: Config) -> None:
+        super().__init__(middle, config)
+        self.every = config.split.average_every
+        self.replicas: dict[str, Replica] = {}
+        self.pendings: dict[str, Pending] = {}
+        self.middle_average: Rendezvous[StateDict, StateDict] = Rendezvous(
+            lambda d: average_adapters(list(d.values()), [1.0] * len(d)), self.timeout_s
+        )
+
+    def join(self, client: str) -> None:
+        super().join(client)
+        with self.cond:
+            if client not in self.replicas:
+                # Share the frozen base between replicas: only the adapter is copied.
+                memo: dict[int, object] = {id(self.middle.config): self.middle.config}
+                for tensor in [*self.middle.parameters(), *self.middle.buffers()]:
+                    if not tensor.requires_grad:
+                        memo[id(tensor)] = tensor
+                module = copy.deepcopy(self.middle, memo)
+                module.train()
+                self.replicas[client] = Replica(module, self.optimizer(module))
+
+    def forward(
+        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, train: bool
+    ) -> torch.Tensor:
+        replica = self.replicas[client]
+        if not train:
+            with replica.lock, torch.no_grad():
+                replica.module.eval()
+                try:
+                    out: torch.Tensor = replica.module(hidden, mask)
+                finally:
+                    replica.module.train()
+                return out
+        with replica.lock:
+            self.dropped.pop(client, None)
+            self.pendings[client] = self.timed_forward(replica.module, hidden, mask)
+            return self.pendings[client].outputs.detach()
+
+    def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
+        replica = self.replicas[client]
+        with replica.lock:
+            pending = self.pendings.pop(client, None)
+            if pending is None:
+                raise StepDropped("gradient for a step the server holds no forward for")
+            grad_in = self.timed_backward(pending, grad)
+            self.step(replica.module, replica.optimizer)
+            replica.steps += 1
+        if replica.steps % self.every == 0:
+            averaged = self.middle_average.meet(client, adapter_state(replica.module), self.active)
+            with replica.lock:
+                load_state(replica.module, averaged)
+            with self.cond:
+                load_state(self.middle, averaged)
+        return grad_in
+
+    def leave(self, client: str) -> None:
+        super().leave(client)
+        self.middle_average.recheck(self.active())
+
+    def release(self, client: str, reason: str) -> None:
+        self.pendings.pop(client, None)
