@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +16,7 @@ import torch
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from silotune.cli import main
 from silotune.config import Config, load_config
 from silotune.data.sft import IGNORE_INDEX
 from silotune.errors import ConfigError
@@ -24,6 +28,8 @@ from silotune.split.roles import add_segment_lora
 from silotune.split.segments import Segments, split_model
 from silotune.split.server import serve
 from silotune.split.trainers import MiddleTrainer, adapter_state, build_trainer
+
+from .conftest import CONFIGS
 
 VOCAB = 97
 
@@ -44,7 +50,12 @@ def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
 
 
 def split_config(*overrides: str) -> Config:
-    base = ["model.name=tiny-llama", "train.lr=0.01", "lora.dropout=0.0"]
+    base = [
+        "model.name=tiny-llama",
+        "train.lr=0.01",
+        "lora.dropout=0.0",
+        "split.connect_timeout_s=3",
+    ]
     return load_config(None, [*base, *overrides])
 
 
@@ -349,3 +360,60 @@ def test_client_with_another_config_is_refused() -> None:
         other = split_config("split.tls=false", "lora.r=4")
         with pytest.raises(SplitError, match="same model, lora, split and train"):
             MiddleLink(other, "c0", f"localhost:{port}", None)
+
+
+def test_a_client_may_start_before_the_server() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = split_config("split.tls=false", "split.connect_timeout_s=30")
+    links: list[MiddleLink] = []
+    early = threading.Thread(
+        target=lambda: links.append(MiddleLink(config, "c0", f"localhost:{port}", None))
+    )
+    early.start()
+    time.sleep(1.0)  # the client is already waiting
+    segments = split_model(tiny_llama(), 1, 1)
+    server, _, _ = serve(
+        build_trainer(segments.middle, config), config, f"127.0.0.1:{port}", None, 0
+    )
+    try:
+        early.join(30)
+        assert links, "the client gave up before the server came up"
+        links[0].close()
+    finally:
+        server.stop(grace=None)
+
+
+def test_certs_command_makes_a_usable_pki(tmp_path: Path) -> None:
+    assert main(["certs", str(tmp_path / "pki"), "--clients", "a,b"]) == 0
+    assert (tmp_path / "pki" / "clients" / "b.key").stat().st_mode & 0o077 == 0
+    assert main(["certs", str(tmp_path / "pki"), "--clients", "a"]) == 2  # no silent overwrite
+
+
+@pytest.mark.slow
+def test_split_run_with_real_processes(tmp_path: Path) -> None:
+    """`silotune run` with split + cenit: a server and 3 client processes over mTLS + AEAD."""
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            str(CONFIGS / "tiny.toml"),
+            "--set",
+            'experiment.algorithms=["split", "cenit"]',
+            "--set",
+            "model.tiny_layers=3",
+            "--set",
+            "train.rounds=1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "split" / "summary.json").read_text())
+    assert summary["mode"] == "split" and summary["final"]["eval_loss"] > 0
+    assert summary["communication"]["bytes_up"] > 0
+    server = json.loads((out / "split" / "server" / "server.json").read_text())
+    assert server["steps"] == 3 * 3 and len(server["clients"]) == 3
+    assert all(c["finished"] and c["rejected"] == 0 for c in server["clients"].values())
+    assert "cenit" in (out / "report.md").read_text()

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Tables of results are wide: keep them readable when output goes to a file or a pipe.
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    if not args.verbose:
+    if not getattr(args, "verbose", False):
         quiet_libraries()
     try:
         handler = {

@@ -207,6 +207,7 @@ class SplitConfig:
     average_every: int = 1  # per-client mode: average the middle adapters every K steps
     average_clients: bool = True  # average the clients' front/back adapters each round (SplitFed)
     step_timeout_s: float = 120.0  # a client silent this long mid-step is dropped
+    connect_timeout_s: float = 120.0  # a client waits this long for the server to come up
     host: str = "127.0.0.1"  # where `silotune run` starts its split server
     port: int = 0  # 0: any free port
 
@@ -291,6 +292,7 @@ _MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("split", "batch_window_s"): (0.0, True),
     ("split", "average_every"): (1, True),
     ("split", "step_timeout_s"): (0.0, False),
+    ("split", "connect_timeout_s"): (0.0, False),
     ("split", "port"): (0, True),
 }
 

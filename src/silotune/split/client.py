@@ -66,6 +66,16 @@ class MiddleLink:
         self.step = 0
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._channel = open_channel(target, certs, client_id)
+        timeout = config.split.connect_timeout_s
+        try:  # the server may still be starting: wait for it rather than fail (or sleep)
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise SplitError(
+                f"cannot reach the split server at {target} within {timeout:g} s; check the "
+                "address, that the server runs, and that this client's certificate is signed "
+                "by the server's CA"
+            ) from None
         self._replies: Iterator[bytes] = stream_method(self._channel)(self._requests())
         self.target = target
         # Sees every frame and its wire bytes before they are sent (tests inspect them).

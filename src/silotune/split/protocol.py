@@ -123,10 +123,23 @@ def _tensors(metas: list[dict[str, Any]], payload: bytes) -> dict[str, torch.Ten
     return out
 
 
+_SHARED_SPLIT_KEYS = (
+    "mode",
+    "front_blocks",
+    "back_blocks",
+    "encrypt",
+    "key_exchange",
+    "wire_dtype",
+    "average_every",
+    "average_clients",
+)
+
+
 def run_id(config: Config) -> str:
     """What client and server must agree on (model, adapter, split, training): bound into every
     frame's associated data, so frames of another run or config never open."""
     shared = {k: config.to_dict()[k] for k in ("model", "lora", "split", "train")}
-    shared["split"] = {k: v for k, v in shared["split"].items() if k not in ("host", "port")}
+    # Timeouts, windows and addresses are each side's own business.
+    shared["split"] = {k: v for k, v in shared["split"].items() if k in _SHARED_SPLIT_KEYS}
     digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
     return f"{config.experiment.name}-{digest}"
