@@ -24,7 +24,7 @@ from silotune.modeling.adapters import peft_lora_config
 from silotune.security.tls import create_dev_pki
 from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM, SplitError
 from silotune.split.protocol import Frame, Kind, encode
-from silotune.split.roles import add_segment_lora
+from silotune.split.roles import add_segment_adapter
 from silotune.split.segments import Segments, split_model
 from silotune.split.server import serve
 from silotune.split.trainers import MiddleTrainer, adapter_state, build_trainer
@@ -161,8 +161,8 @@ def client_model(
 ) -> tuple[SplitCausalLM, MiddleLink]:
     """A client with its own copy of front/back (the server's middle stays on the server)."""
     s = split_model(tiny_llama(seed=0), 1, 1)
-    add_segment_lora(s.front, config, f"front-{seed}")
-    add_segment_lora(s.back, config, f"back-{seed}")
+    add_segment_adapter(s.front, config, f"front-{seed}")
+    add_segment_adapter(s.back, config, f"back-{seed}")
     link = MiddleLink(config, client, f"localhost:{port}", None)
     return SplitCausalLM(s.front, s.back, RemoteMiddle(link)), link
 
@@ -208,7 +208,7 @@ def test_three_modes_train_two_clients(mode: str, expected_steps: int) -> None:
         f"split.mode={mode}", "split.tls=false", "split.encrypt=false", "split.batch_window_s=20"
     )
     segments = split_model(tiny_llama(), 1, 1)
-    add_segment_lora(segments.middle, config, "middle")
+    add_segment_adapter(segments.middle, config, "middle")
     before = adapter_state(segments.middle)
     with running_server(segments, config) as (port, trainer):
         clients = [client_model(config, port, f"c{i}", i) for i in range(2)]
@@ -239,7 +239,7 @@ def test_a_client_silent_mid_step_is_dropped(mode: str) -> None:
         "split.batch_window_s=0.5",
     )
     segments = split_model(tiny_llama(), 1, 1)
-    add_segment_lora(segments.middle, config, "middle")
+    add_segment_adapter(segments.middle, config, "middle")
     with running_server(segments, config) as (port, trainer):
         silent, silent_link = client_model(config, port, "silent", 0)
         healthy, healthy_link = client_model(config, port, "healthy", 1)
@@ -260,7 +260,7 @@ def test_a_client_silent_mid_step_is_dropped(mode: str) -> None:
 def test_client_vanishing_mid_step_frees_the_server() -> None:
     config = split_config("split.tls=false", "split.step_timeout_s=60")
     segments = split_model(tiny_llama(), 1, 1)
-    add_segment_lora(segments.middle, config, "middle")
+    add_segment_adapter(segments.middle, config, "middle")
     with running_server(segments, config) as (port, trainer):
         gone, gone_link = client_model(config, port, "gone", 0)
         ids, mask, _ = batch()
@@ -275,7 +275,7 @@ def test_client_vanishing_mid_step_frees_the_server() -> None:
 def test_frames_carry_no_tokens_or_labels() -> None:
     config = split_config("split.tls=false", "split.encrypt=false")
     segments = split_model(tiny_llama(), 1, 1)
-    add_segment_lora(segments.middle, config, "middle")
+    add_segment_adapter(segments.middle, config, "middle")
     sent: list[tuple[Frame, bytes]] = []
     with running_server(segments, config) as (port, _):
         model, link = client_model(config, port, "c0", 0)
@@ -298,7 +298,7 @@ def test_tampered_and_replayed_frames_are_refused_without_harm(tmp_path: Path) -
     config = split_config()
     create_dev_pki(tmp_path, ["site-a"])
     segments = split_model(tiny_llama(), 1, 1)
-    add_segment_lora(segments.middle, config, "middle")
+    add_segment_adapter(segments.middle, config, "middle")
     with running_server(segments, config, certs=tmp_path) as (port, trainer):
         model, link = client_model_tls(config, port, tmp_path)
         ids, mask, _ = batch()
@@ -417,3 +417,57 @@ def test_split_run_with_real_processes(tmp_path: Path) -> None:
     assert server["steps"] == 3 * 3 and len(server["clients"]) == 3
     assert all(c["finished"] and c["rejected"] == 0 for c in server["clients"].values())
     assert "cenit" in (out / "report.md").read_text()
+
+
+def prefixed_segments(config: Config) -> Segments:
+    s = split_model(tiny_llama(), 1, 1)
+    for role, segment in (("front", s.front), ("middle", s.middle), ("back", s.back)):
+        add_segment_adapter(segment, config, role)
+    return s
+
+
+def test_prefix_tuning_changes_the_model_and_learns() -> None:
+    config = split_config("split.adapter=prefix", "split.prefix_tokens=4")
+    plain = split_model(tiny_llama(), 1, 1)
+    s = prefixed_segments(config)
+    assert s.front.prefix is not None and s.middle.prefix is not None
+    trainable = [n for n, p in s.middle.named_parameters() if p.requires_grad]
+    assert trainable and all("prefix" in n for n in trainable)  # the base stays frozen
+    ids, mask, labels = batch()
+    model = SplitCausalLM(s.front, s.back, s.middle)
+    reference = SplitCausalLM(plain.front, plain.back, plain.middle)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, mask).logits, reference(ids, mask).logits)
+    params = [p for m in (s.front, s.middle, s.back) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.05
+
+
+def test_prefix_gradients_over_the_wire_match_one_process() -> None:
+    config = split_config("split.adapter=prefix", "split.prefix_tokens=4", "split.tls=false")
+    ids, mask, labels = batch()
+    local = prefixed_segments(config)
+    SplitCausalLM(local.front, local.back, local.middle)(
+        input_ids=ids, attention_mask=mask, labels=labels
+    ).loss.backward()
+    wire = prefixed_segments(config)
+    with running_server(wire, config) as (port, trainer):
+        link = MiddleLink(config, "c0", f"localhost:{port}", None)
+        SplitCausalLM(wire.front, wire.back, RemoteMiddle(link))(
+            input_ids=ids, attention_mask=mask, labels=labels
+        ).loss.backward()
+        link.close()
+    assert trainer.steps == 1
+    for part in ("front", "back"):
+        want = lora_grads(getattr(local, part))
+        got = lora_grads(getattr(wire, part))
+        assert want and want.keys() == got.keys()
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_type_hints
 from silotune.errors import ConfigError
 from silotune.typed_values import build_section, reject_unknown
 
-Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit", "split"]
+Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit", "split", "split-central"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Partitioner = Literal["iid", "dirichlet"]
 PromptStyle = Literal["alpaca", "chat"]
@@ -28,6 +28,7 @@ JudgeKind = Literal["none", "openai", "local"]
 SplitMode = Literal["serial", "batch", "per-client"]
 KeyExchange = Literal["x25519", "rsa"]
 WireDtype = Literal["float32", "bfloat16"]
+SplitAdapter = Literal["lora", "prefix"]
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,8 @@ class SplitConfig:
     mode: SplitMode = "serial"
     front_blocks: int = 1  # embeddings + this many blocks stay on the client
     back_blocks: int = 1  # this many blocks + final norm + LM head stay on the client
+    adapter: SplitAdapter = "lora"  # each segment's PEFT method: LoRA ([lora]) or p-tuning v2
+    prefix_tokens: int = 16  # adapter = "prefix": virtual tokens per block
     tls: bool = True  # mutual TLS; turn off only for tests on one machine
     encrypt: bool = True  # AES-256-GCM on every frame, on top of TLS
     key_exchange: KeyExchange = "x25519"
@@ -289,6 +292,7 @@ _MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("model", "tiny_hidden"): (8, True),
     ("split", "front_blocks"): (0, True),
     ("split", "back_blocks"): (1, True),
+    ("split", "prefix_tokens"): (1, True),
     ("split", "batch_window_s"): (0.0, True),
     ("split", "average_every"): (1, True),
     ("split", "step_timeout_s"): (0.0, False),

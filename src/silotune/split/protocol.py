@@ -127,6 +127,8 @@ _SHARED_SPLIT_KEYS = (
     "mode",
     "front_blocks",
     "back_blocks",
+    "adapter",
+    "prefix_tokens",
     "encrypt",
     "key_exchange",
     "wire_dtype",

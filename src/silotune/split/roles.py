@@ -1,7 +1,8 @@
 """The two roles of a split run as plain functions: the server process and a client process.
 
-Each loads the base model, keeps only its own segments (the rest is freed) and injects its own
-LoRA adapter with PEFT. `silotune split-server` / `split-client` and `silotune run` call these.
+Each loads the base model, keeps only its own segments (the rest is freed) and gives them its own
+adapter (PEFT LoRA, or p-tuning v2 prefixes from PEFT's PrefixEncoder). `silotune split-server`,
+`silotune split-client` and `silotune run` call these.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,6 @@ from typing import Any
 import torch
 from peft import inject_adapter_in_model
 from safetensors.torch import save_file
-from torch import nn
 
 from silotune.config import Config
 from silotune.data.load import load_partition_file
@@ -25,8 +26,9 @@ from silotune.evaluation.evaluator import build_eval_set, evaluate
 from silotune.modeling.adapters import peft_lora_config
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_model, load_tokenizer, resolve_model
+from silotune.registry import Registry
 from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM
-from silotune.split.segments import Segments, split_model
+from silotune.split.segments import Segment, Segments, split_model
 from silotune.split.server import serve
 from silotune.split.trainers import adapter_state, build_trainer, load_state
 from silotune.training.loop import train_steps
@@ -35,15 +37,28 @@ from silotune.training.workbench import derive_seed
 log = logging.getLogger(__name__)
 
 
-def add_segment_lora(module: nn.Module, config: Config, role: str) -> None:
-    """Inject a LoRA adapter into a segment's blocks (if it has any) and freeze the rest."""
-    for p in module.parameters():
+def add_segment_adapter(segment: Segment, config: Config, role: str) -> None:
+    """Freeze the segment and give its blocks (if any) the configured PEFT adapter."""
+    for p in segment.parameters():
         p.requires_grad = False
-    layers = getattr(module, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers):
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(config.experiment.seed, "split", role))
-            inject_adapter_in_model(peft_lora_config(config.lora), module)
+    if not len(segment.layers):
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(config.experiment.seed, "split", role))
+        SEGMENT_ADAPTERS.get(config.split.adapter)(segment, config)
+
+
+SEGMENT_ADAPTERS: Registry[Callable[[Segment, Config], None]] = Registry("split adapter")
+
+
+@SEGMENT_ADAPTERS.register("lora")
+def _lora(segment: Segment, config: Config) -> None:
+    inject_adapter_in_model(peft_lora_config(config.lora), segment)
+
+
+@SEGMENT_ADAPTERS.register("prefix")
+def _prefix(segment: Segment, config: Config) -> None:
+    segment.add_prefix(config.split.prefix_tokens)
 
 
 def load_segments(config: Config) -> Segments:
@@ -59,7 +74,7 @@ def run_server(
     segments = load_segments(config)
     middle = segments.middle
     del segments  # front and back are not the server's: let them be freed
-    add_segment_lora(middle, config, "middle")
+    add_segment_adapter(middle, config, "middle")
     trainer = build_trainer(middle, config)
     server, port, service = serve(trainer, config, listen, certs, expected)
     log.info("split server (%s) listening on port %d", config.split.mode, port)
@@ -99,8 +114,8 @@ def run_client(
     segments = load_segments(config)
     front, back = segments.front, segments.back
     del segments
-    add_segment_lora(front, config, "front")
-    add_segment_lora(back, config, "back")
+    add_segment_adapter(front, config, "front")
+    add_segment_adapter(back, config, "back")
     examples = tokenize_dataset(
         load_partition_file(data_file), tokenizer, config.data.prompt_style, config.data.max_length
     )

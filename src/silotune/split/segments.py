@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from silotune.errors import ConfigError
+from silotune.split.prefix import PrefixKV, SegmentPrefix, with_prefix_columns
 
 _MASK_BUILDERS = {
     "full_attention": create_causal_mask,
@@ -82,6 +83,12 @@ class Segment(nn.Module):
         self.config = config
         self.rotary_emb = rotary
         self.layers = nn.ModuleList(blocks)
+        self.prefix: SegmentPrefix | None = None  # set for p-tuning v2 (see add_prefix)
+
+    def add_prefix(self, tokens: int) -> None:
+        """Give every block of this segment `tokens` learned key/value prefixes (p-tuning v2)."""
+        if len(self.layers):
+            self.prefix = SegmentPrefix(self.config, len(self.layers), tokens)
 
     def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pass `hidden` (b, t, d) through the blocks, as the model's forward would."""
@@ -92,7 +99,8 @@ class Segment(nn.Module):
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
         masks: dict[str, Any] = {}
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        for block in self.layers:
+        prefixes = self.prefix(hidden.shape[0]) if self.prefix is not None else None
+        for i, block in enumerate(self.layers):
             kind = getattr(block, "attention_type", "full_attention")
             if kind not in masks:
                 masks[kind] = _MASK_BUILDERS[kind](
@@ -101,12 +109,20 @@ class Segment(nn.Module):
                     attention_mask=attention_mask,
                     past_key_values=None,
                     position_ids=position_ids,
+                    allow_is_causal_skip=prefixes is None,
                 )
+                if prefixes is not None:
+                    masks[kind] = with_prefix_columns(masks[kind], prefixes[0][0].shape[2])
+            extra: dict[str, Any] = {}
+            if prefixes is not None:
+                layer_idx = int(getattr(block, "self_attn").layer_idx)  # noqa: B009
+                extra["past_key_values"] = PrefixKV({layer_idx: prefixes[i]})
             hidden = block(
                 hidden,
                 attention_mask=masks[kind],
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
+                **extra,
             )
         return hidden
 
