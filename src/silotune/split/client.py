@@ -26,12 +26,11 @@ from silotune.config import Config
 from silotune.errors import FrameRejected, UserError
 from silotune.modeling.adapters import StateDict
 from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
-from silotune.split.protocol import Frame, Kind, decode, encode, run_id
+from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, decode, encode, run_id
 from silotune.split.segments import Back, Front
 from silotune.split.transport import TimedSealer, open_channel, stream_method
 
 MiddleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class SplitError(UserError):

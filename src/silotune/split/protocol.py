@@ -35,6 +35,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+# What `split.wire_dtype` may choose for activations and gradients (fp16 underflows gradients).
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Kind(StrEnum):

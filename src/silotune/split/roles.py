@@ -85,6 +85,8 @@ def run_server(
     try:
         while not service.state.done.wait(0.5):
             pass
+    except KeyboardInterrupt:  # a standalone server is stopped by hand: still save its work
+        log.info("stopping; saving the middle adapter")
     finally:
         server.stop(grace=2.0)
     summary = {
@@ -95,9 +97,23 @@ def run_server(
         "clients": {c: asdict(s) for c, s in service.state.stats.items()},
     }
     if out is not None:
-        save_file(adapter_state(trainer.middle), str(out / "middle-adapter.safetensors"))
-        (out / "server.json").write_text(json.dumps(summary, indent=2))
+        _save(adapter_state(trainer.middle), out / "middle-adapter.safetensors")
+        _write(out / "server.json", summary)
     return summary
+
+
+def _save(state: dict[str, torch.Tensor], target: Path) -> None:
+    """safetensors, written whole or not at all."""
+    partial = target.with_name(target.name + ".partial")
+    save_file(state, str(partial))
+    partial.replace(target)
+
+
+def _write(target: Path, data: Any) -> None:
+    """JSON, written whole or not at all."""
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2))
+    partial.replace(target)
 
 
 def run_client(
@@ -158,6 +174,6 @@ def run_client(
         "samples": result.samples,
         "link": {**asdict(link.stats), "crypto_s": link.sealer.seconds},
     }
-    save_file(adapter_state(model), str(out / "adapter.safetensors"))
-    (out / "result.json").write_text(json.dumps(report, indent=2))
+    _save(adapter_state(model), out / "adapter.safetensors")
+    _write(out / "result.json", report)
     return report

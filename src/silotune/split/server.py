@@ -17,19 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import torch
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from silotune.config import Config
 from silotune.errors import FrameRejected, UserError
 from silotune.security.cipher import PlainFrames, ServerHandshake, session_ciphers
 from silotune.security.tls import peer_identity
-from silotune.split.protocol import Frame, Kind, decode, encode, run_id
+from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, decode, encode, run_id
 from silotune.split.trainers import MiddleTrainer, StepDropped
 from silotune.split.transport import TimedSealer, start_server
 
 log = logging.getLogger(__name__)
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
