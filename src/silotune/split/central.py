@@ -14,7 +14,8 @@ from silotune.evaluation.evaluator import evaluate
 from silotune.federated.algorithms.base import AlgorithmResult, Job, RoundLog, register
 from silotune.modeling.generation import pad_id
 from silotune.split.client import SplitCausalLM
-from silotune.split.roles import add_segment_adapter, load_segments
+from silotune.split.loading import load_segments
+from silotune.split.roles import add_segment_adapter
 from silotune.training.loop import train_steps
 from silotune.training.workbench import derive_seed
 

@@ -1,6 +1,6 @@
 """The two roles of a split run as plain functions: the server process and a client process.
 
-Each loads the base model, keeps only its own segments (the rest is freed) and gives them its own
+Each loads only its own segments of the base model (`split.loading`) and gives them its own
 adapter (PEFT LoRA, or p-tuning v2 prefixes from PEFT's PrefixEncoder). `silotune split-server`,
 `silotune split-client` and `silotune run` call these.
 """
@@ -25,10 +25,11 @@ from silotune.data.sft import tokenize_dataset
 from silotune.evaluation.evaluator import build_eval_set, evaluate
 from silotune.modeling.adapters import peft_lora_config
 from silotune.modeling.generation import pad_id
-from silotune.modeling.load import load_model, load_tokenizer, resolve_model
+from silotune.modeling.load import load_tokenizer, resolve_model
 from silotune.registry import Registry
 from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM
-from silotune.split.segments import Segment, Segments, split_model
+from silotune.split.loading import load_segments
+from silotune.split.segments import Segment
 from silotune.split.server import serve
 from silotune.split.trainers import adapter_state, build_trainer, load_state
 from silotune.training.loop import train_steps
@@ -61,17 +62,11 @@ def _prefix(segment: Segment, config: Config) -> None:
     segment.add_prefix(config.split.prefix_tokens)
 
 
-def load_segments(config: Config) -> Segments:
-    """The base model, cut at the configured blocks."""
-    model = load_model(resolve_model(config.model))
-    return split_model(model, config.split.front_blocks, config.split.back_blocks)
-
-
 def run_server(
     config: Config, listen: str, certs: Path | None, expected: int, out: Path | None
 ) -> dict[str, Any]:
     """Serve the middle until `expected` clients have ended their sessions (0: until killed)."""
-    segments = load_segments(config)
+    segments = load_segments(config, "server")
     middle = segments.middle
     del segments  # front and back are not the server's: let them be freed
     add_segment_adapter(middle, config, "middle")
@@ -127,7 +122,7 @@ def run_client(
 ) -> dict[str, Any]:
     """Train front/back with the server's middle for `train.rounds` rounds; evaluate each round."""
     tokenizer = load_tokenizer(resolve_model(config.model))
-    segments = load_segments(config)
+    segments = load_segments(config, "client")
     front, back = segments.front, segments.back
     del segments
     add_segment_adapter(front, config, "front")
