@@ -30,6 +30,9 @@ check: lint test-fast
 
 bench: setup
 	$(BIN)/python bench/fl_overhead.py
+	$(BIN)/python bench/split_overhead.py
+	$(BIN)/python bench/split_scaling.py
+	$(BIN)/python bench/split_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

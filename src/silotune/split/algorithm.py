@@ -196,6 +196,7 @@ def _result(folder: Path, clients: list[str], rounds: list[RoundLog]) -> Algorit
             "AEAD frames unless turned off). Metrics are the mean over the clients' models.",
             "Cost breakdown: "
             + ", ".join(f"{k} {v:.4f}" for k, v in breakdown.items())
-            + f". Adapters: {folder}/<client>/adapter.safetensors and server/.",
+            + ". Adapters: split/<client>/adapter.safetensors (front + back) and "
+            "split/server/middle-adapter.safetensors; logs: split/*.log.",
         ],
     )
