@@ -471,3 +471,36 @@ def test_prefix_gradients_over_the_wire_match_one_process() -> None:
         assert want and want.keys() == got.keys()
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # shorter prompts, padded on the left as generation wants
+    mask[2, :1] = 0
+    return torch.where(mask.bool(), ids, torch.zeros_like(ids)), mask
+
+
+def test_split_generation_matches_the_full_model() -> None:
+    """Greedy decoding with KV caches on all three segments (the server's over the wire)."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompts()
+    want = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    s = split_model(model, 1, 1)
+    local = SplitCausalLM(s.front, s.back, s.middle)
+    kwargs = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": model.config.eos_token_id}
+    assert torch.equal(local.generate(ids, mask, **kwargs), want)
+    config = split_config("split.tls=false")
+    with running_server(s, config) as (port, trainer):
+        link = MiddleLink(config, "c0", f"localhost:{port}", None)
+        sent: list[Frame] = []
+        link.on_frame = lambda frame, raw: sent.append(frame)
+        remote = SplitCausalLM(s.front, s.back, RemoteMiddle(link))
+        assert torch.equal(remote.generate(ids, mask, **kwargs), want)
+        link.close()
+    widths = [f.tensors["hidden"].shape[1] for f in sent if f.kind == Kind.ACTIVATIONS]
+    assert widths == [7, 1, 1, 1, 1, 1]  # the prompt once, then one token per step
+    assert trainer.steps == 0 and not trainer.caches  # nothing trained; cache freed on leave

@@ -27,7 +27,7 @@ from silotune.errors import FrameRejected, UserError
 from silotune.modeling.adapters import StateDict
 from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
 from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, decode, encode, run_id
-from silotune.split.segments import Back, Front
+from silotune.split.segments import Back, Front, Middle
 from silotune.split.transport import TimedSealer, open_channel, stream_method
 
 MiddleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -139,12 +139,19 @@ class MiddleLink:
         crypto = self.sealer.seconds
         self.sealer = TimedSealer(cipher, crypto)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, train: bool) -> torch.Tensor:
-        """The middle's output for `hidden` (b, t, d); with `train` the server keeps the graph."""
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor, train: bool, cache: str = ""
+    ) -> torch.Tensor:
+        """The middle's output for `hidden` (b, q, d); with `train` the server keeps the graph.
+
+        Without training, `cache` "new" / "next" has the server keep the middle's KV cache for
+        this client's generation, so each new token crosses the wire alone.
+        """
         if train:
             self.step += 1
         tensors = {"hidden": hidden.detach().to(self.wire), "mask": mask.bool()}
-        reply = self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, {"train": train}))
+        meta = {"train": train, "cache": cache}
+        reply = self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, meta))
         return reply.tensors["hidden"].to(hidden.dtype)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
@@ -240,19 +247,56 @@ class SplitCausalLM(nn.Module):
         do_sample: bool = False,
         **_: Any,
     ) -> torch.Tensor:
-        """Greedy decoding without a KV cache (each step re-runs the prompt through the split)."""
+        """Greedy decoding; with KV caches on every segment (the server keeps the middle's) each
+        step runs only the newest token, else (prefix segments) the whole sequence again."""
         if do_sample:
             raise ValueError("split models decode greedily; sampling is not supported")
-        ids, mask = input_ids, attention_mask
+        ids, mask, new = input_ids, attention_mask, input_ids
         finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-        for _step in range(max_new_tokens):
-            logits = self(input_ids=ids, attention_mask=mask).logits[:, -1]  # (b, v)
+        incremental = self._incremental()
+        for step in range(max_new_tokens):
+            if incremental is None:
+                logits = self(input_ids=ids, attention_mask=mask).logits[:, -1]  # (b, v)
+            else:
+                logits = incremental(new, mask, step == 0)[:, -1]
             token = logits.argmax(-1)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            ids = torch.cat([ids, token[:, None]], dim=1)
+            new = token[:, None]  # (b, 1)
+            ids = torch.cat([ids, new], dim=1)
             mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
             if eos_token_id is not None:
                 finished |= token == eos_token_id
             if bool(finished.all()):
                 break
         return ids
+
+    def _incremental(self) -> Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor] | None:
+        """One cached decoding step (new ids, mask so far, first?) -> logits, or None if the
+        segments carry prefixes (their stand-in cache does not keep keys)."""
+        if self.back.prefix is not None or self.front.prefix is not None:
+            return None
+        middle = self.middle
+        run_middle: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+        if isinstance(middle, RemoteMiddle):
+            link = middle.link
+
+            def run_middle(h: torch.Tensor, m: torch.Tensor, first: bool) -> torch.Tensor:
+                return link.forward(h, m, train=False, cache="new" if first else "next")
+
+        elif isinstance(middle, Middle) and middle.prefix is None:
+            middle_cache = middle.new_cache()
+
+            def run_middle(h: torch.Tensor, m: torch.Tensor, first: bool) -> torch.Tensor:
+                out: torch.Tensor = middle(h, m, middle_cache)
+                return out
+
+        else:
+            return None
+        front_cache, back_cache = self.front.new_cache(), self.back.new_cache()
+
+        def step(new: torch.Tensor, mask: torch.Tensor, first: bool) -> torch.Tensor:
+            hidden = self.front(new, mask, front_cache)  # (b, q, d)
+            out: torch.Tensor = self.back(run_middle(hidden, mask, first), mask, back_cache)
+            return out
+
+        return step

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from silotune.errors import ConfigError
@@ -85,21 +85,35 @@ class Segment(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.prefix: SegmentPrefix | None = None  # set for p-tuning v2 (see add_prefix)
 
+    def new_cache(self) -> Cache:
+        """An empty KV cache for incremental decoding (each segment fills its own layers)."""
+        return DynamicCache(config=self.config)
+
     def add_prefix(self, tokens: int) -> None:
         """Give every block of this segment `tokens` learned key/value prefixes (p-tuning v2)."""
         if len(self.layers):
             self.prefix = SegmentPrefix(self.config, len(self.layers), tokens)
 
-    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pass `hidden` (b, t, d) through the blocks, as the model's forward would."""
+    def run_blocks(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """Pass `hidden` (b, q, d) through the blocks, as the model's forward would.
+
+        `attention_mask` (b, t) covers every token so far; without a cache q = t, with one
+        (incremental decoding) the q newest tokens run and the cache holds the earlier ones.
+        """
         if not len(self.layers):
             return hidden
+        q = hidden.shape[1]
         # Positions count real tokens, so left-padded prompts (generation) get the positions
         # transformers' generate gives them; with right padding this is arange(t), as in training.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]  # (b, q)
         masks: dict[str, Any] = {}
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         prefixes = self.prefix(hidden.shape[0]) if self.prefix is not None else None
+        if prefixes is not None and cache is not None:
+            raise ValueError("prefix segments decode without a cache")
+        first_layer = _layer_index(self.layers[0])
         for i, block in enumerate(self.layers):
             kind = getattr(block, "attention_type", "full_attention")
             if kind not in masks:
@@ -107,16 +121,19 @@ class Segment(nn.Module):
                     config=self.config,
                     inputs_embeds=hidden,
                     attention_mask=attention_mask,
-                    past_key_values=None,
+                    past_key_values=cache,
                     position_ids=position_ids,
                     allow_is_causal_skip=prefixes is None,
+                    # The cache spans the whole model: size the mask by this segment's layers.
+                    layer_idx=first_layer if cache is not None else None,
                 )
                 if prefixes is not None:
                     masks[kind] = with_prefix_columns(masks[kind], prefixes[0][0].shape[2])
             extra: dict[str, Any] = {}
             if prefixes is not None:
-                layer_idx = int(getattr(block, "self_attn").layer_idx)  # noqa: B009
-                extra["past_key_values"] = PrefixKV({layer_idx: prefixes[i]})
+                extra["past_key_values"] = PrefixKV({_layer_index(block): prefixes[i]})
+            elif cache is not None:
+                extra["past_key_values"] = cache
             hidden = block(
                 hidden,
                 attention_mask=masks[kind],
@@ -127,6 +144,11 @@ class Segment(nn.Module):
         return hidden
 
 
+def _layer_index(block: nn.Module) -> int:
+    """The block's index in the whole model (what its attention files its cache under)."""
+    return int(getattr(block, "self_attn").layer_idx)  # noqa: B009
+
+
 class Front(Segment):
     """Token embeddings + the first blocks: token ids in, hidden states out."""
 
@@ -134,17 +156,21 @@ class Front(Segment):
         super().__init__(config, rotary, blocks)
         self.embed_tokens = embed
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(b, t) ids -> (b, t, d) hidden states."""
-        return self.run_blocks(self.embed_tokens(input_ids), attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """(b, q) ids -> (b, q, d) hidden states."""
+        return self.run_blocks(self.embed_tokens(input_ids), attention_mask, cache)
 
 
 class Middle(Segment):
     """The server's blocks: hidden states in, hidden states out."""
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(b, t, d) -> (b, t, d)."""
-        return self.run_blocks(hidden, attention_mask)
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """(b, q, d) -> (b, q, d)."""
+        return self.run_blocks(hidden, attention_mask, cache)
 
 
 class Back(Segment):
@@ -162,9 +188,11 @@ class Back(Segment):
         self.norm = norm
         self.lm_head = lm_head
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(b, t, d) -> (b, t, vocab) logits."""
-        out: torch.Tensor = self.lm_head(self.norm(self.run_blocks(hidden, attention_mask)))
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """(b, q, d) -> (b, q, vocab) logits."""
+        out: torch.Tensor = self.lm_head(self.norm(self.run_blocks(hidden, attention_mask, cache)))
         return out
 
 

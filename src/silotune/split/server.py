@@ -166,9 +166,15 @@ class _Session:
     def on_activations(self, frame: Frame) -> Frame:
         hidden = frame.tensors["hidden"].float()  # (b, t, d)
         mask = frame.tensors["mask"].long()  # (b, t)
-        train = bool(frame.meta.get("train", False))
+        trainer = self.service.trainer
         start = time.perf_counter()
-        out = self.service.trainer.forward(self.client, hidden, mask, train)
+        if frame.meta.get("train", False):
+            out = trainer.forward(self.client, hidden, mask)
+        else:
+            cache = str(frame.meta.get("cache", ""))
+            if cache not in ("", "new", "next"):
+                raise FrameRejected(f"unknown cache instruction {cache!r}")
+            out = trainer.infer(self.client, hidden, mask, cache)  # type: ignore[arg-type]
         server_s = time.perf_counter() - start
         tensors = {"hidden": out.to(self.service.wire)}
         return Frame(Kind.HIDDEN, frame.step, tensors, {"server_s": server_s})

@@ -11,9 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from silotune.config import Config
 from silotune.modeling.adapters import StateDict
@@ -21,6 +23,8 @@ from silotune.records import average_adapters
 from silotune.registry import Registry
 from silotune.split.rendezvous import Rendezvous
 from silotune.split.segments import Middle
+
+CacheUse = Literal["", "new", "next"]
 
 
 class StepDropped(Exception):
@@ -72,6 +76,7 @@ class MiddleTrainer:
         self.timeout_s = config.split.step_timeout_s
         self.cond = threading.Condition(threading.RLock())
         self.members: set[str] = set()
+        self.caches: dict[str, Cache] = {}  # per client, while it generates
         self.dropped: dict[str, str] = {}
         self.steps = 0
         self.compute_s = 0.0
@@ -109,6 +114,7 @@ class MiddleTrainer:
         """A client ended its session (or vanished): forget whatever it left pending."""
         with self.cond:
             self.members.discard(client)
+            self.caches.pop(client, None)
             self.release(client, "left")
             self.cond.notify_all()
         self.client_average.recheck(self.active())
@@ -132,12 +138,29 @@ class MiddleTrainer:
         if reason is not None:
             raise StepDropped(f"the server dropped this client's step: {reason}")
 
-    def evaluate(self, module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """A forward without a graph (evaluation, generation)."""
-        with self.cond, torch.no_grad():
+    def module_for(self, client: str) -> tuple[Middle, threading.RLock | threading.Condition]:
+        """The middle `client` runs through and the lock that guards it."""
+        return self.middle, self.cond
+
+    def infer(
+        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, cache: CacheUse = ""
+    ) -> torch.Tensor:
+        """A forward without a graph (evaluation, generation), optionally with a KV cache:
+        "new" starts one for this client (prompt), "next" continues it (new tokens only)."""
+        module, lock = self.module_for(client)
+        with lock, torch.no_grad():
+            kv = None
+            if cache == "new":
+                kv = self.caches[client] = module.new_cache()
+            elif cache == "next":
+                kv = self.caches.get(client)
+                if kv is None:
+                    raise StepDropped("no generation in progress to continue")
+            else:
+                self.caches.pop(client, None)
             module.eval()
             try:
-                out: torch.Tensor = module(hidden, mask)
+                out: torch.Tensor = module(hidden, mask, kv)
             finally:
                 module.train()
         return out
@@ -159,10 +182,8 @@ class MiddleTrainer:
         assert pending.inputs.grad is not None
         return pending.inputs.grad
 
-    def forward(
-        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, train: bool
-    ) -> torch.Tensor:
-        """The middle's output for `client`'s front output (b, t, d)."""
+    def forward(self, client: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The middle's output for `client`'s front output (b, t, d), keeping the graph."""
         raise NotImplementedError
 
     def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:

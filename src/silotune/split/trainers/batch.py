@@ -29,11 +29,7 @@ class BatchTrainer(MiddleTrainer):
         self.grad_inputs: dict[str, torch.Tensor] = {}
         self.deadline = 0.0
 
-    def forward(
-        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, train: bool
-    ) -> torch.Tensor:
-        if not train:
-            return self.evaluate(self.middle, hidden, mask)
+    def forward(self, client: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with self.cond:
             self.dropped.pop(client, None)
             while self.pending is not None:  # the previous batch is still in its backward

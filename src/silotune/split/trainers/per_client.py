@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 
@@ -48,18 +49,12 @@ class PerClientTrainer(MiddleTrainer):
                 module.train()
                 self.replicas[client] = Replica(module, self.optimizer(module))
 
-    def forward(
-        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, train: bool
-    ) -> torch.Tensor:
+    def module_for(self, client: str) -> tuple[Middle, threading.RLock | threading.Condition]:
         replica = self.replicas[client]
-        if not train:
-            with replica.lock, torch.no_grad():
-                replica.module.eval()
-                try:
-                    out: torch.Tensor = replica.module(hidden, mask)
-                finally:
-                    replica.module.train()
-                return out
+        return replica.module, replica.lock
+
+    def forward(self, client: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        replica = self.replicas[client]
         with replica.lock:
             self.dropped.pop(client, None)
             self.pendings[client] = self.timed_forward(replica.module, hidden, mask)

@@ -22,11 +22,7 @@ class SerialTrainer(MiddleTrainer):
         self.deadline = 0.0
         self.pending: Pending | None = None
 
-    def forward(
-        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, train: bool
-    ) -> torch.Tensor:
-        if not train:
-            return self.evaluate(self.middle, hidden, mask)
+    def forward(self, client: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with self.cond:
             self.dropped.pop(client, None)
             while self.holder is not None and self.holder != client:
