@@ -38,6 +38,7 @@ from silotune.federated.client_app import partition_file
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.report.context import RunContext
+from silotune.report.markdown import METRICS
 from silotune.report.outputs import write_comparison, write_json, write_run
 from silotune.report.sweep import write_sweep_report
 from silotune.training.workbench import Workbench
@@ -243,36 +244,28 @@ def _results_table(
     runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]], base: dict[str, float]
 ) -> Table:
     table = Table(title="held-out results")
-    for col in (
-        "algorithm",
-        "mode",
-        "eval loss",
-        "perplexity",
-        "ROUGE-L",
-        "judge",
-        "bytes up",
-        "bytes down",
-    ):
+    # Only the metrics this run has (ROUGE-L for generation, accuracy for choices, ...).
+    shown = [
+        (k, label) for k, label in METRICS if k in base or any(k in r.final for _, r, _ in runs)
+    ]
+    for col in ("algorithm", "mode", *(label for _, label in shown), "bytes up", "bytes down"):
         table.add_column(col, justify="left" if col in ("algorithm", "mode") else "right")
-    table.add_row("base", "–", *_cells(base), "0", "0")
+    table.add_row("base", "–", *_cells(base, shown), "0", "0")
     for spec, result, summary in runs:
         comm = summary["communication"]
         assert isinstance(comm, dict)
         table.add_row(
             spec.name,
             spec.mode,
-            *_cells(result.final),
+            *_cells(result.final, shown),
             f"{comm['bytes_up']:,}",
             f"{comm['bytes_down']:,}",
         )
     return table
 
 
-def _cells(metrics: dict[str, float]) -> list[str]:
-    return [
-        f"{metrics[k]:.4f}" if k in metrics else "–"
-        for k in ("eval_loss", "perplexity", "rouge_l", "judge_win_rate")
-    ]
+def _cells(metrics: dict[str, float], shown: list[tuple[str, str]]) -> list[str]:
+    return [f"{metrics[k]:.4f}" if k in metrics else "–" for k, _ in shown]
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:

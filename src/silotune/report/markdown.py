@@ -8,10 +8,12 @@ from typing import Any
 from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec
 from silotune.report.context import RunContext
 
-_METRICS = (
+# Held-out metrics in the order tables show them: (key, label).
+METRICS = (
     ("eval_loss", "eval loss"),
     ("perplexity", "perplexity"),
     ("rouge_l", "ROUGE-L"),
+    ("accuracy", "accuracy"),
     ("judge_win_rate", "judge win rate"),
 )
 
@@ -32,7 +34,7 @@ def _fmt(value: Any) -> str:
 
 
 def _metric_cells(metrics: dict[str, float]) -> list[Any]:
-    return [metrics.get(key, "–") for key, _ in _METRICS]
+    return [metrics.get(key, "–") for key, _ in METRICS]
 
 
 def synthetic_line(synthetic: dict[str, Any]) -> str:
@@ -90,7 +92,7 @@ def run_markdown(
         "## Held-out results",
         "",
         table(
-            ["model", *(label for _, label in _METRICS)],
+            ["model", *(label for _, label in METRICS)],
             [
                 ["base (no tuning)", *_metric_cells(summary["base"])],
                 [spec.name, *_metric_cells(result.final)],
@@ -102,7 +104,7 @@ def run_markdown(
         table(
             [
                 "round",
-                *(label for _, label in _METRICS),
+                *(label for _, label in METRICS),
                 "train loss",
                 "bytes up",
                 "bytes down",
@@ -130,7 +132,7 @@ def run_markdown(
             "## Per client (final)",
             "",
             table(
-                ["client", *(label for _, label in _METRICS)],
+                ["client", *(label for _, label in METRICS)],
                 [[i, *_metric_cells(m)] for i, m in enumerate(result.per_client_final)],
             ),
             "",
@@ -169,7 +171,7 @@ def comparison_markdown(
     header = [
         "algorithm",
         "mode",
-        *(label for _, label in _METRICS),
+        *(label for _, label in METRICS),
         "bytes up",
         "bytes down",
         "wall s",
@@ -194,7 +196,7 @@ def comparison_markdown(
         "",
         "## Per round",
         "",
-        table(["algorithm", "round", *(label for _, label in _METRICS), "train loss"], per_round),
+        table(["algorithm", "round", *(label for _, label in METRICS), "train loss"], per_round),
         "",
         "## Data split",
         "",

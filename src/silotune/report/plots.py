@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 __all__ = ["CURVES", "plot_curves", "plt"]
 
 # Metric key -> axis label
-CURVES = {"eval_loss": "held-out loss", "rouge_l": "ROUGE-L F"}
+CURVES = {"eval_loss": "held-out loss", "rouge_l": "ROUGE-L F", "accuracy": "accuracy"}
 
 
 def plot_curves(

@@ -10,7 +10,12 @@ from typing import Any
 from silotune.report.markdown import table
 from silotune.report.plots import CURVES, plt
 
-_COLUMNS = (("eval_loss", "eval loss"), ("rouge_l", "ROUGE-L"), ("judge_win_rate", "judge"))
+_COLUMNS = (
+    ("eval_loss", "eval loss"),
+    ("rouge_l", "ROUGE-L"),
+    ("accuracy", "accuracy"),
+    ("judge_win_rate", "judge"),
+)
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
