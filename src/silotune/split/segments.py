@@ -115,7 +115,7 @@ class Segment(nn.Module):
             raise ValueError("prefix segments decode without a cache")
         first_layer = _layer_index(self.layers[0])
         for i, block in enumerate(self.layers):
-            kind = getattr(block, "attention_type", "full_attention")
+            kind = _attention_kind(block, self.config)
             if kind not in masks:
                 masks[kind] = _MASK_BUILDERS[kind](
                     config=self.config,
@@ -142,6 +142,15 @@ class Segment(nn.Module):
                 **extra,
             )
         return hidden
+
+
+def _attention_kind(block: nn.Module, config: Any) -> str:
+    """Which causal mask a block needs: its own `attention_type` (Qwen2, newer models), else
+    sliding when the config has a window (Mistral), else full (Llama)."""
+    kind = getattr(block, "attention_type", None)
+    if kind is None:
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return str(kind)
 
 
 def _layer_index(block: nn.Module) -> int:
