@@ -47,7 +47,8 @@ def run_split(job: Job) -> AlgorithmResult:
     certs: Path | None = None
     if cfg.split.tls:
         certs = folder / "certs"
-        create_dev_pki(certs, clients, overwrite=True)
+        hosts = sorted({"localhost", "127.0.0.1", cfg.split.host} - {"0.0.0.0"})
+        create_dev_pki(certs, clients, hosts, overwrite=True)
     config_file = job.partitions_dir.parent / "config.json"
     base = [sys.executable, "-m", "silotune.cli"]
     tls_args = ["--certs", str(certs)] if certs is not None else ["--insecure"]
