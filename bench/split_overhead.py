@@ -148,9 +148,7 @@ def split_server(
                 proc.kill()
                 proc.wait()
         return
-    segments = load_segments(config)
-    middle = segments.middle
-    del segments
+    middle = load_segments(config, "server").middle
     add_segment_adapter(middle, config, "middle")
     server, port, service = serve(build_trainer(middle, config), config, "127.0.0.1:0", certs, 1)
 

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
                 mode: f"localhost:{wait_for_port(p, tmp / mode)}" for mode, p in procs.items()
             }
             # The servers are loaded and idle now: measure the bound without them competing.
-            middle = load_segments(base).middle
+            middle = load_segments(base, "server").middle
             add_segment_adapter(middle, base, "middle")
             middle.train()  # as the server trains it (LoRA dropout on)
             d = int(middle.config.hidden_size)

@@ -48,10 +48,6 @@ class LinkStats:
     wait_s: float = 0.0  # from request sent to reply received
     server_s: float = 0.0  # of which the server computed
 
-    def crypto_s(self, sealer: TimedSealer) -> float:
-        """Seconds spent sealing and opening frames."""
-        return sealer.seconds
-
 
 class MiddleLink:
     """One client's session with the split server (a bidirectional gRPC stream)."""

@@ -218,5 +218,5 @@ def serve(
 ) -> tuple[grpc.Server, int, SplitService]:
     """Start serving; the caller waits on `service.state.done` (or forever when expected = 0)."""
     service = SplitService(trainer, config, tls=certs is not None, expected=expected)
-    server, port = start_server(listen, certs, service, workers=max(8, 2 * expected + 4))
+    server, port = start_server(listen, certs, service, workers=expected + 4 if expected else 64)
     return server, port, service

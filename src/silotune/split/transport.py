@@ -32,11 +32,29 @@ OPTIONS = [
 Handler = Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
 
 
+# Clients ping every 30 s to keep quiet streams alive (a long server step, a wait for other
+# clients); by default a gRPC server refuses pings more often than every 5 minutes and closes the
+# connection ("too_many_pings"), so the server must accept them.
+SERVER_OPTIONS = [
+    *OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 def start_server(
     listen: str, certs: Path | None, handler: Handler, workers: int
 ) -> tuple[grpc.Server, int]:
-    """Serve `handler` on `listen` (host:port, port 0 = any free one); returns (server, port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
+    """Serve `handler` on `listen` (host:port, port 0 = any free one); returns (server, port).
+
+    Each open session holds one worker thread for its whole life: `workers` bounds the number of
+    clients served at once."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=workers,  # a client beyond that is refused, not left hanging
+    )
     method = grpc.stream_stream_rpc_method_handler(handler)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE, {METHOD: method}),)
