@@ -1,4 +1,5 @@
-"""`silotune` command line: `run` an experiment; `certs`, `split-server`, `split-client`."""
+"""`silotune` command line: `run` an experiment; `attack` a finished run; `certs`, `split-server`,
+`split-client`."""
 
 from __future__ import annotations
 
@@ -66,7 +67,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", action="store_true", help="show Flower, Ray and transformers logs"
     )
     _add_split_commands(commands)
+    _add_attack_command(commands)
     return parser
+
+
+def _add_attack_command(commands: Any) -> None:
+    """`attack`: measure what a finished run leaks."""
+    attack = commands.add_parser(
+        "attack",
+        help="run privacy attacks on a finished run and add them to its report",
+        description=(
+            "extraction: make the shared adapter recite private training records; membership: "
+            "tell training records from unseen ones by their loss; inversion: recover a split "
+            "client's text from the activations its server received. Writes privacy.json and a "
+            "privacy section of report.md in each attacked run folder."
+        ),
+        epilog=(
+            "examples:\n"
+            "  silotune attack extraction,membership runs/privacy-fedpit-vs-fedit\n"
+            "  silotune attack inversion runs/split-medical/split --set attack.inversion_steps=100"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    attack.add_argument("kinds", help="comma-separated attacks: extraction, membership, inversion")
+    attack.add_argument("run_dir", type=Path, help="a run folder or an experiment folder")
+    attack.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="attack.KEY=VALUE",
+        help="override an [attack] setting of the run's config; repeatable",
+    )
+    attack.add_argument("--verbose", action="store_true", help="show library logs")
 
 
 def _add_split_commands(commands: Any) -> None:
@@ -130,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "certs": _certs,
             "split-server": _split_server,
             "split-client": _split_client,
+            "attack": _attack,
         }[args.command]
         return handler(args, console)
     except UserError as exc:
@@ -151,6 +185,22 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         run_sweep(config, args.out, console, verbose=args.verbose)
     else:
         run_experiment(plan_experiment(config, args.out), console, verbose=args.verbose)
+    return 0
+
+
+def _attack(args: argparse.Namespace, console: Console) -> int:
+    from silotune.attacks.audit import audit
+    from silotune.attacks.target import open_run, run_folders
+    from silotune.config import load_config
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [o for o in args.overrides if not o.strip().startswith("attack.")]
+    if bad:
+        raise UserError(f"attack only takes --set attack.KEY=VALUE, got {bad[0]!r}")
+    root = open_run(run_folders(args.run_dir)[0]).root
+    settings = load_config(root / "config.json", args.overrides).attack
+    found = audit(args.run_dir, kinds, settings, log=console.print)
+    console.print(f"attacked {', '.join(found)}; see privacy.json and report.md in {args.run_dir}")
     return 0
 
 

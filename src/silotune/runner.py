@@ -25,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from silotune.attacks.audit import audit
 from silotune.config import Config, sweep_variants
 from silotune.data.load import load_records
 from silotune.data.partition import Split, split_dataset
@@ -198,6 +199,9 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
     if len(exp.specs) > 1:
         write_comparison(work, runs, ctx)
     console.print(_results_table(runs, base))
+    if cfg.attack.kinds:
+        console.print(f"privacy attacks: {', '.join(cfg.attack.kinds)}")
+        audit(work, list(cfg.attack.kinds), cfg.attack, log=console.print)
 
 
 def _judged(

@@ -9,6 +9,7 @@ from typing import Any
 
 from silotune.report.markdown import table
 from silotune.report.plots import CURVES, plt
+from silotune.report.privacy import LEAKAGE, leakage_headlines, load_privacy
 
 _COLUMNS = (
     ("eval_loss", "eval loss"),
@@ -28,19 +29,38 @@ def load_results(folder: Path) -> dict[str, dict[str, Any]]:
     return {summary["algorithm"]: summary}
 
 
+def load_leakage(folder: Path) -> dict[str, dict[str, float]]:
+    """algorithm -> headline leakage figures of the attacks run on an experiment folder."""
+    if (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+        by_algorithm = {summary["algorithm"]: load_privacy(folder)}
+    else:
+        by_algorithm = load_privacy(folder)
+    return {name: leakage_headlines(found) for name, found in by_algorithm.items()}
+
+
 def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Path]]) -> None:
     """`variants`: (label, value, experiment folder) in sweep order."""
     results = {label: load_results(path) for label, _, path in variants}
+    leakage = {label: load_leakage(path) for label, _, path in variants}
     algorithms = list(next(iter(results.values())))
+    leaks = [
+        (k, lab)
+        for k, lab in LEAKAGE
+        if any(k in leakage[label].get(name, {}) for label in leakage for name in algorithms)
+    ]
     rows = []
     for label, value, _ in variants:
         for name in algorithms:
             final = results[label][name]["final"]
+            leaked = leakage[label].get(name, {})
             rows.append(
                 [value, f"[{name}]({label}/{name}/report.md)" if len(algorithms) > 1 else name]
                 + [final.get(k, "–") for k, _ in _COLUMNS]
+                + [leaked.get(k, "–") for k, _ in leaks]
             )
     plots = _plot(folder, key, variants, results, algorithms)
+    plots += _plot_tradeoff(folder, key, variants, results, leakage, algorithms, leaks)
     text = "\n".join(
         [
             f"# Sweep over {key}",
@@ -48,7 +68,10 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             "Each value runs the whole experiment (same seed, budget and held-out set); the "
             "table shows every algorithm's final held-out metrics.",
             "",
-            table([key, "algorithm", *(label for _, label in _COLUMNS)], rows),
+            table(
+                [key, "algorithm", *(label for _, label in _COLUMNS), *(lab for _, lab in leaks)],
+                rows,
+            ),
             "",
             *(f"![{p.stem}]({p.relative_to(folder).as_posix()})" for p in plots),
             "",
@@ -91,6 +114,45 @@ def _plot(
         ax.legend()
         fig.tight_layout()
         path = folder / "plots" / f"sweep_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _plot_tradeoff(
+    folder: Path,
+    key: str,
+    variants: list[tuple[str, str, Path]],
+    results: dict[str, dict[str, dict[str, Any]]],
+    leakage: dict[str, dict[str, dict[str, float]]],
+    algorithms: list[str],
+    leaks: list[tuple[str, str]],
+) -> list[Path]:
+    """Utility (held-out loss) against each leakage figure, a point per swept value."""
+    (folder / "plots").mkdir(exist_ok=True)
+    written = []
+    for metric, label in leaks:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in algorithms:
+            points = [
+                (results[lab][name]["final"]["eval_loss"], leakage[lab][name][metric], value)
+                for lab, value, _ in variants
+                if metric in leakage[lab].get(name, {})
+            ]
+            if not points:
+                continue
+            xs, ys, _ = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=name)
+            for x, y, value in points:
+                ax.annotate(f"{value}", (x, y), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("held-out loss (utility: lower is better)")
+        ax.set_ylabel(label)
+        ax.set_title(f"utility against leakage, {key} swept")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = folder / "plots" / f"tradeoff_{metric}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
