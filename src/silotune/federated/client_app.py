@@ -18,6 +18,7 @@ from silotune.config import Config
 from silotune.data.load import as_records, load_partition_file
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record
+from silotune.defences.federated import EQUAL_WEIGHT, train_mods
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
 from silotune.federated.local import LOCAL_ROLES, LocalRequest
 from silotune.federated.strategies import ARRAYS, METRICS, PREDICTIONS
@@ -88,13 +89,13 @@ def make_client_app(spec: ClientSpec) -> ClientApp:
     app = ClientApp()
     role = LOCAL_ROLES.get(spec.algorithm)
 
-    @app.train()
+    @app.train(mods=train_mods(spec.config.defence))
     def train(msg: Message, context: Context) -> Message:
         req = _request(spec, msg, context)
         reply = role.train(req)
         save_store(context.state, req.store)
         metrics = MetricRecord(
-            {"num-examples": reply.weight, "client": req.client, **reply.metrics}
+            {"num-examples": reply.weight, EQUAL_WEIGHT: 1, "client": req.client, **reply.metrics}
         )
         content = RecordDict({ARRAYS: adapter_to_record(reply.upload), METRICS: metrics})
         return Message(content=content, reply_to=msg)
@@ -107,7 +108,12 @@ def make_client_app(spec: ClientSpec) -> ClientApp:
         eval_set = _eval_set(spec)
         result = role.evaluate(req, eval_set)
         metrics = MetricRecord(
-            {"num-examples": len(eval_set.examples), "client": req.client, **result.metrics()}
+            {
+                "num-examples": len(eval_set.examples),
+                EQUAL_WEIGHT: 1,
+                "client": req.client,
+                **result.metrics(),
+            }
         )
         # Generations on the shared held-out set (not on private data), for the judge.
         predictions = ConfigRecord({"text": result.predictions})

@@ -15,11 +15,17 @@ from flwr.serverapp.strategy import Result
 from flwr.simulation import run_simulation
 
 from silotune.data.synthetic import SyntheticStats
+from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
 from silotune.federated.algorithms.base import AlgorithmResult, Job, RoundLog, mean_metrics
 from silotune.federated.client_app import ClientSpec, make_client_app
 from silotune.federated.local import LOCAL_ROLES
 from silotune.federated.server_app import ServerPlan, make_server_app
-from silotune.federated.strategies import RoundTraffic, build_strategy
+from silotune.federated.strategies import (
+    FederationError,
+    RoundTraffic,
+    build_strategy,
+    sampled_per_round,
+)
 from silotune.records import adapter_to_record, record_to_adapter
 
 _EVAL_KEYS = ("eval_loss", "perplexity", "rouge_l")
@@ -30,7 +36,13 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
     cfg, bench = job.config, job.workbench
     role = LOCAL_ROLES.get(algorithm)
     clients = len(job.client_examples)
-    strategy = build_strategy(cfg.federated, clients, client_eval=role.evaluate is not None)
+    dp = cfg.defence.dp != "none"
+    strategy = build_strategy(
+        cfg.federated,
+        clients,
+        client_eval=role.evaluate is not None,
+        weight=EQUAL_WEIGHT if dp else "num-examples",
+    )
     rounds: list[RoundLog] = []
     samples: list[dict[str, str]] = []
     predictions: list[str] = []
@@ -48,7 +60,7 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
         return MetricRecord(dict(evaluated.metrics().items()))
 
     plan = ServerPlan(
-        strategy=strategy,
+        strategy=with_dp(strategy, cfg.defence, sampled_per_round(cfg.federated, clients)),
         initial=adapter_to_record(bench.initial),
         rounds=cfg.train.rounds,
         round_timeout_s=cfg.federated.round_timeout_s,
@@ -58,6 +70,11 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
     simulate(make_client_app(spec), make_server_app(plan, results.append), clients, job.verbose)
     if not results or len(rounds) != cfg.train.rounds:
         raise RuntimeError("the Flower simulation ended before all rounds completed")
+    if not len(results[0].arrays):
+        raise FederationError(
+            "no round produced an aggregate: a client failed in every round (with DP on, one "
+            "failed client voids the round); run with --verbose to see the clients' errors"
+        )
     synthetic = SyntheticStats()
     for traffic in strategy.traffic.values():
         for client in traffic.clients:
@@ -71,7 +88,10 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
         # Judge what clients infer with: their own generations where they evaluate themselves.
         final_predictions=last.client_predictions or [predictions],
         synthetic=synthetic if synthetic.generated else None,
-        notes=[f"Server strategy: Flower's {type(strategy).__name__.removeprefix('Metered')}."],
+        notes=[
+            f"Server strategy: Flower's {type(strategy).__name__.removeprefix('Metered')}; "
+            f"{describe(cfg.defence)}."
+        ],
     )
 
 

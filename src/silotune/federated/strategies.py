@@ -119,12 +119,17 @@ class MeteredFedAdam(Metered, FedAdam):
     """FedAdam (server-side Adam on the averaged update), metered."""
 
 
-StrategyFactory = Callable[[FederatedConfig, int, bool], Metered]
+StrategyFactory = Callable[[FederatedConfig, int, bool, str], Metered]
 STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 
 
-def _sampling(cfg: FederatedConfig, clients: int, client_eval: bool) -> dict[str, Any]:
-    per_round = max(1, int(clients * cfg.fraction_train))
+def sampled_per_round(cfg: FederatedConfig, clients: int) -> int:
+    """How many clients train each round."""
+    return max(1, int(clients * cfg.fraction_train))
+
+
+def _sampling(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> dict[str, Any]:
+    per_round = sampled_per_round(cfg, clients)
     # The server always evaluates the global adapter; clients also evaluate when they infer
     # with more than it (FedPIT's private adapter), every client every round.
     return {
@@ -133,24 +138,29 @@ def _sampling(cfg: FederatedConfig, clients: int, client_eval: bool) -> dict[str
         "min_train_nodes": per_round,
         "min_evaluate_nodes": clients if client_eval else 0,
         "min_available_nodes": clients,
+        "weighted_by_key": weight,
     }
 
 
 @STRATEGIES.register("fedavg")
-def _fedavg(cfg: FederatedConfig, clients: int, client_eval: bool) -> Metered:
-    return MeteredFedAvg(**_sampling(cfg, clients, client_eval))
+def _fedavg(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
+    return MeteredFedAvg(**_sampling(cfg, clients, client_eval, weight))
 
 
 @STRATEGIES.register("fedprox")
-def _fedprox(cfg: FederatedConfig, clients: int, client_eval: bool) -> Metered:
-    return MeteredFedProx(**_sampling(cfg, clients, client_eval), proximal_mu=cfg.proximal_mu)
+def _fedprox(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
+    return MeteredFedProx(
+        **_sampling(cfg, clients, client_eval, weight), proximal_mu=cfg.proximal_mu
+    )
 
 
 @STRATEGIES.register("fedadam")
-def _fedadam(cfg: FederatedConfig, clients: int, client_eval: bool) -> Metered:
-    return MeteredFedAdam(**_sampling(cfg, clients, client_eval), eta=cfg.server_lr)
+def _fedadam(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
+    return MeteredFedAdam(**_sampling(cfg, clients, client_eval, weight), eta=cfg.server_lr)
 
 
-def build_strategy(cfg: FederatedConfig, clients: int, client_eval: bool = False) -> Metered:
-    """The configured Flower strategy, metered."""
-    return STRATEGIES.get(cfg.strategy)(cfg, clients, client_eval)
+def build_strategy(
+    cfg: FederatedConfig, clients: int, client_eval: bool = False, weight: str = "num-examples"
+) -> Metered:
+    """The configured Flower strategy, metered; updates weighted by the metric `weight`."""
+    return STRATEGIES.get(cfg.strategy)(cfg, clients, client_eval, weight)

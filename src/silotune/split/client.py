@@ -9,6 +9,7 @@ autograd function sends activations forward and gradients back over the link.
 from __future__ import annotations
 
 import base64
+import hashlib
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutput
 
 from silotune.config import Config
+from silotune.defences.split import WireNoise
 from silotune.errors import FrameRejected, UserError
 from silotune.modeling.adapters import StateDict
 from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
@@ -59,6 +61,8 @@ class MiddleLink:
         self.sealer = TimedSealer(PlainFrames("client"))
         self.stats = LinkStats()
         self.step = 0
+        # The configured defences: noise on everything this client lets the server see.
+        self.noise = WireNoise(config.defence, _seed(config.experiment.seed, client_id))
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._channel = open_channel(target, certs, client_id)
         timeout = config.split.connect_timeout_s
@@ -145,14 +149,16 @@ class MiddleLink:
         """
         if train:
             self.step += 1
-        tensors = {"hidden": hidden.detach().to(self.wire), "mask": mask.bool()}
+        sent = self.noise.activations(hidden.detach())
+        tensors = {"hidden": sent.to(self.wire), "mask": mask.bool()}
         meta = {"train": train, "cache": cache}
         reply = self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, meta))
         return reply.tensors["hidden"].to(hidden.dtype)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         """Send dL/d(middle output); receive dL/d(front output)."""
-        reply = self.call(Frame(Kind.GRAD, self.step, {"grad": grad.detach().to(self.wire)}))
+        sent = self.noise.gradients(grad.detach())
+        reply = self.call(Frame(Kind.GRAD, self.step, {"grad": sent.to(self.wire)}))
         return reply.tensors["grad"].to(grad.dtype)
 
     def average(self, state: StateDict, weight: float) -> StateDict:
@@ -167,6 +173,11 @@ class MiddleLink:
         finally:
             self._outbox.put(None)
             self._channel.close()
+
+
+def _seed(seed: int, client_id: str) -> int:
+    digest = hashlib.sha256(f"{seed}/wire-noise/{client_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def _rpc_message(exc: grpc.RpcError, target: str) -> str:
