@@ -236,3 +236,15 @@ def _check_combinations(config: Config) -> None:
         )
     if not config.data.instruction_field or not config.data.output_field:
         raise ConfigError("data.instruction_field and data.output_field must name columns")
+    if config.defence.secagg and config.defence.dp != "none":
+        raise ConfigError(
+            "defence.secagg cannot be combined with defence.dp: Flower's DP wrappers need each "
+            "client's update, which SecAgg+ hides from the server; set defence.dp = 'none'"
+        )
+    sampled = max(1, int(config.partition.clients * config.federated.fraction_train))
+    if config.defence.secagg and sampled < 2:
+        raise ConfigError(
+            f"defence.secagg needs at least 2 clients training each round (SecAgg+ reveals a "
+            f"lone client's upload); partition.clients = {config.partition.clients} with "
+            f"federated.fraction_train = {config.federated.fraction_train} gives {sampled}"
+        )

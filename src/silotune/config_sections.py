@@ -229,6 +229,9 @@ class DefenceConfig:
     dp: DpKind = "none"
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
+    # Federated: aggregate with Flower's SecAgg+ (SecAggPlusWorkflow + secaggplus_mod), so the
+    # server only learns the weighted sum of the clients' uploads, not any one of them.
+    secagg: bool = False
     # Split: Gaussian noise on the front activations a client sends, with standard deviation
     # activation_noise x each token's RMS activation (scale-free; 0 = off).
     activation_noise: float = 0.0

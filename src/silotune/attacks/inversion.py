@@ -144,7 +144,7 @@ def train_inverter(
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     inverter.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record
 from silotune.defences.federated import EQUAL_WEIGHT, train_mods
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
+from silotune.federated import secagg
 from silotune.federated.local import LOCAL_ROLES, LocalRequest
 from silotune.federated.strategies import ARRAYS, METRICS, PREDICTIONS
 from silotune.modeling.load import ModelSource
@@ -89,7 +90,12 @@ def make_client_app(spec: ClientSpec) -> ClientApp:
     app = ClientApp()
     role = LOCAL_ROLES.get(spec.algorithm)
 
-    @app.train(mods=train_mods(spec.config.defence))
+    mods = train_mods(spec.config.defence)
+    if spec.config.defence.secagg:
+        # Flower's SecAgg+ masks the reply; the handler still sees our own message layout.
+        mods += secagg.client_mods(lambda: _workbench(spec).initial)
+
+    @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:
         req = _request(spec, msg, context)
         reply = role.train(req)

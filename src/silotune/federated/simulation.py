@@ -16,6 +16,7 @@ from flwr.simulation import run_simulation
 
 from silotune.data.synthetic import SyntheticStats
 from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
+from silotune.federated import secagg
 from silotune.federated.algorithms.base import AlgorithmResult, Job, RoundLog, mean_metrics
 from silotune.federated.client_app import ClientSpec, make_client_app
 from silotune.federated.local import LOCAL_ROLES
@@ -59,15 +60,25 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
         job.on_round(log)
         return MetricRecord(dict(evaluated.metrics().items()))
 
-    plan = ServerPlan(
-        strategy=with_dp(strategy, cfg.defence, sampled_per_round(cfg.federated, clients)),
-        initial=adapter_to_record(bench.initial),
-        rounds=cfg.train.rounds,
-        round_timeout_s=cfg.federated.round_timeout_s,
-        evaluate_fn=evaluate_fn,
-    )
+    notes: list[str] = []
+    if cfg.defence.secagg:
+        # Flower's legacy SecAgg+ workflow; it fills strategy.traffic and asks clients to
+        # evaluate through `strategy` as the Message-API path does.
+        bound = secagg.max_weight(cfg, algorithm, [len(e) for e in job.client_examples])
+        secure = secagg.SecAggPlan(strategy, cfg, clients, bench.initial, bound, evaluate_fn)
+        server_app = secagg.make_secagg_server_app(secure, results.append)
+        notes.append(secagg.describe(cfg, clients, bound))
+    else:
+        plan = ServerPlan(
+            strategy=with_dp(strategy, cfg.defence, sampled_per_round(cfg.federated, clients)),
+            initial=adapter_to_record(bench.initial),
+            rounds=cfg.train.rounds,
+            round_timeout_s=cfg.federated.round_timeout_s,
+            evaluate_fn=evaluate_fn,
+        )
+        server_app = make_server_app(plan, results.append)
     spec = ClientSpec(cfg, job.source, str(job.partitions_dir), algorithm, str(job.clients_dir))
-    simulate(make_client_app(spec), make_server_app(plan, results.append), clients, job.verbose)
+    simulate(make_client_app(spec), server_app, clients, job.verbose)
     if not results or len(rounds) != cfg.train.rounds:
         raise RuntimeError("the Flower simulation ended before all rounds completed")
     if not len(results[0].arrays):
@@ -90,7 +101,8 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
         synthetic=synthetic if synthetic.generated else None,
         notes=[
             f"Server strategy: Flower's {type(strategy).__name__.removeprefix('Metered')}; "
-            f"{describe(cfg.defence)}."
+            f"{describe(cfg.defence)}.",
+            *notes,
         ],
     )
 
