@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from silotune.attacks.extraction import compare, extraction_attack, probes, score
-from silotune.attacks.inversion import common_prefix, inversion_setting, observe, score_recovery
+from silotune.attacks.inversion import inversion_setting, record_tokens, score_recovery
 from silotune.attacks.membership import membership_attack, roc_summary
 from silotune.config import AttackConfig, Config, config_from_dict
 from silotune.data.load import as_records, load_records
@@ -120,7 +120,6 @@ def test_recovery_scores_and_bleu(tiny_bench: Any) -> None:
     wrong[:, 2:] = tok.convert_tokens_to_ids("<unk>")
     assert score_recovery(wrong, victim, tok)["token_accuracy"] == 0.0
     assert bleu4(["a b c d e"], ["v w x y z"]) == 0.0
-    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
 
 
 # --- the attacks succeed where a model does leak --------------------------------------------
@@ -170,37 +169,40 @@ def test_calibration_does_not_count_what_every_record_shares(
 
 
 def test_inversion_recovers_embeddings_and_noise_hurts_it(
-    tiny_bench: Any, records: list[dict[str, str]]
+    tiny_bench: Any, tiny_config: Config, records: list[dict[str, str]]
 ) -> None:
     tok = tiny_bench.tokenizer
     model = tiny_bench.model.get_base_model()
-    examples = tokenize_dataset(records[:60], tok, "alpaca", 48)
-    sequences = [ids for ids, _ in examples]
-    shadow, victim = sequences[:48], sequences[48:]
+    tokens = [record_tokens(r, tok, tiny_config.data) for r in records[:60]]
+    shadow, victim = tokens[:48], tokens[48:]
     front = split_model(model, 0, 1).front
     embeddings = model.get_input_embeddings().weight.detach()
     cfg = AttackConfig(inversion_steps=60)
-    template = encode_prompt(tok, "alpaca", "", "")
     pad = tiny_bench.pad_id
-    clean = inversion_setting(
-        front, front, shadow, victim, tok, embeddings, 0.0, cfg, pad, template
-    )
-    noisy = inversion_setting(
-        front, front, shadow, victim, tok, embeddings, 20.0, cfg, pad, template
-    )
+    clean = inversion_setting(front, front, shadow, victim, tok, embeddings, 0.0, cfg, pad)
+    noisy = inversion_setting(front, front, shadow, victim, tok, embeddings, 20.0, cfg, pad)
     assert clean["token_accuracy"] > 0.8 and clean["bleu4"] > 0.5
     assert noisy["token_accuracy"] < clean["token_accuracy"] - 0.3
 
 
-def test_observe_skips_the_shared_template(tiny_bench: Any) -> None:
+@pytest.mark.parametrize("style", ["alpaca", "chat"])
+def test_only_the_records_own_tokens_are_scored(
+    tiny_bench: Any, tiny_config: Config, style: str
+) -> None:
     tok = tiny_bench.tokenizer
-    template = encode_prompt(tok, "alpaca", "", "")
-    seq = encode_prompt(tok, "alpaca", "What is x ?", "")
-    front = split_model(tiny_bench.model.get_base_model(), 0, 1).front
-    seen = observe(front, [seq], tiny_bench.pad_id, 0.0, torch.Generator(), template)
-    skipped = common_prefix(seq, template)
-    assert skipped > 5
-    assert not seen.mask[0, :skipped].any() and seen.mask[0, skipped:].all()
+    data = dataclasses.replace(tiny_config.data, prompt_style=style, max_length=256)
+    record = {"instruction": "What causes gout ?", "input": "In adults.", "output": "Uric acid."}
+    found = record_tokens(record, tok, data)
+    assert len(found.scored) == len(found.ids)
+    scored = tok.decode([i for i, s in zip(found.ids, found.scored, strict=True) if s])
+    skipped = tok.decode([i for i, s in zip(found.ids, found.scored, strict=True) if not s])
+    for part in ("What causes gout ?", "In adults.", "Uric acid."):
+        assert part in scored.replace("  ", " ")
+    assert "gout" not in skipped and "Uric" not in skipped
+    assert len(skipped.split()) >= 2  # the template's words are left out
+    # A prompt cut at its head (max_length) keeps the marks of the tokens it kept.
+    cut = record_tokens(record, tok, dataclasses.replace(data, max_length=16))
+    assert len(cut.scored) == len(cut.ids) <= 16 and any(cut.scored)
 
 
 # --- run folders, the CLI and reports -------------------------------------------------------

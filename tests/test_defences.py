@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from silotune.attacks.inversion import observe
+from silotune.attacks.inversion import Tokens, observe
 from silotune.config import Config, DefenceConfig, load_config
 from silotune.defences.federated import describe, train_mods, with_dp
 from silotune.defences.split import WireNoise
@@ -31,17 +31,22 @@ def test_activation_noise_scales_with_each_tokens_rms() -> None:
 
 
 def test_the_inversion_attack_models_the_defence_noise_alike() -> None:
-    """The attack never imports the defence; its noise model must still match it."""
-    hidden = torch.randn(2, 16, 32) * 3.0
+    """The attack never imports the defence; its noise model must still match it, token by
+    token (each token's scale differs here, so a global RMS would not pass)."""
+    scale = torch.logspace(-2, 2, 16)[None, :, None]
+    hidden = torch.randn(64, 16, 32) * scale
     defended = WireNoise(DefenceConfig(activation_noise=1.0), seed=0).activations(hidden)
 
     def front(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return hidden[: ids.shape[0]]
 
-    seen = observe(front, [[1] * 16, [1] * 16], 0, 1.0, torch.Generator().manual_seed(3))
-    defence_std = (defended - hidden).std().item()
-    attack_std = (seen.hidden - hidden).std().item()
-    assert attack_std == pytest.approx(defence_std, rel=0.1)
+    records = [Tokens([1] * 16, [True] * 16)] * 64
+    seen = observe(front, records, 0, 1.0, torch.Generator().manual_seed(3), batch_size=64)
+    per_token_defence = (defended - hidden).std(dim=(0, 2))  # (16,)
+    per_token_attack = (seen.hidden - hidden).std(dim=(0, 2))
+    ratio = per_token_attack / per_token_defence
+    assert ratio.min().item() > 0.9 and ratio.max().item() < 1.1
+    assert per_token_defence[-1] > 1000 * per_token_defence[0]
 
 
 def test_gradients_are_clipped_per_example_then_noised() -> None:
@@ -63,6 +68,13 @@ def test_defence_and_attack_settings_are_checked() -> None:
         load_config(None, ["attack.prefix_fraction=1.0"])
     with pytest.raises(ConfigError, match="dp"):
         load_config(None, ["defence.dp=laplace"])
+    with pytest.raises(ConfigError, match="client-fixed"):
+        load_config(None, ['experiment.algorithms=["fedpit"]', "defence.dp=server-fixed"])
+    with pytest.raises(ConfigError, match="victim"):
+        load_config(
+            None,
+            ['experiment.algorithms=["split"]', 'attack.kinds=["inversion"]', "attack.victim=3"],
+        )
     ok = load_config(None, ['attack.kinds=["extraction","membership"]', "defence.dp=client-fixed"])
     assert ok.attack.kinds == ("extraction", "membership")
 

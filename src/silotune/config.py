@@ -200,6 +200,21 @@ def _check_combinations(config: Config) -> None:
                 f"attack.kinds has {kind!r}, which attacks {', '.join(ATTACK_TARGETS[kind])} "
                 f"runs; experiment.algorithms has none of them"
             )
+    if "inversion" in config.attack.kinds and config.attack.victim >= config.partition.clients:
+        raise ConfigError(
+            f"attack.victim is {config.attack.victim}; the clients are 0.."
+            f"{config.partition.clients - 1}"
+        )
+    if "inversion" in config.attack.kinds and config.partition.clients < 2:
+        raise ConfigError(
+            "the inversion attack needs a colluding client: set partition.clients >= 2"
+        )
+    if config.defence.dp == "server-fixed" and "fedpit" in config.experiment.algorithms:
+        raise ConfigError(
+            "defence.dp = 'server-fixed' cannot run FedPIT: Flower's server-side clipping fails "
+            "on a client that sends an unchanged global adapter (no synthetic data kept); use "
+            "defence.dp = 'client-fixed'"
+        )
     if config.attack.prefix_fraction >= 1.0:
         raise ConfigError("attack.prefix_fraction must be below 1 (some response must be left)")
     if config.attack.rouge_threshold > 1.0:

@@ -223,9 +223,10 @@ class SplitConfig:
 class DefenceConfig:
     """Privacy defences: Flower's DP wrappers and SecAgg+ (federated), noise on the split wire."""
 
-    # Federated: Flower's differential-privacy wrapper around the strategy, fixed clipping of
-    # each client's update to dp_clipping_norm, Gaussian noise of dp_noise_multiplier x that norm
-    # (on each client's update: "client-fixed"; on the aggregate: "server-fixed").
+    # Federated: Flower's differential-privacy wrapper around the strategy: each client's update
+    # is clipped to dp_clipping_norm (by the client: "client-fixed"; by the server:
+    # "server-fixed") and the average gets Gaussian noise of dp_noise_multiplier x that norm /
+    # the number of clients sampled.
     dp: DpKind = "none"
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
@@ -246,8 +247,9 @@ class AttackConfig:
     """Privacy attacks run on each finished algorithm of `silotune run` (also `silotune attack`)."""
 
     kinds: tuple[AttackKind, ...] = ()
-    # Extraction / membership: at most this many member records (the clients' training records,
-    # spread over clients) and as many non-members of the same data (never trained on).
+    # Extraction: at most this many member records (the clients' training records, spread over
+    # clients) and as many non-members of the same data (never trained on). Membership uses
+    # every member and as many non-members; inversion at most this many of the victim's records.
     max_records: int = 48
     max_new_tokens: int = 32  # extraction: greedy tokens generated per record
     prefix_fraction: float = 0.5  # extraction: share of the response given in the prefix prompt

@@ -122,6 +122,17 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
         console.print(f"[red]run stopped; partial output left in {work} (not a result)[/]")
         raise
     work.rename(exp.out)
+    attacks = list(cfg.attack.kinds)
+    if attacks:  # on the finished folder: a failing attack never costs the training results
+        console.print(f"privacy attacks: {', '.join(attacks)}")
+        try:
+            audit(exp.out, attacks, cfg.attack, log=console.print)
+        except UserError as exc:
+            console.print(
+                f"[red]attack failed: {exc}[/]\nthe training results in {exp.out} are complete; "
+                f"fix the attack settings and run `silotune attack {','.join(attacks)} {exp.out}`"
+            )
+            raise
     console.print(
         f"finished in {time.perf_counter() - started:.0f} s; report: {exp.out / 'report.md'}"
     )
@@ -199,9 +210,6 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
     if len(exp.specs) > 1:
         write_comparison(work, runs, ctx)
     console.print(_results_table(runs, base))
-    if cfg.attack.kinds:
-        console.print(f"privacy attacks: {', '.join(cfg.attack.kinds)}")
-        audit(work, list(cfg.attack.kinds), cfg.attack, log=console.print)
 
 
 def _judged(

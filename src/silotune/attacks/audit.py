@@ -8,7 +8,7 @@ The base model's scores are computed once per experiment and shown as the refere
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from silotune.attacks.extraction import extraction_attack
-from silotune.attacks.inversion import PAPER, Front, inversion_setting
+from silotune.attacks.inversion import PAPER, Front, Tokens, inversion_setting, record_tokens
 from silotune.attacks.membership import membership_attack
 from silotune.attacks.target import (
     RunUnderAttack,
@@ -28,7 +28,7 @@ from silotune.attacks.target import (
 )
 from silotune.config import AttackConfig, Config
 from silotune.config_sections import ATTACK_TARGETS, SHARED_ADAPTER_ALGORITHMS
-from silotune.data.sft import encode_prompt, tokenize_dataset
+from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_model, load_tokenizer, resolve_model
@@ -38,6 +38,9 @@ from silotune.split.loading import load_segments
 from silotune.split.roles import add_segment_adapter
 from silotune.split.segments import split_model
 from silotune.split.trainers import load_state
+
+# Inversion: at most this many records of each colluding client are the shadow data.
+_SHADOW_PER_CLIENT = 512
 
 Attack = Callable[[RunUnderAttack, AttackConfig, dict[str, Any]], dict[str, Any]]
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -50,7 +53,7 @@ def applicable(kind: str, algorithm: str) -> bool:
 
 def audit(
     path: Path,
-    kinds: list[str],
+    kinds: Sequence[str],
     cfg: AttackConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
@@ -129,15 +132,14 @@ def _inversion(run: RunUnderAttack, cfg: AttackConfig, cache: dict[str, Any]) ->
     pad = pad_id(tokenizer)
     data = config.data
 
-    def sequences(client: int) -> list[list[int]]:
-        examples = tokenize_dataset(
-            run.members(client), tokenizer, data.prompt_style, data.max_length
-        )
-        return [ids for ids, _ in examples]
+    def records(client: int, count: int) -> list[Tokens]:
+        chosen = sample(run.members(client), count, cfg.seed + client)
+        return [record_tokens(r, tokenizer, data) for r in chosen]
 
-    template = encode_prompt(tokenizer, data.prompt_style, "", "")
-    victim = sequences(cfg.victim)
-    shadow = [s for c in range(run.clients) if c != cfg.victim for s in sequences(c)]
+    victim = records(cfg.victim, cfg.max_records)
+    shadow = [
+        t for c in range(run.clients) if c != cfg.victim for t in records(c, _SHADOW_PER_CLIENT)
+    ]
     model = load_model(source)
     model.eval()  # type: ignore[no-untyped-call]
     embeddings = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
@@ -145,20 +147,21 @@ def _inversion(run: RunUnderAttack, cfg: AttackConfig, cache: dict[str, Any]) ->
     run_depth, run_noise = config.split.front_blocks, config.defence.activation_noise
     settings = [(d, n) for d in cfg.inversion_blocks for n in cfg.inversion_noise]
     settings = sorted({*settings, (run_depth, run_noise)})
+    deepest = max(d for d, _ in settings)
+    if deepest > layers - 2:
+        raise ConfigError(
+            f"attack.inversion_blocks has {deepest}; the model has {layers} blocks, so a front "
+            f"can hold at most {layers - 2}"
+        )
     rows = []
     for depth, noise in settings:
-        if depth > layers - 2:
-            raise ConfigError(
-                f"attack.inversion_blocks has {depth}; the model has {layers} blocks, so a front "
-                f"can hold at most {layers - 2}"
-            )
         if depth == run_depth:  # what the server saw: the clients' trained fronts
             front = _trained_front(run, config, cfg.victim)
             shadow_front = _trained_front(run, config, colluder)
         else:
             front = shadow_front = _base_front(model, depth)
         row = inversion_setting(
-            front, shadow_front, shadow, victim, tokenizer, embeddings, noise, cfg, pad, template
+            front, shadow_front, shadow, victim, tokenizer, embeddings, noise, cfg, pad
         )
         seen_by_server = (depth, noise) == (run_depth, run_noise)
         rows.append({"front_blocks": depth, **row, "run_setting": seen_by_server})
@@ -180,7 +183,9 @@ def _base_front(model: nn.Module, depth: int) -> Front:
 
 def _trained_front(run: RunUnderAttack, config: Config, client: int) -> Front:
     """Client `client`'s front with the adapter it finished the run with."""
-    file = run.run_dir / f"client-{client}" / "adapter.safetensors"
+    # The split algorithm keeps its processes' folders in <experiment>/split/, whether or not
+    # the experiment ran other algorithms too.
+    file = run.root / "split" / f"client-{client}" / "adapter.safetensors"
     if not file.is_file():
         raise UserError(f"{file} is missing; the split run did not finish for client {client}")
     segments = load_segments(config, "client")

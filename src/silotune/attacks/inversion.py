@@ -5,11 +5,12 @@ with whatever noise the client adds). With shadow data of the same domain, here 
 colluding clients passed through the same front, it trains an inversion model from an
 activation to the token at its position, then decodes the victim client's activations.
 
-Two inversion models: `linear` (one linear map per position, its output layer started from the
-public base model's token embeddings, which the server knows) and `transformer` (two
-bidirectional encoder layers first, so a position can use its neighbours). Scores, on the
-victim's own tokens only (the prompt template all records share is left out): token accuracy,
-BLEU-4 and ROUGE-1 of the recovered text. Tokens the shadow data never contains cannot be
+Two inversion models: `linear` (one linear map applied at every position on its own, its output
+layer started from the public base model's token embeddings, which the server knows) and
+`transformer` (two bidirectional encoder layers first, so a position can use its neighbours).
+Scores, on the victim's own tokens only (its instruction, input and response; the prompt
+template every record shares is left out): token accuracy, BLEU-4 and ROUGE-1 of the recovered
+text. Tokens the shadow data never contains cannot be
 recovered (the inversion model only outputs tokens it has seen); they count as misses.
 
 The server's view is recreated from the run: the public base front for each depth measured, and
@@ -27,7 +28,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config import AttackConfig
+from silotune.config import AttackConfig, DataConfig
+from silotune.data.prompts import build_prompt
+from silotune.data.sft import IGNORE_INDEX, encode_example
+from silotune.data.synthetic import Record
 from silotune.evaluation.metrics import bleu4, rouge_scores
 
 # FL-GLM (Table 5): their inversion attack on embeddings-only vs one-block fronts.
@@ -50,18 +54,53 @@ class Observed:
     mask: torch.Tensor  # (n, t) bool: scored, a token of the record itself (not the template)
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """One training record as its client tokenised it, and which tokens are its own content."""
+
+    ids: list[int]
+    scored: list[bool]  # instruction, input and response tokens (not the template, not EOS)
+
+
+def record_tokens(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> Tokens:
+    """The record's training tokens; content tokens found through the prompt's char offsets."""
+    ids, labels = encode_example(
+        tokenizer,
+        data.prompt_style,
+        record["instruction"],
+        record["input"],
+        record["output"],
+        data.max_length,
+    )
+    start = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
+    text = build_prompt(data.prompt_style, tokenizer, record["instruction"], record["input"])
+    enc = tokenizer(
+        text, add_special_tokens=data.prompt_style == "alpaca", return_offsets_mapping=True
+    )
+    spans = []
+    for part in (record["instruction"], record["input"]):
+        at = text.find(part) if part else -1
+        if at >= 0:
+            spans.append((at, at + len(part)))
+    in_prompt = [
+        any(a < end and b > begin for begin, end in spans) for a, b in enc["offset_mapping"]
+    ]
+    kept = in_prompt[len(in_prompt) - start :] if start else []  # a long prompt loses its head
+    response = [t != tokenizer.eos_token_id for t in ids[start:]]
+    return Tokens(ids, kept + response)
+
+
 @torch.no_grad()
 def observe(
     front: Front,
-    sequences: list[list[int]],
+    records: list[Tokens],
     pad: int,
     noise: float,
     generator: torch.Generator,
-    template: list[int] | None = None,
     batch_size: int = 8,
 ) -> Observed:
-    """Run `front` on right-padded sequences and add noise; score each sequence's tokens after
-    the part it shares with `template` (the prompt's fixed head, e.g. a system prompt)."""
+    """Run `front` on the right-padded records and add noise, as the client sends them."""
+    sequences = [r.ids for r in records]
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -77,20 +116,10 @@ def observe(
         rms = hidden.pow(2).mean(dim=-1, keepdim=True).sqrt()  # (n, t, 1)
         hidden = hidden + noise * rms * torch.randn(hidden.shape, generator=generator)
     real = attention.bool()
-    mask = real.clone()
-    for i, s in enumerate(sequences):
-        mask[i, : common_prefix(s, template or [])] = False
+    mask = torch.zeros_like(real)
+    for i, r in enumerate(records):
+        mask[i, : len(r.scored)] = torch.tensor(r.scored, dtype=torch.bool)
     return Observed(hidden, tokens, real, mask)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Inverter(nn.Module):
@@ -138,7 +167,7 @@ def train_inverter(
     for _ in range(steps):
         rows = torch.randint(0, shadow.hidden.shape[0], (8,), generator=gen)
         scores = inverter(shadow.hidden[rows], shadow.real[rows])  # (8, t, k)
-        wanted = torch.where(shadow.mask[rows], target[rows], -100)
+        wanted = torch.where(shadow.real[rows], target[rows], -100)
         loss = nn.functional.cross_entropy(scores.transpose(1, 2), wanted, ignore_index=-100)
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
@@ -148,10 +177,15 @@ def train_inverter(
 
 
 @torch.no_grad()
-def recover(inverter: Inverter, victim: Observed, candidates: torch.Tensor) -> torch.Tensor:
+def recover(
+    inverter: Inverter, victim: Observed, candidates: torch.Tensor, batch_size: int = 8
+) -> torch.Tensor:
     """The token id the inverter picks at every position (b, t)."""
-    picks = inverter(victim.hidden, victim.real).argmax(dim=-1)
-    return candidates[picks]
+    picks = [
+        inverter(victim.hidden[i : i + batch_size], victim.real[i : i + batch_size]).argmax(-1)
+        for i in range(0, victim.hidden.shape[0], batch_size)
+    ]
+    return candidates[torch.cat(picks)]
 
 
 def score_recovery(
@@ -178,24 +212,19 @@ def score_recovery(
 def inversion_setting(
     front: Front,
     shadow_front: Front,
-    shadow: list[list[int]],
-    victim: list[list[int]],
+    shadow: list[Tokens],
+    victim: list[Tokens],
     tokenizer: PreTrainedTokenizerBase,
     embeddings: torch.Tensor,
     noise: float,
     cfg: AttackConfig,
     pad: int,
-    template: list[int],
 ) -> dict[str, Any]:
-    """Train on the shadow sequences' activations, decode the victim's, score the recovery.
-
-    `template`: the prompt of an empty record; what each sequence shares with its head is the
-    same for every record and is not scored.
-    """
+    """Train on the shadow records' activations, decode the victim's, score the recovery."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    seen = observe(shadow_front, shadow, pad, noise, gen, template)
-    victim_observed = observe(front, victim, pad, noise, gen, template)
-    candidates = torch.unique(seen.tokens[seen.mask])  # (k,) sorted token ids
+    seen = observe(shadow_front, shadow, pad, noise, gen)
+    victim_observed = observe(front, victim, pad, noise, gen)
+    candidates = torch.unique(seen.tokens[seen.real])  # (k,) sorted token ids
     index = torch.full((embeddings.shape[0],), -100, dtype=torch.long)
     index[candidates] = torch.arange(len(candidates))
     torch.manual_seed(cfg.seed)

@@ -57,16 +57,19 @@ class RunUnderAttack:
         return [r for c in range(self.clients) for r in self.members(c)]
 
     def non_members(self) -> list[Record]:
-        """Records of the same data that no client trained on (held-out set first)."""
-        seen = {_key(r) for r in self.all_members()}
+        """Records of the same data that no client trained on (held-out set first), leaving out
+        any whose instruction or response equals a member's (it would be a member in disguise)."""
+        members = self.all_members()
+        taken = {r["instruction"].strip() for r in members} | {r["output"].strip() for r in members}
         held_out = as_records(load_partition_file(self.root / "partitions" / "eval.jsonl"))
         pool = held_out + as_records(load_records(self.config.data).dataset)
         out, kept = [], set()
         for r in pool:
             k = _key(r)
-            if k not in seen and k not in kept:
-                kept.add(k)
-                out.append(r)
+            if k in kept or r["instruction"].strip() in taken or r["output"].strip() in taken:
+                continue
+            kept.add(k)
+            out.append(r)
         return out
 
     def shared_adapter(self) -> Path:
@@ -123,6 +126,7 @@ def load_shared_model(run: RunUnderAttack) -> Workbench:
     state = load_file(str(run.shared_adapter() / "adapter_model.safetensors"))
     bench.put(GLOBAL, {k: v.to(bench.initial[k].dtype) for k, v in state.items()})
     bench.use([GLOBAL])
+    bench.model.eval()  # no LoRA dropout while the adversary decodes or scores
     return bench
 
 
@@ -135,7 +139,11 @@ def sample(records: list[Record], count: int, seed: int) -> list[Record]:
 
 def sample_members(run: RunUnderAttack, count: int, seed: int) -> list[Record]:
     """Up to `count` member records, spread as evenly as possible over the clients."""
-    per_client = [sample(run.members(c), len(run.members(c)), seed + c) for c in range(run.clients)]
+    per_client = []
+    for c in range(run.clients):
+        records = run.members(c)
+        random.Random(seed + c).shuffle(records)
+        per_client.append(records)
     out: list[Record] = []
     while len(out) < count and any(per_client):
         for records in per_client:

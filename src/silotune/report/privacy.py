@@ -208,7 +208,8 @@ def privacy_markdown(by_run: dict[str, dict[str, Any]], plots: list[str]) -> str
         ]
         first = r["settings"][0]
         lines += [
-            f"Example ({_front_label(first['front_blocks'])}, noise {first['noise']:g}):",
+            f"Example ({_front_label(first['front_blocks'])}, noise {first['noise']:g}; the true "
+            "text is the victim's private record: this report stays with the data's owner):",
             "",
             "```text",
             f"true:      {_one_line(first['example']['true'])}",
