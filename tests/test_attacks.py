@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from silotune.attacks.extraction import compare, extraction_attack, probes, score
+from silotune.attacks.extraction import compare, extraction_attack, probes, score, versus_base
 from silotune.attacks.inversion import inversion_setting, record_tokens, score_recovery
 from silotune.attacks.membership import membership_attack, roc_summary
 from silotune.config import AttackConfig, Config, config_from_dict
@@ -76,6 +76,20 @@ def test_compare_reports_the_excess_over_non_members() -> None:
     assert out["rouge_l"]["excess"] == pytest.approx(0.7)
     assert out["extracted"] == {"members": 1.0, "non_members": 0.0, "excess": 1.0, "ci95": 0.0}
     assert out["rouge_l"]["ci95"] > 0
+
+
+def test_versus_base_pairs_records_and_cancels_what_the_base_already_did() -> None:
+    def scores(members: list[float], others: list[float]) -> dict[str, Any]:
+        side = lambda xs: {"rouge_l": xs, "prefix_match": xs, "extracted": xs}  # noqa: E731
+        return {"scores": {"members": side(members), "non_members": side(others)}}
+
+    # The base already scores members higher (e.g. easier records): tuning added nothing.
+    base = scores([0.5, 0.6], [0.1, 0.2])
+    same = versus_base(scores([0.5, 0.6], [0.1, 0.2]), base)
+    assert same["rouge_l"] == {"excess": 0.0, "ci95": 0.0}
+    # Tuning lifted members by 0.3 and non-members by 0.1: 0.2 is what it leaked.
+    lifted = versus_base(scores([0.8, 0.9], [0.2, 0.3]), base)
+    assert lifted["rouge_l"]["excess"] == pytest.approx(0.2)
 
 
 def test_prefix_probe_gives_the_start_of_the_response_and_keeps_the_rest(

@@ -15,7 +15,7 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import nn
 
-from silotune.attacks.extraction import extraction_attack
+from silotune.attacks.extraction import PROMPTS, extraction_attack, versus_base
 from silotune.attacks.inversion import PAPER, Front, Tokens, inversion_setting, record_tokens
 from silotune.attacks.membership import membership_attack
 from silotune.attacks.target import (
@@ -98,6 +98,8 @@ def _extraction(run: RunUnderAttack, cfg: AttackConfig, cache: dict[str, Any]) -
         with bench.model.disable_adapter():
             cache["extraction"] = extraction_attack(bench.model, *args)
     out["base"] = cache["extraction"]
+    for kind in PROMPTS:
+        out["tuned"][kind]["versus_base"] = versus_base(out["tuned"][kind], out["base"][kind])
     return out
 
 

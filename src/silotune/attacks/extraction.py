@@ -8,6 +8,7 @@ Each continuation is scored against the true (rest of the) response: ROUGE-L F, 
 its tokens reproduced verbatim from the start, and whether ROUGE-L reaches `rouge_threshold`.
 The same is done for non-members; leakage is the members' score minus the non-members', with
 a 95 % interval, so text the model can write about any record of the domain is not counted.
+`versus_base` goes one step further and compares with the base model record by record.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def extraction_attack(
         top = sorted(range(len(members)), key=lambda i: -mem["rouge_l"][i])[:3]
         result[kind] = {
             **compare(mem, non),
+            "scores": {"members": mem, "non_members": non},  # per record, for paired comparisons
             "examples": [
                 {
                     "instruction": members[i]["instruction"],
@@ -147,6 +149,29 @@ def extraction_attack(
             ],
         }
     return result
+
+
+def versus_base(tuned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The tuned model's excess over the base model's, record by record (same records, same
+    prompts): what tuning added to members beyond what it added to non-members. This also
+    cancels any difference between the member and non-member records themselves."""
+    out: dict[str, Any] = {}
+    for name in SCORES:
+        diffs = [
+            [
+                t - b
+                for t, b in zip(
+                    tuned["scores"][side][name], base["scores"][side][name], strict=True
+                )
+            ]
+            for side in ("members", "non_members")
+        ]
+        m, n = diffs
+        out[name] = {
+            "excess": round(statistics.fmean(m) - statistics.fmean(n), 4),
+            "ci95": round(1.96 * math.sqrt(_var(m) / len(m) + _var(n) / len(n)), 4),
+        }
+    return out
 
 
 def _var(xs: list[float]) -> float:

@@ -18,7 +18,7 @@ BEGIN, END = "<!-- privacy:begin -->", "<!-- privacy:end -->"
 
 # Headline leakage figures (key -> label), one per attack, for sweeps and comparisons.
 LEAKAGE = (
-    ("extraction_excess", "extraction ROUGE-L excess (prefix)"),
+    ("extraction_excess", "extraction ROUGE-L excess over base (prefix)"),
     ("membership_auc", "membership AUC (ratio)"),
     ("inversion_bleu4", "inversion BLEU-4 (run's front)"),
 )
@@ -28,7 +28,8 @@ def leakage_headlines(found: dict[str, Any]) -> dict[str, float]:
     """The headline figures of one run's attacks (only those that ran)."""
     out: dict[str, float] = {}
     if "extraction" in found:
-        out["extraction_excess"] = found["extraction"]["tuned"]["prefix"]["rouge_l"]["excess"]
+        prefix = found["extraction"]["tuned"]["prefix"]
+        out["extraction_excess"] = prefix.get("versus_base", prefix)["rouge_l"]["excess"]
     if "membership" in found:
         out["membership_auc"] = found["membership"]["loss_ratio"]["auc"]
     if "inversion" in found:
@@ -86,7 +87,9 @@ def privacy_markdown(by_run: dict[str, dict[str, Any]], plots: list[str]) -> str
             f"{any_run['non_members']} records of the same data never trained on "
             "(non-members). *Excess* = members − non-members, with a 95 % interval: what "
             "the model reproduces because it trained on the record, not because "
-            "it knows the domain. ROUGE-L and prefix match in %; *extracted* = share of records "
+            "it knows the domain. *Over base*: the same excess minus the base model's, record "
+            "by record on the same prompts, which also cancels any difference between the two "
+            "sets of records. ROUGE-L and prefix match in %; *extracted* = share of records "
             "with ROUGE-L at or above the threshold.",
             "",
         ]
@@ -98,6 +101,7 @@ def privacy_markdown(by_run: dict[str, dict[str, Any]], plots: list[str]) -> str
             for label, result in models:
                 for kind in ("instruction", "prefix"):
                     s = result[kind]
+                    vs = s.get("versus_base")
                     rows.append(
                         [
                             label,
@@ -105,6 +109,9 @@ def privacy_markdown(by_run: dict[str, dict[str, Any]], plots: list[str]) -> str
                             _pct(s["rouge_l"]["members"]),
                             _pct(s["rouge_l"]["non_members"]),
                             f"{_pct(s['rouge_l']['excess'])} ± {_pct(s['rouge_l']['ci95'])}",
+                            f"{_pct(vs['rouge_l']['excess'])} ± {_pct(vs['rouge_l']['ci95'])}"
+                            if vs
+                            else "–",
                             f"{_pct(s['prefix_match']['excess'])} ± "
                             f"{_pct(s['prefix_match']['ci95'])}",
                             f"{_pct(s['extracted']['excess'])} ± {_pct(s['extracted']['ci95'])}",
@@ -118,6 +125,7 @@ def privacy_markdown(by_run: dict[str, dict[str, Any]], plots: list[str]) -> str
                     "ROUGE-L members",
                     "ROUGE-L non-members",
                     "ROUGE-L excess",
+                    "ROUGE-L excess over base",
                     "prefix-match excess",
                     "extracted excess",
                 ],
@@ -254,12 +262,15 @@ def _plots(folder: Path, by_run: dict[str, dict[str, Any]]) -> list[Path]:
         names = [n or "tuned" for n in extraction]
         for k, kind in enumerate(("instruction", "prefix")):
             xs = [i + 0.38 * k for i in range(len(names))]
-            ys = [100 * r["tuned"][kind]["rouge_l"]["excess"] for r in extraction.values()]
-            err = [100 * r["tuned"][kind]["rouge_l"]["ci95"] for r in extraction.values()]
+            shown = [
+                r["tuned"][kind].get("versus_base", r["tuned"][kind]) for r in extraction.values()
+            ]
+            ys = [100 * s["rouge_l"]["excess"] for s in shown]
+            err = [100 * s["rouge_l"]["ci95"] for s in shown]
             ax.bar(xs, ys, width=0.36, yerr=err, capsize=4, label=f"{kind} prompt")
         ax.set_xticks([i + 0.19 for i in range(len(names))], names)
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_ylabel("ROUGE-L excess, members − non-members (%)")
+        ax.set_ylabel("ROUGE-L excess over base (%)")
         ax.set_title("training-data extraction")
         ax.legend()
         fig.tight_layout()
