@@ -49,6 +49,8 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
         for k, lab in LEAKAGE
         if any(k in leakage[label].get(name, {}) for label in leakage for name in algorithms)
     ]
+    finals = [results[label][name]["final"] for label in results for name in algorithms]
+    columns = [(k, lab) for k, lab in _COLUMNS if any(k in f for f in finals)]  # what runs have
     rows = []
     for label, value, _ in variants:
         for name in algorithms:
@@ -56,7 +58,7 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             leaked = leakage[label].get(name, {})
             rows.append(
                 [value, f"[{name}]({label}/{name}/report.md)" if len(algorithms) > 1 else name]
-                + [final.get(k, "–") for k, _ in _COLUMNS]
+                + [final.get(k, "–") for k, _ in columns]
                 + [leaked.get(k, "–") for k, _ in leaks]
             )
     plots = _plot(folder, key, variants, results, algorithms)
@@ -69,7 +71,7 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             "table shows every algorithm's final held-out metrics.",
             "",
             table(
-                [key, "algorithm", *(label for _, label in _COLUMNS), *(lab for _, lab in leaks)],
+                [key, "algorithm", *(label for _, label in columns), *(lab for _, lab in leaks)],
                 rows,
             ),
             "",
@@ -101,6 +103,8 @@ def _plot(
     (folder / "plots").mkdir(exist_ok=True)
     written = []
     for metric, label in CURVES.items():
+        if not any(metric in results[lab][n]["final"] for lab in results for n in algorithms):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for name in algorithms:
             ys = [results[lab][name]["final"].get(metric, math.nan) for lab, _, _ in variants]
