@@ -85,9 +85,16 @@ def audit(
     return found
 
 
+def _shared(run: RunUnderAttack, cache: dict[str, Any]) -> Any:
+    """The run's shared model, loaded once for all its attacks (one run's at a time)."""
+    if cache.get("shared_for") != run.run_dir:
+        cache["shared"], cache["shared_for"] = load_shared_model(run), run.run_dir
+    return cache["shared"]
+
+
 @ATTACKS.register("extraction")
 def _extraction(run: RunUnderAttack, cfg: AttackConfig, cache: dict[str, Any]) -> dict[str, Any]:
-    bench = load_shared_model(run)
+    bench = _shared(run, cache)
     members = sample_members(run, cfg.max_records, cfg.seed)
     others = sample(run.non_members(), len(members), cfg.seed)
     _check_sizes(members, others)
@@ -105,7 +112,7 @@ def _extraction(run: RunUnderAttack, cfg: AttackConfig, cache: dict[str, Any]) -
 
 @ATTACKS.register("membership")
 def _membership(run: RunUnderAttack, cfg: AttackConfig, cache: dict[str, Any]) -> dict[str, Any]:
-    bench = load_shared_model(run)
+    bench = _shared(run, cache)
     members = run.all_members()
     others = sample(run.non_members(), len(members), cfg.seed)
     _check_sizes(members, others)

@@ -15,32 +15,18 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
-from silotune.data.sft import IGNORE_INDEX, collate
+from silotune.evaluation.evaluator import response_nll
 
 
-@torch.no_grad()
 def example_losses(
     model: nn.Module, examples: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 8
 ) -> list[float]:
     """Mean next-token loss over each example's response tokens."""
     model.eval()
-    out: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        nll = nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2),  # (b, v, t-1)
-            batch.labels[:, 1:],  # (b, t-1)
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )  # (b, t-1)
-        counted = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-        out.extend((nll.sum(dim=1) / counted).tolist())
-    return out
+    return [total / max(n, 1) for total, n in response_nll(model, examples, pad, batch_size)]
 
 
 def roc_summary(member_scores: list[float], other_scores: list[float]) -> dict[str, Any]:

@@ -160,17 +160,29 @@ def choice_accuracy(
             room = max(eval_set.max_length - len(response), 1)
             kept = prompt[-room:] if eval_set.max_length else prompt
             rows.append(([*kept, *response], [IGNORE_INDEX] * len(kept) + response))
-    scores = []
+    scores = torch.tensor([-total for total, _ in response_nll(model, rows, pad, batch_size)])
+    by_item = scores.view(len(eval_set.prompts), len(choices))  # (n, c)
+    predicted = [wanted[i] for i in by_item.argmax(dim=1).tolist()]
+    return accuracy(predicted, [r.strip() for r in eval_set.references])
+
+
+@torch.no_grad()
+def response_nll(
+    model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """Per (ids, labels) row: the summed next-token loss over its labelled tokens, and their
+    count. Only `model(input_ids=..., attention_mask=...).logits` is used."""
+    out: list[tuple[float, int]] = []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        targets = batch.labels[:, 1:]  # (b, t-1)
         nll = nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2),  # (b, v, t-1)
-            batch.labels[:, 1:],  # (b, t-1)
+            targets,
             ignore_index=IGNORE_INDEX,
             reduction="none",
         )  # (b, t-1), 0 on prompt and padding
-        scores.append(-nll.sum(dim=1))
-    by_item = torch.cat(scores).view(len(eval_set.prompts), len(choices))  # (n, c)
-    predicted = [wanted[i] for i in by_item.argmax(dim=1).tolist()]
-    return accuracy(predicted, [r.strip() for r in eval_set.references])
+        counts = (targets != IGNORE_INDEX).sum(dim=1)
+        out.extend(zip(nll.sum(dim=1).tolist(), counts.tolist(), strict=True))
+    return out

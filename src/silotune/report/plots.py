@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["CURVES", "plot_curves", "plt"]
+__all__ = ["CURVES", "plot_curves", "plt", "save_figure"]
 
 # Metric key -> axis label
 CURVES = {"eval_loss": "held-out loss", "rouge_l": "ROUGE-L F", "accuracy": "accuracy"}
@@ -39,9 +40,13 @@ def plot_curves(
         ax.set_title(f"{label} per round")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = folder / f"{key}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, folder / f"{key}.png"))
     return written
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

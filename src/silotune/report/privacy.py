@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from silotune.report.markdown import table
-from silotune.report.plots import plt
+from silotune.report.plots import plt, save_figure
 
 BEGIN, END = "<!-- privacy:begin -->", "<!-- privacy:end -->"
 
@@ -254,8 +254,7 @@ def _plots(folder: Path, by_run: dict[str, dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("true-positive rate")
         ax.set_title("membership inference (loss ratio)")
         ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out / "membership_roc.png"))
+        written.append(save_figure(fig, out / "membership_roc.png"))
     extraction = {n: r["extraction"] for n, r in by_run.items() if "extraction" in r}
     if extraction:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -273,8 +272,7 @@ def _plots(folder: Path, by_run: dict[str, dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("ROUGE-L excess over base (%)")
         ax.set_title("training-data extraction")
         ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out / "extraction_excess.png"))
+        written.append(save_figure(fig, out / "extraction_excess.png"))
     for name, r in by_run.items():
         if "inversion" not in r:
             continue
@@ -295,12 +293,5 @@ def _plots(folder: Path, by_run: dict[str, dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("BLEU-4 of recovered text (%)")
         ax.set_title("activation inversion")
         ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out / f"inversion{'_' + name if name else ''}.png"))
+        written.append(save_figure(fig, out / f"inversion{'_' + name if name else ''}.png"))
     return written
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

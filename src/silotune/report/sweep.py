@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from silotune.report.markdown import table
-from silotune.report.plots import CURVES, plt
+from silotune.report.plots import CURVES, plt, save_figure
 from silotune.report.privacy import LEAKAGE, leakage_headlines, load_privacy
 
 _COLUMNS = (
@@ -116,11 +116,7 @@ def _plot(
         ax.set_title(f"final {label} against {key}")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = folder / "plots" / f"sweep_{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, folder / "plots" / f"sweep_{metric}.png"))
     return written
 
 
@@ -155,9 +151,5 @@ def _plot_tradeoff(
         ax.set_title(f"utility against leakage, {key} swept")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = folder / "plots" / f"tradeoff_{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, folder / "plots" / f"tradeoff_{metric}.png"))
     return written
