@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -152,3 +153,65 @@ def test_empty_partition_is_a_data_error() -> None:
     cfg = PartitionConfig(clients=10, alpha=0.01, min_partition_size=0)
     with pytest.raises(DataError, match=r"client \d+ received no records"):
         split_dataset(_records(40), DataConfig(eval_size=2), cfg, seed=0)
+
+
+def _malformed(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    rows = [
+        json.dumps({"q": "fine", "r": "yes"}).encode(),
+        b'{"q": "caf\xe9", "r": "latin-1, not UTF-8"}',
+        b'{"q": "cut off", "r": ',
+        b'["a", "list"]',
+        json.dumps({"q": "no answer"}).encode(),
+        b"",
+        json.dumps({"q": "also fine", "r": "ok", "extra": 3}).encode(),
+    ]
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def test_malformed_rows_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
+    cfg = DataConfig(path=str(_malformed(tmp_path)), instruction_field="q", output_field="r")
+    loaded = load_records(dataclasses.replace(cfg, label_field=""))
+    assert loaded.dataset["instruction"] == ["fine", "also fine"]
+    assert loaded.source_rows == 6
+    assert loaded.dropped == {
+        "not UTF-8": 1,
+        "not valid JSON": 1,
+        "not a JSON object": 1,
+        "empty instruction or output": 1,
+    }
+    assert loaded.describe_dropped().startswith("4 dropped (")
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        (slice(0, 2), "line 2: not UTF-8"),
+        (slice(2, 3), "line 1: not valid JSON"),
+        (slice(3, 4), "line 1: not a JSON object"),
+        (slice(4, 5), "line 1: empty instruction or output"),
+    ],
+)
+def test_malformed_rows_can_be_rejected_with_their_line(
+    tmp_path: Path, keep: slice, message: str
+) -> None:
+    lines = _malformed(tmp_path).read_bytes().split(b"\n")[keep]
+    if keep.start:  # the bad row alone would leave nothing: put a good one after it
+        lines.append(json.dumps({"q": "fine", "r": "yes"}).encode())
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    cfg = DataConfig(path=str(path), instruction_field="q", output_field="r", label_field="")
+    expected = rf"one\.jsonl {message}; fix the row or set data\.bad_rows"
+    with pytest.raises(DataError, match=expected):
+        load_records(dataclasses.replace(cfg, bad_rows="fail"))
+
+
+def test_csv_lines_that_are_not_utf8_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"q,r\na,b\ncaf\xe9,x\nc,d\n")
+    cfg = DataConfig(path=str(path), instruction_field="q", output_field="r", label_field="")
+    loaded = load_records(cfg)
+    assert loaded.dataset["instruction"] == ["a", "c"] and loaded.dropped == {"not UTF-8": 1}
+    with pytest.raises(DataError, match=r"d\.csv line 3: not UTF-8"):
+        load_records(dataclasses.replace(cfg, bad_rows="fail"))

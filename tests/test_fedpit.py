@@ -117,7 +117,7 @@ def test_private_never_leaves_the_client_and_survives_rounds(tmp_path: Path) -> 
 
 
 @pytest.mark.usefixtures("fake_generator")
-def test_global_learns_only_from_synthetic_data() -> None:
+def test_global_learns_only_from_synthetic_data(tmp_path: Path) -> None:
     config = _config()
     bench = Workbench(resolve_model(config.model), config, private=True)
     local = load_records(config.data).dataset
@@ -133,7 +133,7 @@ def test_global_learns_only_from_synthetic_data() -> None:
             store={},
             records=records,
             examples=examples,
-            client_dir=Path("unused"),
+            client_dir=tmp_path,
         )
         reply = fedpit.fedpit_round(req)
         return reply.upload, req.store[PRIVATE]

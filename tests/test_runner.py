@@ -51,6 +51,7 @@ def test_run_folder_contract(local_run: Path, algorithm: str) -> None:
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["algorithm"] == algorithm
     assert summary["rounds"] == 2 and summary["clients"] == 3
+    assert summary["data"] == {"source_rows": 480, "dropped": {}}
     assert {"eval_loss", "rouge_l", "perplexity"} <= set(summary["final"])
     assert {"bytes_up", "bytes_down"} <= set(summary["communication"])
     assert summary["timing"]["wall_s"] > 0

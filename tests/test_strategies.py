@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from silotune.config import FederatedConfig
+from silotune.federated.screening import Layout
 from silotune.federated.strategies import (
     ARRAYS,
     METRICS,
@@ -64,13 +67,61 @@ def test_failed_clients_are_recorded_and_skipped() -> None:
     arrays, _ = strategy.aggregate_train(1, [_reply(2.0, 2), _error_reply("out of memory")])
     assert arrays is not None
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 2.0))
-    assert strategy.traffic[1].failures == ["out of memory"]
+    assert strategy.traffic[1].failures == ["node 7 failed: out of memory"]
 
 
-def test_a_round_where_every_client_failed_stops_the_run() -> None:
+def test_a_round_below_the_quorum_stops_the_run() -> None:
     strategy = _fresh()
-    with pytest.raises(FederationError, match=r"every client failed.*disk full"):
+    with pytest.raises(FederationError, match=r"0 valid update.*quorum of 1.*disk full"):
         strategy.aggregate_train(1, [_error_reply("disk full")])
+    strategy = _fresh()
+    strategy.quorum = 2
+    with pytest.raises(FederationError, match=r"1 valid update.*federated.quorum"):
+        strategy.aggregate_train(1, [_reply(1.0, 1), _error_reply("killed")])
+
+
+def _bad_reply(arrays: ArrayRecord, client: int = 5) -> Message:
+    metrics = MetricRecord({"num-examples": 100, "client": client})
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=_request())
+
+
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [
+        (ArrayRecord({"w": torch.full((2, 3), float("nan"))}), "w holds NaN or Inf"),
+        (ArrayRecord({"w": torch.full((2, 3), float("inf"))}), "w holds NaN or Inf"),
+        (ArrayRecord({"w": torch.zeros(3, 2)}), r"w has shape \(3, 2\), expected \(2, 3\)"),
+        (ArrayRecord({"v": torch.zeros(2, 3)}), "wrong tensor names: missing w, unknown v"),
+        (ArrayRecord({"w": torch.zeros(2, 3, dtype=torch.int64)}), "expected a floating-point"),
+    ],
+)
+def test_bad_updates_are_rejected_before_aggregation(arrays: ArrayRecord, reason: str) -> None:
+    strategy = _fresh()
+    strategy.traffic[1].layout = Layout.of(_request().content.array_records[ARRAYS])
+    # The bad update carries the largest weight: had it been averaged, the result would show it.
+    aggregated, _ = strategy.aggregate_train(1, [_reply(2.0, 1), _bad_reply(arrays)])
+    assert aggregated is not None
+    np.testing.assert_array_equal(aggregated["w"].numpy(), np.full((2, 3), 2.0))
+    (failure,) = strategy.traffic[1].failures
+    assert failure.startswith("client 5 (node 7) rejected: ")
+    assert re.search(reason, failure)
+
+
+def test_clients_that_never_replied_are_recorded_as_dropped() -> None:
+    strategy = _fresh()
+    strategy.traffic[1].sampled = {7, 11, 12}
+    strategy.aggregate_train(1, [_reply(1.0, 1)])
+    assert strategy.traffic[1].failures == [
+        "node 11 dropped: no reply",
+        "node 12 dropped: no reply",
+    ]
+
+
+def test_resumed_rounds_are_numbered_on() -> None:
+    strategy = _fresh(round_=5)
+    strategy.round_offset = 4
+    strategy.aggregate_train(1, [_reply(1.0, 1)])
+    assert strategy.traffic[5].clients, "round 1 of the resumed run is round 5 of the run"
 
 
 def test_strategy_choices_build_flower_strategies() -> None:

@@ -22,6 +22,7 @@ examples:
   silotune run configs/demo.toml
   silotune run configs/tiny.toml --set train.rounds=3 --set partition.clients=4 --out runs/try
   silotune run configs/demo.toml --set experiment.algorithms='["fedit"]'
+  silotune run --resume runs/try.incomplete      # continue an interrupted run
 
 Every key of a config can be overridden with --set; values are read as TOML
 (numbers, true/false, ["lists"]) and otherwise taken as text.
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    run.add_argument("config", type=Path, help="experiment config (TOML), e.g. configs/demo.toml")
+    run.add_argument(
+        "config", type=Path, nargs="?", help="experiment config (TOML), e.g. configs/demo.toml"
+    )
     run.add_argument(
         "--set",
         dest="overrides",
@@ -62,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="output folder (must not exist); default runs/<experiment name>-<timestamp>",
+    )
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the interrupted run in DIR (its OUT or OUT.incomplete folder)",
     )
     run.add_argument(
         "--verbose", action="store_true", help="show Flower, Ray and transformers logs"
@@ -178,8 +187,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     from silotune.config import load_config
-    from silotune.runner import plan_experiment, run_experiment, run_sweep
+    from silotune.runner import plan_experiment, resume, run_experiment, run_sweep
 
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None:
+            raise UserError(
+                "--resume continues a run with its own config and folder: give only --resume DIR"
+            )
+        resume(args.resume, console, verbose=args.verbose)
+        return 0
+    if args.config is None:
+        raise UserError("give a config file (e.g. configs/demo.toml) or --resume DIR")
     config = load_config(args.config, args.overrides)
     if config.sweep.key:
         run_sweep(config, args.out, console, verbose=args.verbose)

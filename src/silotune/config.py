@@ -257,6 +257,11 @@ def _check_combinations(config: Config) -> None:
             "client's update, which SecAgg+ hides from the server; set defence.dp = 'none'"
         )
     sampled = max(1, int(config.partition.clients * config.federated.fraction_train))
+    if config.federated.quorum > sampled:
+        raise ConfigError(
+            f"federated.quorum = {config.federated.quorum} but only {sampled} client(s) train "
+            f"each round (partition.clients x federated.fraction_train); lower the quorum"
+        )
     if config.defence.secagg and sampled < 2:
         raise ConfigError(
             f"defence.secagg needs at least 2 clients training each round (SecAgg+ reveals a "

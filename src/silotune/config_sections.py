@@ -14,6 +14,7 @@ Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Partitioner = Literal["iid", "dirichlet"]
 PromptStyle = Literal["alpaca", "chat"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
+BadRows = Literal["skip", "fail"]
 PrivateData = Literal["local+synthetic", "local"]
 TruncatedPolicy = Literal["drop", "keep"]
 JudgeKind = Literal["none", "openai", "local"]
@@ -85,6 +86,9 @@ class DataConfig:
     prompt_style: PromptStyle = "alpaca"
     max_length: int = 128
     eval_size: int = 16
+    # A malformed row (not UTF-8, not a JSON object, empty instruction or output): "skip" it
+    # and count it, or "fail" naming its row.
+    bad_rows: BadRows = "skip"
 
     def __post_init__(self) -> None:
         self.output_mapping()  # a malformed data.output_map fails when the config is read
@@ -138,7 +142,8 @@ class FederatedConfig:
     fraction_train: float = 1.0
     proximal_mu: float = 0.01
     server_lr: float = 0.01
-    round_timeout_s: float = 3600.0
+    round_timeout_s: float = 3600.0  # clients silent this long are recorded as dropped
+    quorum: int = 1  # fewest valid client updates a round needs; below it the run stops
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,7 @@ MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("federated", "proximal_mu"): (0.0, True),
     ("federated", "server_lr"): (0.0, False),
     ("federated", "round_timeout_s"): (0.0, False),
+    ("federated", "quorum"): (1, True),
     ("synthetic", "per_round"): (1, True),
     ("synthetic", "icl_examples"): (1, True),
     ("synthetic", "instruction_max_new_tokens"): (4, True),

@@ -2,7 +2,9 @@
 
 Output layout: with one algorithm, OUT is that algorithm's run folder; with several, OUT holds a
 run folder per algorithm plus a side-by-side `report.md` and `comparison.json`. Work happens in
-`OUT.incomplete` and is renamed to OUT only when everything is written.
+`OUT.incomplete` and is renamed to OUT only when everything is written. An interrupted run keeps
+its checkpoints there; `resume(OUT)` continues it (finished algorithms are not run again, a
+federated one goes on from its last finished round).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from rich.progress import (
 from rich.table import Table
 
 from silotune.attacks.audit import audit
-from silotune.config import Config, sweep_variants
+from silotune.checkpoint import load_result, save_result
+from silotune.config import Config, load_config, sweep_variants
 from silotune.data.load import load_records
 from silotune.data.partition import Split, split_dataset
 from silotune.data.sft import tokenize_dataset
@@ -52,15 +55,42 @@ class Experiment:
     config: Config
     out: Path
     specs: list[AlgorithmSpec]
+    resume: bool = False  # continue from the checkpoints in OUT.incomplete
 
 
-def plan_experiment(config: Config, out: Path | None) -> Experiment:
+def work_folder(out: Path) -> Path:
+    """Where a run writes until it has finished."""
+    return out.with_name(out.name + ".incomplete")
+
+
+def resume(folder: Path, console: Console, verbose: bool = False) -> Path:
+    """Continue the interrupted run whose output folder (or its .incomplete twin) is `folder`."""
+    out = folder.with_name(folder.name.removesuffix(".incomplete"))
+    work = work_folder(out)
+    if not work.is_dir():
+        if out.is_dir():
+            raise UserError(f"{out} has already finished; there is nothing to resume")
+        raise UserError(f"no interrupted run at {folder} (expected a folder {work})")
+    if not (work / "config.json").is_file():
+        raise UserError(
+            f"{work} holds no config.json: the run stopped before it started training; "
+            f"start it again with `silotune run`"
+        )
+    config = load_config(work / "config.json")
+    console.print(f"resuming {config.experiment.name} in {work}")
+    if config.sweep.key:
+        return run_sweep(config, out, console, verbose, resuming=True)
+    exp = plan_experiment(config, out, resuming=True)
+    return run_experiment(exp, console, verbose)
+
+
+def plan_experiment(config: Config, out: Path | None, resuming: bool = False) -> Experiment:
     """Resolve algorithms and the output folder; refuse to overwrite an existing result."""
     specs = [ALGORITHMS.get(name) for name in config.experiment.algorithms]
     out = out or default_out(config)
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
-    return Experiment(config, out, specs)
+    return Experiment(config, out, specs, resume=resuming and work_folder(out).is_dir())
 
 
 def default_out(config: Config) -> Path:
@@ -69,24 +99,35 @@ def default_out(config: Config) -> Path:
     return Path("runs") / f"{config.experiment.name}-{stamp}"
 
 
-def run_sweep(config: Config, out: Path | None, console: Console, verbose: bool = False) -> Path:
+def run_sweep(
+    config: Config,
+    out: Path | None,
+    console: Console,
+    verbose: bool = False,
+    resuming: bool = False,
+) -> Path:
     """Run the experiment once per swept value into OUT/<key>=<value>/, then compare them."""
     variants = sweep_variants(config)
     out = out or default_out(config)
-    plans = [(label, plan_experiment(sub, out / label)) for label, sub in variants]
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
-    work = out.with_name(out.name + ".incomplete")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = work_folder(out)
+    plans = [
+        (label, None if (work / label).is_dir() else plan_experiment(sub, work / label, resuming))
+        for label, sub in variants
+    ]  # a resumed sweep skips the values that finished
+    if not resuming:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        write_json(work / "config.json", config.to_dict())  # first: a resume reads it
     done = []
     for (label, plan), value in zip(plans, config.sweep.values, strict=True):
-        console.rule(f"{config.sweep.key} = {value}")
-        folder = run_experiment(Experiment(plan.config, work / label, plan.specs), console, verbose)
-        done.append((label, value, folder))
+        if plan is not None:
+            console.rule(f"{config.sweep.key} = {value}")
+            run_experiment(plan, console, verbose)
+        done.append((label, value, work / label))
     write_sweep_report(work, config.sweep.key, done)
-    write_json(work / "config.json", config.to_dict())
     work.rename(out)
     console.print(f"sweep finished; report: {out / 'report.md'}")
     return out
@@ -100,27 +141,32 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     split = split_dataset(loaded.dataset, cfg.data, cfg.partition, cfg.experiment.seed)
     console.print(
         f"[bold]{cfg.experiment.name}[/]: {loaded.source_rows} records read"
-        + (
-            f", {loaded.dropped_empty} dropped (empty instruction or output)"
-            if loaded.dropped_empty
-            else ""
-        )
+        + (f", {loaded.describe_dropped()}" if loaded.dropped else "")
         + f"; {len(split.eval)} held out for evaluation"
     )
     console.print(_partition_table(split))
 
-    work = exp.out.with_name(exp.out.name + ".incomplete")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = work_folder(exp.out)
+    if not exp.resume:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
     try:
-        _run_in(work, exp, split, console, verbose)
+        rows = {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)}
+        _run_in(work, exp, split, rows, console, verbose)
     except UserError:
-        shutil.rmtree(work, ignore_errors=True)
+        if not exp.resume:
+            shutil.rmtree(work, ignore_errors=True)
         raise
     except BaseException:
-        console.print(f"[red]run stopped; partial output left in {work} (not a result)[/]")
+        console.print(
+            f"[red]run stopped; partial output left in {work} (not a result); continue it with "
+            f"`silotune run --resume {work}`[/]"
+        )
         raise
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    for state in (work / "clients").glob("client-*/state"):
+        shutil.rmtree(state, ignore_errors=True)
     work.rename(exp.out)
     attacks = list(cfg.attack.kinds)
     if attacks:  # on the finished folder: a failing attack never costs the training results
@@ -139,10 +185,21 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     return exp.out
 
 
-def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose: bool) -> None:
+def _run_in(
+    work: Path,
+    exp: Experiment,
+    split: Split,
+    data_rows: dict[str, object],
+    console: Console,
+    verbose: bool,
+) -> None:
     """Everything after the data split, written into the work folder."""
     cfg = exp.config
-    _write_split(work, split, cfg)
+    checkpoints = work / "checkpoints"
+    if exp.resume:
+        _check_split(work, split)
+    else:
+        _write_split(work, split, cfg)
     with console.status(f"loading model {cfg.model.name} ..."):
         source = resolve_model(cfg.model)
         bench = Workbench(source, cfg)
@@ -156,11 +213,19 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
     if cfg.judge.kind != "none":
         with console.status(f"setting up the {cfg.judge.kind} judge ..."):
             judge = build_judge(cfg.judge)
-    with console.status("evaluating the base model ..."):
-        base_eval = bench.evaluate_base(eval_set)
-        base = base_eval.metrics()
-        if judge is not None:
-            base["judge_win_rate"] = _judged(judge, cfg, eval_set, [base_eval.predictions]).win_rate
+    base_file = checkpoints / "base.json"
+    if base_file.is_file():
+        base = json.loads(base_file.read_text(encoding="utf-8"))
+    else:
+        with console.status("evaluating the base model ..."):
+            base_eval = bench.evaluate_base(eval_set)
+            base = base_eval.metrics()
+            if judge is not None:
+                base["judge_win_rate"] = _judged(
+                    judge, cfg, eval_set, [base_eval.predictions]
+                ).win_rate
+        checkpoints.mkdir(exist_ok=True)
+        write_json(base_file, base)
     console.print(f"base model: {_fmt_metrics(base)}")
     ctx = RunContext(
         config=cfg,
@@ -168,6 +233,7 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
         base=base,
         partition_stats=split.stats(),
         adapter_bytes=adapter_nbytes(bench.initial),
+        data_rows=data_rows,
     )
 
     runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]] = []
@@ -180,6 +246,13 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
     )
     with progress:
         for spec in exp.specs:
+            folder = work if len(exp.specs) == 1 else work / spec.name
+            finished = load_result(checkpoints / spec.name / "result")
+            if finished is not None and (folder / "summary.json").is_file():
+                progress.console.print(f"  {spec.name}: finished before the interruption")
+                summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+                runs.append((spec, finished, summary))
+                continue
             task = progress.add_task(f"{spec.name} rounds", total=cfg.train.rounds)
 
             def on_round(log: RoundLog, name: str = spec.name, task_id: TaskID = task) -> None:
@@ -195,6 +268,7 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
                 workbench=bench,
                 partitions_dir=work / "partitions",
                 clients_dir=work / "clients",
+                checkpoints_dir=checkpoints,
                 on_round=on_round,
                 verbose=verbose,
             )
@@ -204,8 +278,8 @@ def _run_in(work: Path, exp: Experiment, split: Split, console: Console, verbose
                 progress.console.print(f"  {spec.name}: judging against the references ...")
                 result.judge = _judged(judge, cfg, eval_set, result.final_predictions)
                 result.rounds[-1].metrics["judge_win_rate"] = result.judge.win_rate
-            folder = work if len(exp.specs) == 1 else work / spec.name
             summary = write_run(folder, spec, result, ctx, bench.save, time.perf_counter() - t0)
+            save_result(checkpoints / spec.name / "result", result)
             runs.append((spec, result, summary))
     if len(exp.specs) > 1:
         write_comparison(work, runs, ctx)
@@ -238,6 +312,24 @@ def _write_split(work: Path, split: Split, cfg: Config) -> None:
     split.eval.to_json(str(parts / "eval.jsonl"), lines=True, force_ascii=False)
     write_json(parts / "stats.json", split.stats())
     write_json(work / "config.json", cfg.to_dict())
+
+
+def _check_split(work: Path, split: Split) -> None:
+    """A resumed run must see the same split it started with (same data, same seed)."""
+    fresh = work / "checkpoints" / "split-check"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    for i, part in enumerate(split.clients):
+        part.to_json(str(partition_file(fresh, i)), lines=True, force_ascii=False)
+    split.eval.to_json(str(fresh / "eval.jsonl"), lines=True, force_ascii=False)
+    for path in sorted(fresh.iterdir()):
+        kept = work / "partitions" / path.name
+        if not kept.is_file() or kept.read_bytes() != path.read_bytes():
+            raise UserError(
+                f"cannot resume: the data split differs from the one the run started with "
+                f"({kept.relative_to(work)}); restore the original data at data.path"
+            )
+    shutil.rmtree(fresh)
 
 
 def _partition_table(split: Split) -> Table:

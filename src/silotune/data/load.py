@@ -5,16 +5,23 @@ label field is configured, `label`: the mapping from the source's own column nam
 config's `data.*_field` keys (MedQuAD: question -> instruction, answer -> output). A task
 phrased as a cloze (RTE) instead fills `data.instruction_template` from several columns and
 rewrites outputs through `data.output_map` (entailment -> yes).
+
+Malformed rows (not UTF-8, not a JSON object, a missing or empty instruction or output) are
+skipped and counted by reason, or, with `data.bad_rows = "fail"`, rejected with their row number.
 """
 
 from __future__ import annotations
 
+import json
 import string
-from dataclasses import dataclass
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 from silotune.config import DataConfig
 from silotune.data.bundled_data import BUNDLED_PREFIX, bundled_path
@@ -30,7 +37,22 @@ class LoadedData:
 
     dataset: datasets.Dataset
     source_rows: int
-    dropped_empty: int
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> rows
+
+    @property
+    def dropped_empty(self) -> int:
+        """Rows left out for an empty or missing instruction or output."""
+        return self.dropped[_EMPTY]
+
+    def describe_dropped(self) -> str:
+        """E.g. '3 dropped (2 empty instruction or output, 1 not valid JSON)', or ''."""
+        if not self.dropped:
+            return ""
+        parts = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common())
+        return f"{sum(self.dropped.values())} dropped ({parts})"
+
+
+_EMPTY = "empty instruction or output"
 
 
 def resolve_data_path(path: str) -> Path:
@@ -46,7 +68,7 @@ def resolve_data_path(path: str) -> Path:
 
 def load_records(cfg: DataConfig) -> LoadedData:
     """Load, map fields (or fill the template), map outputs, drop empty instructions/outputs."""
-    raw = _load_raw(cfg)
+    raw, rows = _load_raw(cfg)
     mapping = {"output": cfg.output_field}
     if not cfg.instruction_template:
         mapping["instruction"] = cfg.instruction_field
@@ -76,10 +98,19 @@ def load_records(cfg: DataConfig) -> LoadedData:
         return rec
 
     mapped = raw.map(to_record, remove_columns=raw.column_names, desc="mapping fields")
-    kept = mapped.filter(lambda r: bool(r["instruction"].strip() and r["output"].strip()))
+    usable = [bool(r["instruction"].strip() and r["output"].strip()) for r in mapped]
+    if cfg.bad_rows == "fail" and not all(usable):
+        row = usable.index(False)
+        raise DataError(
+            f"{cfg.path} {rows.name(row)}: {_EMPTY}; fix the row or set data.bad_rows = 'skip'"
+        )
+    kept = mapped.select([i for i, ok in enumerate(usable) if ok])
     if len(kept) == 0:
         raise DataError(f"{cfg.path} has no record with a non-empty instruction and output")
-    return LoadedData(kept, source_rows=len(raw), dropped_empty=len(raw) - len(kept))
+    dropped = Counter(rows.dropped)
+    if len(kept) < len(raw):
+        dropped[_EMPTY] = len(raw) - len(kept)
+    return LoadedData(kept, source_rows=len(raw) + rows.total_dropped, dropped=dropped)
 
 
 def _template_columns(cfg: DataConfig, columns: list[str]) -> list[str]:
@@ -125,14 +156,31 @@ def _check_outputs_mapped(cfg: DataConfig, outputs: dict[str, str], values: list
         )
 
 
-def _load_raw(cfg: DataConfig) -> datasets.Dataset:
+@dataclass
+class _Rows:
+    """Which source rows survived the text screening, to name rows in messages."""
+
+    numbers: list[int] | None = None  # 1-based line of each kept row (JSON Lines)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def name(self, index: int) -> str:
+        if self.numbers is not None:
+            return f"line {self.numbers[index]}"
+        return f"row {index + 1}"
+
+
+def _load_raw(cfg: DataConfig) -> tuple[datasets.Dataset, _Rows]:
     if cfg.format == "hub":
         try:
             loaded = datasets.load_dataset(cfg.path, split=cfg.hub_split)
         except Exception as exc:  # the hub raises many types; the user needs one message
             raise DataError(f"could not load hub dataset {cfg.path!r}: {exc}") from None
         assert isinstance(loaded, datasets.Dataset)
-        return loaded
+        return loaded, _Rows()
     path = resolve_data_path(cfg.path)
     fmt = cfg.format if cfg.format != "auto" else _SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -140,14 +188,75 @@ def _load_raw(cfg: DataConfig) -> datasets.Dataset:
             f"cannot tell the format of {path.name} from its suffix; set data.format to one of "
             "jsonl, json, csv, parquet"
         )
-    try:
-        loaded = datasets.load_dataset(
-            _BUILDERS[fmt], data_files=str(path), split="train", keep_in_memory=True
-        )
-    except Exception as exc:  # parse errors come from pyarrow/json with many types
-        raise DataError(f"could not read {path} as {fmt}: {exc}") from None
+    if fmt == "jsonl":
+        return _load_json_lines(path, cfg)
+    rows = _Rows()
+    with tempfile.TemporaryDirectory() as tmp:
+        if fmt == "csv":  # a line that is not UTF-8 is a bad row; JSON and Parquet are whole
+            path = _utf8_lines(path, cfg, rows, Path(tmp) / path.name)
+        try:
+            loaded = datasets.load_dataset(
+                _BUILDERS[fmt], data_files=str(path), split="train", keep_in_memory=True
+            )
+        except Exception as exc:  # parse errors come from pyarrow/json with many types
+            raise DataError(f"could not read {path} as {fmt}: {exc}") from None
     assert isinstance(loaded, datasets.Dataset)
-    return loaded
+    return loaded, rows
+
+
+def _load_json_lines(path: Path, cfg: DataConfig) -> tuple[datasets.Dataset, _Rows]:
+    """One JSON object per line; a line that is not one is a bad row."""
+    records: list[dict[str, Any]] = []
+    rows = _Rows(numbers=[])
+    assert rows.numbers is not None
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                problem = "" if isinstance(record, dict) else "not a JSON object"
+            except UnicodeDecodeError:
+                problem = "not UTF-8"
+            except json.JSONDecodeError:
+                problem = "not valid JSON"
+            if problem:
+                _bad_row(cfg, f"{path} line {number}", problem, rows)
+                continue
+            records.append(record)
+            rows.numbers.append(number)
+    if not records:
+        found = ", ".join(f"{n} {why}" for why, n in rows.dropped.most_common()) or "empty"
+        raise DataError(f"could not read {path}: no line is a JSON object ({found})")
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    table = {c: [r.get(c) for r in records] for c in columns}
+    try:
+        return datasets.Dataset.from_dict(table), rows
+    except (TypeError, ValueError, pa.ArrowException):  # a column mixes types: keep it as text
+        text = {c: [None if v is None else _text(v) for v in vs] for c, vs in table.items()}
+        return datasets.Dataset.from_dict(text), rows
+
+
+def _utf8_lines(path: Path, cfg: DataConfig, rows: _Rows, target: Path) -> Path:
+    """`path` itself when every line is UTF-8; else a copy without the bad lines."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    good = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+            good.append(line)
+        except UnicodeDecodeError:
+            _bad_row(cfg, f"{path} line {number}", "not UTF-8", rows)
+    if len(good) == len(lines):
+        return path
+    target.write_bytes(b"".join(good))
+    return target
+
+
+def _bad_row(cfg: DataConfig, where: str, problem: str, rows: _Rows) -> None:
+    if cfg.bad_rows == "fail":
+        raise DataError(f"{where}: {problem}; fix the row or set data.bad_rows = 'skip'")
+    rows.dropped[problem] += 1
 
 
 def _text(value: Any) -> str:

@@ -2,7 +2,9 @@
 
 Thin on purpose: what a client does lives in plain modules (`LOCAL_ROLES`). The frozen base model
 is loaded once per worker process (see Workbench); adapters are replaced from every message and
-from the client's own state, so nothing of one client stays in the model for the next.
+from the client's own state, so nothing of one client stays in the model for the next. The
+client's state lives in Flower's Context.state and, after every round, on the client's own disk,
+from which a restarted client (or a resumed run) takes it up again.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from silotune.checkpoint import load_client_state, save_client_state
 from silotune.config import Config
 from silotune.data.load import as_records, load_partition_file
 from silotune.data.sft import tokenize_dataset
@@ -71,16 +74,22 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
     partition_id = _as_int(context.node_config["partition-id"])
     config = msg.content.config_records["config"]
     records, examples = _local_data(spec, partition_id)
+    round_ = _as_int(config["server-round"])
+    client_dir = Path(spec.clients_dir) / f"client-{partition_id}"
+    # A fresh process (restarted client, resumed run) takes its state up from its own disk:
+    # before training round R, as it was after round R - 1; when evaluating, after round R.
+    upto = round_ - 1 if msg.metadata.message_type == MessageType.TRAIN else round_
+    store = load_store(context.state) or load_client_state(client_dir, upto)
     return LocalRequest(
         bench=_workbench(spec),
         config=spec.config,
         client=partition_id,
-        round=_as_int(config["server-round"]),
+        round=round_,
         global_state=record_to_adapter(msg.content.array_records[ARRAYS]),
-        store=load_store(context.state),
+        store=store,
         records=records,
         examples=examples,
-        client_dir=Path(spec.clients_dir) / f"client-{partition_id}",
+        client_dir=client_dir,
         proximal_mu=_as_float(config.get("proximal-mu", 0.0)),
     )
 
@@ -100,6 +109,7 @@ def make_client_app(spec: ClientSpec) -> ClientApp:
         req = _request(spec, msg, context)
         reply = role.train(req)
         save_store(context.state, req.store)
+        save_client_state(req.client_dir, req.round, req.store)
         metrics = MetricRecord(
             {"num-examples": reply.weight, EQUAL_WEIGHT: 1, "client": req.client, **reply.metrics}
         )

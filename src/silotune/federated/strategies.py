@@ -1,8 +1,12 @@
 """Flower's own strategies, each extended by one mixin that meters rounds.
 
 The mixin counts the bytes of adapter records each round sends and receives (as serialised in
-Flower records, and as raw tensor data), times the round, keeps each
-client's reply metrics, and refuses to go on when every client of a round failed.
+Flower records, and as raw tensor data), times the round, and keeps each client's reply metrics.
+It also guards the aggregate: replies whose adapter fails screening (wrong names or shapes, NaN or
+Inf) are left out and recorded, clients that errored or never replied are recorded as dropped,
+and a round with fewer valid updates than the quorum stops the run (the last checkpoint stays).
+A resumed run numbers its rounds on from the checkpoint (`round_offset`), so clients derive the
+same seeds and FedAdam the same bias correction as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from silotune.config import FederatedConfig
+from silotune.federated.screening import Layout, screen
 from silotune.records import tensor_bytes
 from silotune.registry import Registry
 
@@ -26,7 +31,7 @@ PREDICTIONS = "predictions"
 
 
 class FederationError(RuntimeError):
-    """A round could not produce an update (every client failed)."""
+    """A round could not produce an update (fewer valid client updates than the quorum)."""
 
 
 @dataclass
@@ -40,20 +45,25 @@ class RoundTraffic:
     tensor_bytes_up: int = 0
     wall_s: float = 0.0
     clients: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # errored, rejected or silent clients
+    layout: Layout | None = None  # names and shapes of the adapter sent out
+    sampled: set[int] = field(default_factory=set)  # node ids asked to train
     client_evals: list[dict[str, Any]] = field(default_factory=list)
     client_predictions: list[list[str]] = field(default_factory=list)
 
 
 class Metered(Strategy):
-    """Mixin placed before a Flower strategy class: meters configure_train/aggregate_train."""
+    """Mixin placed before a Flower strategy class: meters, screens and numbers rounds."""
 
     traffic: dict[int, RoundTraffic]
+    round_offset: int = 0  # rounds done before this run started (a resumed run)
+    quorum: int = 1  # fewest valid updates a round aggregates
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample and configure as the strategy does; count the bytes sent down."""
+        server_round += self.round_offset
         started = time.perf_counter()
         # The mixin always precedes a concrete strategy, so super() is never the abstract one.
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[safe-super]
@@ -64,34 +74,57 @@ class Metered(Strategy):
             started=started,
             bytes_down=sum(r.count_bytes() for r in sent),
             tensor_bytes_down=sum(tensor_bytes(r) for r in sent),
+            layout=Layout.of(arrays),
+            sampled={m.metadata.dst_node_id for m in messages},
         )
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record replies and failures, then aggregate as the strategy does."""
+        """Record replies, drop-outs and rejected updates, then aggregate the valid ones."""
+        server_round += self.round_offset
         replies = list(replies)
         traffic = self.traffic[server_round]
-        ok = [m for m in replies if not m.has_error()]
-        traffic.failures = [str(m.error.reason) for m in replies if m.has_error()]
-        if not ok:
+        ok = []
+        for m in replies:
+            who = _sender(m)
+            if m.has_error():
+                traffic.failures.append(f"{who} failed: {m.error.reason}")
+            elif reason := screen(m.content.array_records.get(ARRAYS), traffic.layout):
+                traffic.failures.append(f"{who} rejected: {reason}")
+            else:
+                ok.append(m)
+        silent = traffic.sampled - {m.metadata.src_node_id for m in replies}
+        traffic.failures += [f"node {n} dropped: no reply" for n in sorted(silent)]
+        if len(ok) < self.quorum:
             reasons = "; ".join(traffic.failures) or "no client replied"
-            raise FederationError(f"round {server_round}: every client failed ({reasons})")
+            raise FederationError(
+                f"round {server_round}: {len(ok)} valid update(s), fewer than the quorum of "
+                f"{self.quorum} (federated.quorum): {reasons}"
+            )
         received = [r for m in ok if (r := m.content.array_records.get(ARRAYS)) is not None]
         traffic.bytes_up = sum(r.count_bytes() for r in received)
         traffic.tensor_bytes_up = sum(tensor_bytes(r) for r in received)
         traffic.clients = [
             dict(metrics) for m in ok if (metrics := m.content.metric_records.get(METRICS))
         ]
-        aggregated = super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
+        aggregated = super().aggregate_train(server_round, ok)  # type: ignore[safe-super]
         traffic.wall_s = time.perf_counter() - traffic.started
         return aggregated
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure client evaluation as the strategy does, in the run's round numbering."""
+        server_round += self.round_offset
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[safe-super]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Keep each client's own evaluation, then aggregate as the strategy does."""
+        server_round += self.round_offset
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         traffic = self.traffic[server_round]
@@ -105,6 +138,13 @@ class Metered(Strategy):
             and isinstance(texts := record.get("text", []), list)
         ]
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
+
+
+def _sender(message: Message) -> str:
+    metrics = message.content.metric_records.get(METRICS) if not message.has_error() else None
+    client = metrics.get("client") if metrics else None
+    node = f"node {message.metadata.src_node_id}"
+    return f"client {client} ({node})" if client is not None else node
 
 
 class MeteredFedAvg(Metered, FedAvg):
@@ -163,4 +203,6 @@ def build_strategy(
     cfg: FederatedConfig, clients: int, client_eval: bool = False, weight: str = "num-examples"
 ) -> Metered:
     """The configured Flower strategy, metered; updates weighted by the metric `weight`."""
-    return STRATEGIES.get(cfg.strategy)(cfg, clients, client_eval, weight)
+    strategy = STRATEGIES.get(cfg.strategy)(cfg, clients, client_eval, weight)
+    strategy.quorum = cfg.quorum
+    return strategy

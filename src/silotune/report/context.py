@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from silotune.config import Config
@@ -17,3 +17,4 @@ class RunContext:
     base: dict[str, float]
     partition_stats: list[dict[str, Any]]
     adapter_bytes: int
+    data_rows: dict[str, Any] = field(default_factory=dict)  # source rows, dropped by reason

@@ -35,6 +35,7 @@ def summarize(
         "mode": spec.mode,
         "rounds": len(result.rounds),
         "clients": len(ctx.partition_stats),
+        "data": ctx.data_rows,
         "final": result.final,
         "base": ctx.base,
         "per_client_final": result.per_client_final,

@@ -33,6 +33,7 @@ class Job:
     workbench: Workbench
     partitions_dir: Path
     clients_dir: Path  # each client's own disk (in simulation, a folder per client)
+    checkpoints_dir: Path | None = None  # where a resumable algorithm keeps its checkpoints
     on_round: Callable[[RoundLog], None] = lambda _: None
     verbose: bool = False
 
@@ -64,6 +65,19 @@ class RoundLog:
             "wall_s": round(self.wall_s, 3),
             "clients": self.clients,
         }
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> RoundLog:
+        """Inverse of to_json."""
+        traffic = ("bytes_up", "bytes_down", "tensor_bytes_up", "tensor_bytes_down", "wall_s")
+        fixed = {"round", "train_loss", "clients", *traffic}
+        return cls(
+            round=int(row["round"]),
+            metrics={k: float(v) for k, v in row.items() if k not in fixed},
+            train_loss=float(row["train_loss"]),
+            clients=list(row.get("clients", [])),
+            **{k: row[k] for k in traffic if k in row},
+        )
 
 
 @dataclass

@@ -1,0 +1,233 @@
+"""Checkpoints that let an interrupted run continue where it stopped (`silotune run --resume`).
+
+Layout inside the unfinished run folder (`OUT.incomplete/checkpoints/`):
+
+    base.json                    the base model's held-out metrics (evaluated once)
+    <algorithm>/result/          a finished algorithm: its AlgorithmResult (JSON + safetensors)
+    <algorithm>/round/           a federated algorithm's last finished round: global adapter,
+                                 strategy state (e.g. FedAdam's moments), round logs, RNG state
+
+Each client keeps its own state on its own disk (`clients/client-N/state/round-R.safetensors`),
+never in the server's checkpoint. Every checkpoint is written to a temporary folder first and
+swapped in with renames, so a crash while saving leaves the previous checkpoint readable.
+Tensors are stored as safetensors and everything else as JSON: a checkpoint never holds pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+
+from silotune.data.synthetic import SyntheticStats
+from silotune.evaluation.judge import JudgeResult
+from silotune.modeling.adapters import StateDict
+
+if TYPE_CHECKING:  # the algorithms import this module to checkpoint their rounds
+    from silotune.federated.algorithms.base import AlgorithmResult, RoundLog
+
+_SEP = "::"  # joins a group name and a tensor name in one safetensors file
+_KEEP_CLIENT_ROUNDS = 2
+
+
+@dataclass
+class RoundCheckpoint:
+    """What a federated server needs to run round `round + 1` as if it never stopped."""
+
+    round: int
+    arrays: StateDict
+    rounds: list[RoundLog]
+    strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)
+    client_evals: list[dict[str, Any]] = field(default_factory=list)
+    client_predictions: list[list[str]] = field(default_factory=list)
+    random_state: Any = None
+
+
+def save_round(folder: Path, ckpt: RoundCheckpoint) -> None:
+    """Replace the round checkpoint in `folder` with `ckpt`."""
+
+    def write(tmp: Path) -> None:
+        save_file(_contiguous(ckpt.arrays), str(tmp / "global.safetensors"))
+        save_numpy(_join(ckpt.strategy_state), str(tmp / "strategy.safetensors"))
+        state = {
+            "round": ckpt.round,
+            "rounds": [log.to_json() for log in ckpt.rounds],
+            "samples": ckpt.samples,
+            "predictions": ckpt.predictions,
+            "client_evals": ckpt.client_evals,
+            "client_predictions": ckpt.client_predictions,
+            "random_state": ckpt.random_state,
+        }
+        _write_json(tmp / "state.json", state)
+
+    _swap_in(folder, write)
+
+
+def load_round(folder: Path) -> RoundCheckpoint | None:
+    """The round checkpoint in `folder`, or None when there is none yet."""
+    found = _readable(folder)
+    if found is None:
+        return None
+    from silotune.federated.algorithms.base import RoundLog
+
+    state = json.loads((found / "state.json").read_text(encoding="utf-8"))
+    return RoundCheckpoint(
+        round=int(state["round"]),
+        arrays=load_file(str(found / "global.safetensors")),
+        rounds=[RoundLog.from_json(r) for r in state["rounds"]],
+        strategy_state=_split(load_numpy(str(found / "strategy.safetensors"))),
+        samples=state["samples"],
+        predictions=state["predictions"],
+        client_evals=state["client_evals"],
+        client_predictions=state["client_predictions"],
+        random_state=state["random_state"],
+    )
+
+
+def python_random_state() -> Any:
+    """The `random` module's state as JSON (Flower samples clients with it)."""
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def restore_python_random(state: Any) -> None:
+    """Inverse of python_random_state."""
+    if state is not None:
+        version, internal, gauss = state
+        random.setstate((version, tuple(internal), gauss))
+
+
+def save_result(folder: Path, result: AlgorithmResult) -> None:
+    """Keep a finished algorithm's result, so a resumed experiment does not run it again."""
+
+    def write(tmp: Path) -> None:
+        adapters = {name: _contiguous(state) for name, state in result.adapters.items()}
+        save_file(_join(adapters), str(tmp / "adapters.safetensors"))
+        data = {
+            "rounds": [log.to_json() for log in result.rounds],
+            "per_client_final": result.per_client_final,
+            "samples": result.samples,
+            "notes": result.notes,
+            "synthetic": _synthetic_to_json(result.synthetic),
+            "final_predictions": result.final_predictions,
+            "judge": dataclasses.asdict(result.judge) if result.judge else None,
+        }
+        _write_json(tmp / "result.json", data)
+
+    _swap_in(folder, write)
+
+
+def load_result(folder: Path) -> AlgorithmResult | None:
+    """A finished algorithm's result kept by save_result, or None."""
+    found = _readable(folder)
+    if found is None:
+        return None
+    from silotune.federated.algorithms.base import AlgorithmResult, RoundLog
+
+    data = json.loads((found / "result.json").read_text(encoding="utf-8"))
+    synthetic = data["synthetic"]
+    return AlgorithmResult(
+        rounds=[RoundLog.from_json(r) for r in data["rounds"]],
+        adapters=_split(load_file(str(found / "adapters.safetensors"))),
+        per_client_final=data["per_client_final"],
+        samples=data["samples"],
+        notes=data["notes"],
+        synthetic=_synthetic_from_json(synthetic) if synthetic else None,
+        final_predictions=data["final_predictions"],
+        judge=JudgeResult(**data["judge"]) if data["judge"] else None,
+    )
+
+
+def save_client_state(client_dir: Path, round_: int, store: dict[str, StateDict]) -> None:
+    """A client's own state after `round_`, on its own disk (the last two rounds are kept)."""
+    if not store:
+        return
+    folder = client_dir / "state"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"round-{round_}.safetensors.tmp"
+    save_file(_join({k: _contiguous(v) for k, v in store.items()}), str(tmp))
+    tmp.replace(folder / f"round-{round_}.safetensors")
+    for old in sorted(_client_rounds(folder))[:-_KEEP_CLIENT_ROUNDS]:
+        (folder / f"round-{old}.safetensors").unlink()
+
+
+def load_client_state(client_dir: Path, upto: int) -> dict[str, StateDict]:
+    """The client's state saved after the latest round <= `upto`; empty if none."""
+    folder = client_dir / "state"
+    rounds = [r for r in _client_rounds(folder) if r <= upto] if folder.is_dir() else []
+    if not rounds:
+        return {}
+    return _split(load_file(str(folder / f"round-{max(rounds)}.safetensors")))
+
+
+def _synthetic_to_json(stats: SyntheticStats | None) -> dict[str, Any] | None:
+    return None if stats is None else stats.to_json()
+
+
+def _synthetic_from_json(data: dict[str, Any]) -> SyntheticStats:
+    stats = SyntheticStats(int(data["generated"]), int(data["kept"]))
+    stats.dropped_by_filter.update(data["dropped_by_filter"])
+    return stats
+
+
+def _client_rounds(folder: Path) -> list[int]:
+    return [
+        int(p.name.removeprefix("round-").removesuffix(".safetensors"))
+        for p in folder.glob("round-*.safetensors")
+    ]
+
+
+def _swap_in(folder: Path, write: Any) -> None:
+    """Write into folder.tmp, then replace folder; folder.old bridges the two renames."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _readable(folder: Path) -> Path | None:
+    """`folder`, or its `.old` twin when a crash came between the two renames of _swap_in."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _join(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        f"{group}{_SEP}{name}": t
+        for group, tensors in groups.items()
+        for name, t in tensors.items()
+    }
+
+
+def _split(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, dict[str, Any]] = {}
+    for key, tensor in flat.items():
+        group, _, name = key.partition(_SEP)
+        groups.setdefault(group, {})[name] = tensor
+    return groups
+
+
+def _contiguous(state: StateDict) -> StateDict:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
