@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/split_overhead.py
 	$(BIN)/python bench/split_scaling.py
 	$(BIN)/python bench/split_memory.py
+	$(BIN)/python bench/split_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

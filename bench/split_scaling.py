@@ -85,6 +85,14 @@ def best(runs: list[Result]) -> Result:
     )
 
 
+def replayed_step(client: int, b: int, t: int, d: int) -> tuple[torch.Tensor, ...]:
+    """The fixed activations (b, t, d), gradient and mask a replaying client sends every step."""
+    gen = torch.Generator().manual_seed(client)
+    hidden = torch.randn(b, t, d, generator=gen)
+    grad = torch.randn(b, t, d, generator=gen) * 1e-3
+    return hidden, grad, torch.ones(b, t, dtype=torch.long)
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(user, sys) CPU seconds of process `pid` so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -111,10 +119,7 @@ def measure(
     errors: list[BaseException] = []
 
     def client(i: int) -> None:
-        gen = torch.Generator().manual_seed(i)
-        hidden = torch.randn(b, t, d, generator=gen)  # (b, t, d)
-        grad = torch.randn(b, t, d, generator=gen) * 1e-3
-        mask = torch.ones(b, t, dtype=torch.long)
+        hidden, grad, mask = replayed_step(i, b, t, d)
         try:
             ready.wait()
             for _ in range(steps):

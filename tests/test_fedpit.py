@@ -201,3 +201,23 @@ def test_fedpit_end_to_end_on_flower(tmp_path: Path) -> None:
         assert (folder / "adapter_model.safetensors").is_file()
     assert (out / "adapters" / GLOBAL / "adapter_config.json").is_file()
     assert "self-generated examples: kept" in (out / "report.md").read_text()
+
+
+@pytest.mark.usefixtures("flower_task", "fake_generator")
+def test_a_client_refuses_a_server_with_another_base_model(tmp_path: Path) -> None:
+    config = _config()
+    spec = _spec(config, tmp_path)
+    app = make_client_app(spec)
+    bench = Workbench(spec.source, config, private=True)
+    message = _message("train", bench.initial, 1)
+    message.content["config"]["base-fingerprint"] = "0123456789abcdef"
+    message.content["config"]["base-model"] = "someone else's model"
+    with pytest.raises(
+        RuntimeError,
+        match=r"client 0 has base model .* fingerprint [0-9a-f]{16}; "
+        r"the server has someone else's model with 0123456789abcdef",
+    ):
+        app(message, _context())
+    # The right fingerprint trains as usual.
+    message.content["config"]["base-fingerprint"] = bench.fingerprint()
+    assert not app(message, _context()).has_error()

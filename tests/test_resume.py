@@ -135,16 +135,16 @@ class _Crash(Exception):
 
 
 def _crash_after(monkeypatch: pytest.MonkeyPatch, algorithm: str, round_: int) -> None:
-    from silotune.federated import simulation
+    from silotune.federated import server
 
-    real = simulation.save_round
+    real = server.save_round
 
     def save_then_crash(folder: Path, ckpt: RoundCheckpoint) -> None:
         real(folder, ckpt)
         if folder.parent.name == algorithm and ckpt.round == round_:
             raise _Crash(f"killed after round {round_}")
 
-    monkeypatch.setattr(simulation, "save_round", save_then_crash)
+    monkeypatch.setattr(server, "save_round", save_then_crash)
 
 
 def _rows(folder: Path) -> list[dict[str, object]]:

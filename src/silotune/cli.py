@@ -77,7 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_split_commands(commands)
     _add_attack_command(commands)
+    _add_deploy_command(commands)
     return parser
+
+
+def _add_deploy_command(commands: Any) -> None:
+    """`deploy local`: a federation of separate processes on this machine."""
+    deploy = commands.add_parser(
+        "deploy",
+        help="run a federated experiment on Flower's Deployment Engine",
+        description=(
+            "local: start a SuperLink and one SuperNode per client as separate processes on "
+            "this machine (TLS, SuperNode authentication), run the experiment with `flwr run`, "
+            "write the results as `silotune run` does, and stop every process."
+        ),
+    )
+    deploy.add_argument("where", choices=["local"], help="where the federation runs")
+    deploy.add_argument("config", type=Path, help="experiment config with one federated algorithm")
+    deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    deploy.add_argument("--out", type=Path, help="output folder (must not exist)")
+    deploy.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up after this many seconds"
+    )
 
 
 def _add_attack_command(commands: Any) -> None:
@@ -149,6 +170,11 @@ def _add_split_commands(commands: Any) -> None:
         )
         sub.add_argument("--out", type=Path, help="where to write results and adapters")
         sub.add_argument("--verbose", action="store_true", help="show library logs")
+        sub.add_argument(
+            "--resume",
+            action="store_true",
+            help="go on from the checkpoint of the last finished round in --out",
+        )
     server.add_argument("--listen", default="0.0.0.0:50051", help="host:port to listen on")
     server.add_argument(
         "--clients", type=int, default=0, help="stop after this many clients ended (0: never)"
@@ -173,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "split-server": _split_server,
             "split-client": _split_client,
             "attack": _attack,
+            "deploy": _deploy,
         }[args.command]
         return handler(args, console)
     except UserError as exc:
@@ -203,6 +230,17 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         run_sweep(config, args.out, console, verbose=args.verbose)
     else:
         run_experiment(plan_experiment(config, args.out), console, verbose=args.verbose)
+    return 0
+
+
+def _deploy(args: argparse.Namespace, console: Console) -> int:
+    from silotune.config import load_config
+    from silotune.deploy.local import deploy_local
+    from silotune.runner import default_out
+
+    config = load_config(args.config, args.overrides)
+    out = deploy_local(config, args.out or default_out(config), console, args.timeout)
+    console.print(f"deployed run finished; report: {out / 'report.md'}")
     return 0
 
 
@@ -245,7 +283,8 @@ def _split_server(args: argparse.Namespace, console: Console) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = load_config(args.config, args.overrides)
-    summary = run_server(config, args.listen, _split_certs(args), args.clients, args.out)
+    certs = _split_certs(args)
+    summary = run_server(config, args.listen, certs, args.clients, args.out, args.resume)
     console.print(f"split server done: {summary['steps']} steps")
     return 0
 
@@ -256,7 +295,10 @@ def _split_client(args: argparse.Namespace, console: Console) -> int:
 
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / f"split-{args.id}"
-    report = run_client(config, args.id, args.server, _split_certs(args), args.data, args.eval, out)
+    certs = _split_certs(args)
+    report = run_client(
+        config, args.id, args.server, certs, args.data, args.eval, out, resume=args.resume
+    )
     final = report["rounds"][-1]["metrics"] if report["rounds"] else {}
     console.print(f"split client {args.id} done: {final}; results in {out}")
     return 0

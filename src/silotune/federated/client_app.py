@@ -9,6 +9,7 @@ from which a restarted client (or a resumed run) takes it up again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -25,7 +26,13 @@ from silotune.defences.federated import EQUAL_WEIGHT, train_mods
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
 from silotune.federated import secagg
 from silotune.federated.local import LOCAL_ROLES, LocalRequest
-from silotune.federated.strategies import ARRAYS, METRICS, PREDICTIONS
+from silotune.federated.strategies import (
+    ARRAYS,
+    BASE_FINGERPRINT,
+    BASE_MODEL,
+    METRICS,
+    PREDICTIONS,
+)
 from silotune.modeling.load import ModelSource
 from silotune.records import adapter_to_record, load_store, record_to_adapter, save_store
 from silotune.training.loop import Examples
@@ -34,13 +41,19 @@ from silotune.training.workbench import Workbench
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """What every client of a run shares: config, base model, algorithm, where data lives."""
+    """What every client of a run shares: config, base model, algorithm, where data lives.
+
+    In simulation client N reads partitions_dir/client-N.jsonl; a deployed node names its own
+    files instead (`data_path`, `eval_path`), which no other node can see.
+    """
 
     config: Config
     source: ModelSource
     partitions_dir: str
     algorithm: str
     clients_dir: str
+    data_path: str = ""
+    eval_path: str = ""
 
 
 def partition_file(partitions_dir: str | Path, partition_id: int) -> Path:
@@ -56,7 +69,8 @@ def _workbench(spec: ClientSpec) -> Workbench:
 
 @cache
 def _local_data(spec: ClientSpec, partition_id: int) -> tuple[list[Record], Examples]:
-    dataset = load_partition_file(partition_file(spec.partitions_dir, partition_id))
+    path = spec.data_path or partition_file(spec.partitions_dir, partition_id)
+    dataset = load_partition_file(Path(path))
     data = spec.config.data
     examples = tokenize_dataset(
         dataset, _workbench(spec).tokenizer, data.prompt_style, data.max_length
@@ -66,7 +80,13 @@ def _local_data(spec: ClientSpec, partition_id: int) -> tuple[list[Record], Exam
 
 @cache
 def _eval_set(spec: ClientSpec) -> EvalSet:
-    dataset = load_partition_file(Path(spec.partitions_dir) / "eval.jsonl")
+    if not spec.data_path:
+        path = Path(spec.partitions_dir) / "eval.jsonl"
+    elif spec.eval_path:
+        path = Path(spec.eval_path)
+    else:
+        raise ValueError(f"{spec.algorithm} clients evaluate: give the node an eval-path")
+    dataset = load_partition_file(path)
     return build_eval_set(dataset, _workbench(spec).tokenizer, spec.config.data)
 
 
@@ -75,6 +95,7 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
     config = msg.content.config_records["config"]
     records, examples = _local_data(spec, partition_id)
     round_ = _as_int(config["server-round"])
+    _check_same_model(_workbench(spec), config, partition_id)
     client_dir = Path(spec.clients_dir) / f"client-{partition_id}"
     # A fresh process (restarted client, resumed run) takes its state up from its own disk:
     # before training round R, as it was after round R - 1; when evaluating, after round R.
@@ -94,18 +115,28 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
     )
 
 
-def make_client_app(spec: ClientSpec) -> ClientApp:
-    """A ClientApp running `spec.algorithm`'s client role on its node's partition."""
-    app = ClientApp()
-    role = LOCAL_ROLES.get(spec.algorithm)
+def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> ClientApp:
+    """A ClientApp running the algorithm's client role on its node's data.
 
-    mods = train_mods(spec.config.defence)
-    if spec.config.defence.secagg:
-        # Flower's SecAgg+ masks the reply; the handler still sees our own message layout.
-        mods += secagg.client_mods(lambda: _workbench(spec).initial)
+    `spec` is fixed in simulation; a deployed app reads it from each message's Context (the run
+    config and the node's own config) and then takes no client mods (no DP clipping, no SecAgg+).
+    """
+    app = ClientApp()
+    mods = []
+    if isinstance(spec, ClientSpec):
+        fixed = spec
+        mods = train_mods(spec.config.defence)
+        if spec.config.defence.secagg:
+            # Flower's SecAgg+ masks the reply; the handler still sees our own message layout.
+            mods += secagg.client_mods(lambda: _workbench(fixed).initial)
+
+    def spec_of(context: Context) -> ClientSpec:
+        return spec if isinstance(spec, ClientSpec) else spec(context)
 
     @app.train(mods=mods)
     def train(msg: Message, context: Context) -> Message:
+        spec = spec_of(context)
+        role = LOCAL_ROLES.get(spec.algorithm)
         req = _request(spec, msg, context)
         reply = role.train(req)
         save_store(context.state, req.store)
@@ -118,6 +149,8 @@ def make_client_app(spec: ClientSpec) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        spec = spec_of(context)
+        role = LOCAL_ROLES.get(spec.algorithm)
         if role.evaluate is None:
             raise RuntimeError(f"{spec.algorithm} clients do not evaluate locally")
         req = _request(spec, msg, context)
@@ -137,6 +170,23 @@ def make_client_app(spec: ClientSpec) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+class ModelMismatchError(RuntimeError):
+    """The server's base model or adapter layout is not this client's."""
+
+
+def _check_same_model(bench: Workbench, config: ConfigRecord, client: int) -> None:
+    theirs = config.get(BASE_FINGERPRINT)
+    if theirs is None:  # evaluation messages and SecAgg+ carry none
+        return
+    ours = bench.fingerprint()
+    if theirs != ours:
+        raise ModelMismatchError(
+            f"client {client} has base model {bench.description} with adapter fingerprint "
+            f"{ours}; the server has {config.get(BASE_MODEL)!s} with {theirs!s}. Both sides need "
+            "the same [model] files and [lora] settings"
+        )
 
 
 def _as_int(value: object) -> int:

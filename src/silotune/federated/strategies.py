@@ -28,6 +28,8 @@ from silotune.registry import Registry
 ARRAYS = "arrays"
 METRICS = "metrics"
 PREDICTIONS = "predictions"
+BASE_FINGERPRINT = "base-fingerprint"  # train config: what the server's model and adapter are
+BASE_MODEL = "base-model"
 
 
 class FederationError(RuntimeError):
@@ -58,12 +60,15 @@ class Metered(Strategy):
     traffic: dict[int, RoundTraffic]
     round_offset: int = 0  # rounds done before this run started (a resumed run)
     quorum: int = 1  # fewest valid updates a round aggregates
+    expected_clients: int = 1  # the first round waits for all clients; later ones for the quorum
+    per_round: int = 1  # clients sampled to train each round
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample and configure as the strategy does; count the bytes sent down."""
         server_round += self.round_offset
+        self._wait_for(first=not getattr(self, "traffic", None))
         started = time.perf_counter()
         # The mixin always precedes a concrete strategy, so super() is never the abstract one.
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[safe-super]
@@ -112,6 +117,14 @@ class Metered(Strategy):
         aggregated = super().aggregate_train(server_round, ok)  # type: ignore[safe-super]
         traffic.wall_s = time.perf_counter() - traffic.started
         return aggregated
+
+    def _wait_for(self, first: bool) -> None:
+        """What Flower's sampling waits for: every client in the first round of a run, then only
+        the quorum, so a client that dropped out does not hold the next rounds up."""
+        self.min_available_nodes = self.expected_clients if first else self.quorum
+        self.min_train_nodes = self.per_round if first else self.quorum
+        if getattr(self, "min_evaluate_nodes", 0):
+            self.min_evaluate_nodes = self.min_available_nodes
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -205,4 +218,6 @@ def build_strategy(
     """The configured Flower strategy, metered; updates weighted by the metric `weight`."""
     strategy = STRATEGIES.get(cfg.strategy)(cfg, clients, client_eval, weight)
     strategy.quorum = cfg.quorum
+    strategy.expected_clients = clients
+    strategy.per_round = sampled_per_round(cfg, clients)
     return strategy

@@ -61,6 +61,8 @@ class MiddleLink:
         self.sealer = TimedSealer(PlainFrames("client"))
         self.stats = LinkStats()
         self.step = 0
+        self.server_round = 0  # the rounds the server had finished when this session began
+        self.broken = False  # the stream failed: no goodbye is possible
         # The configured defences: noise on everything this client lets the server see.
         self.noise = WireNoise(config.defence, _seed(config.experiment.seed, client_id))
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
@@ -102,8 +104,10 @@ class MiddleLink:
         try:
             reply_raw = next(self._replies)
         except grpc.RpcError as exc:
+            self.broken = True
             raise SplitError(_rpc_message(exc, self.target)) from None
         except StopIteration:
+            self.broken = True
             raise SplitError(f"the split server at {self.target} closed the session") from None
         received = time.perf_counter()
         reply = decode(reply_raw, self.sealer)
@@ -129,11 +133,13 @@ class MiddleLink:
         if handshake is None:
             if reply.kind != Kind.READY:
                 raise FrameRejected(f"expected ready from the server, got {reply.kind}")
+            self.server_round = int(str(reply.meta.get("round", 0)))
             return
         final, secret = handshake.finish(base64.b64decode(str(reply.meta["key"])))
         reply = self.call(Frame(Kind.KEY, meta={"key": base64.b64encode(final).decode()}))
         if reply.kind != Kind.READY:
             raise FrameRejected(f"expected ready from the server, got {reply.kind}")
+        self.server_round = int(str(reply.meta.get("round", 0)))
         run = run_id(self.config)
         cipher = session_ciphers(secret, handshake.salt, run, self.client_id, "client")
         crypto = self.sealer.seconds
@@ -152,14 +158,25 @@ class MiddleLink:
         sent = self.noise.activations(hidden.detach())
         tensors = {"hidden": sent.to(self.wire), "mask": mask.bool()}
         meta = {"train": train, "cache": cache}
-        reply = self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, meta))
+        reply = self._for_this_step(self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, meta)))
         return reply.tensors["hidden"].to(hidden.dtype)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         """Send dL/d(middle output); receive dL/d(front output)."""
         sent = self.noise.gradients(grad.detach())
-        reply = self.call(Frame(Kind.GRAD, self.step, {"grad": sent.to(self.wire)}))
+        reply = self._for_this_step(
+            self.call(Frame(Kind.GRAD, self.step, {"grad": sent.to(self.wire)}))
+        )
         return reply.tensors["grad"].to(grad.dtype)
+
+    def _for_this_step(self, reply: Frame) -> Frame:
+        """A reply must answer this client's current step; anything else is a protocol fault."""
+        if reply.step != self.step:
+            raise SplitError(
+                f"the split server answered step {reply.step} while this client is at step "
+                f"{self.step}; the session is out of step"
+            )
+        return reply
 
     def average(self, state: StateDict, weight: float) -> StateDict:
         """Hand in this client's front/back adapter; get the average over the clients."""
@@ -167,9 +184,10 @@ class MiddleLink:
         return {k: v.clone() for k, v in reply.tensors.items()}
 
     def close(self) -> None:
-        """Say goodbye and close the channel."""
+        """Say goodbye (unless the session is already broken) and close the channel."""
         try:
-            self.call(Frame(Kind.BYE))
+            if not self.broken:
+                self.call(Frame(Kind.BYE))
         finally:
             self._outbox.put(None)
             self._channel.close()

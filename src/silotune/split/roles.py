@@ -17,17 +17,18 @@ from typing import Any
 
 import torch
 from peft import inject_adapter_in_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from silotune.config import Config
 from silotune.data.load import load_partition_file
 from silotune.data.sft import tokenize_dataset
+from silotune.errors import UserError
 from silotune.evaluation.evaluator import build_eval_set, evaluate
 from silotune.modeling.adapters import peft_lora_config
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_tokenizer, resolve_model
 from silotune.registry import Registry
-from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM
+from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM, SplitError
 from silotune.split.loading import load_segments
 from silotune.split.segments import Segment
 from silotune.split.server import serve
@@ -63,14 +64,41 @@ def _prefix(segment: Segment, config: Config) -> None:
 
 
 def run_server(
-    config: Config, listen: str, certs: Path | None, expected: int, out: Path | None
+    config: Config,
+    listen: str,
+    certs: Path | None,
+    expected: int,
+    out: Path | None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Serve the middle until `expected` clients have ended their sessions (0: until killed)."""
+    """Serve the middle until `expected` clients have ended their sessions (0: until killed).
+
+    With `out`, the server checkpoints its training state at every round's end (the clients'
+    adapter average is the barrier) into OUT/checkpoint.pt; `resume` starts from it.
+    """
     segments = load_segments(config, "server")
     middle = segments.middle
     del segments  # front and back are not the server's: let them be freed
     add_segment_adapter(middle, config, "middle")
     trainer = build_trainer(middle, config)
+    # The middle's LoRA dropout draws from this process's RNG: seed it, so a run can be replayed.
+    torch.manual_seed(derive_seed(config.experiment.seed, "split-server"))
+    checkpoint = out / "checkpoint.pt" if out is not None else None
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise UserError(f"nothing to resume: no checkpoint.pt in {out} (give the same --out)")
+        trainer.restore(torch.load(checkpoint, weights_only=True))
+        log.info("resumed after round %d (%d steps)", trainer.rounds, trainer.steps)
+    if checkpoint is not None:
+        out_dir = checkpoint.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        def save(_round: int) -> None:
+            partial = checkpoint.with_name(checkpoint.name + ".partial")
+            torch.save(trainer.training_state(), partial)
+            partial.replace(checkpoint)
+
+        trainer.on_round_end = save
     server, port, service = serve(trainer, config, listen, certs, expected)
     log.info("split server (%s) listening on port %d", config.split.mode, port)
     if out is not None:
@@ -97,6 +125,25 @@ def run_server(
     return summary
 
 
+class _NoMiddle:
+    """Stands in for the middle until the link to the server is up."""
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise SplitError("no split server connected")
+
+
+def _resume_client(model: SplitCausalLM, out: Path) -> list[dict[str, Any]]:
+    """Load the adapters of the last finished round; the rounds.jsonl rows up to it."""
+    marker = out / "checkpoint.json"
+    if not marker.is_file():
+        raise UserError(f"nothing to resume: no checkpoint in {out} (give the same --out)")
+    done = int(json.loads(marker.read_text())["round"])
+    load_state(model, load_file(str(out / "checkpoint.safetensors")))
+    rows = (out / "rounds.jsonl").read_text().splitlines()[:done]
+    (out / "rounds.jsonl").write_text("".join(line + "\n" for line in rows))
+    return [json.loads(line) for line in rows]
+
+
 def _save(state: dict[str, torch.Tensor], target: Path) -> None:
     """safetensors, written whole or not at all."""
     partial = target.with_name(target.name + ".partial")
@@ -119,8 +166,13 @@ def run_client(
     data_file: Path,
     eval_file: Path,
     out: Path,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train front/back with the server's middle for `train.rounds` rounds; evaluate each round."""
+    """Train front/back with the server's middle for `train.rounds` rounds; evaluate each round.
+
+    After every round the client keeps its adapters in OUT/checkpoint.safetensors; `resume`
+    goes on from there against a server resumed from the same round.
+    """
     tokenizer = load_tokenizer(resolve_model(config.model))
     segments = load_segments(config, "client")
     front, back = segments.front, segments.back
@@ -131,13 +183,27 @@ def run_client(
         load_partition_file(data_file), tokenizer, config.data.prompt_style, config.data.max_length
     )
     eval_set = build_eval_set(load_partition_file(eval_file), tokenizer, config.data)
-    link = MiddleLink(config, client_id, target, certs)
-    model = SplitCausalLM(front, back, RemoteMiddle(link))
+    model = SplitCausalLM(front, back, _NoMiddle())
     rounds: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rounds.jsonl").write_text("")
+    if resume:
+        rounds = _resume_client(model, out)
+    else:
+        (out / "rounds.jsonl").write_text("")
+    link = MiddleLink(config, client_id, target, certs)
+    model.middle = RemoteMiddle(link)
+    if link.server_round != len(rounds):
+        link.close()
+        raise SplitError(
+            f"the split server has finished {link.server_round} round(s), this client "
+            f"{len(rounds)}: start both from the same round (server --resume with its --out, "
+            "client --resume with its --out)"
+        )
+    if len(rounds) >= config.train.rounds:
+        link.close()
+        raise UserError(f"{out} holds all {config.train.rounds} rounds: nothing left to resume")
     try:
-        for rnd in range(1, config.train.rounds + 1):
+        for rnd in range(len(rounds) + 1, config.train.rounds + 1):
             start = time.perf_counter()
             seed = derive_seed(config.experiment.seed, "split-client", client_id, rnd)
             trained = train_steps(
@@ -159,6 +225,13 @@ def run_client(
             rounds.append(row)
             with (out / "rounds.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")  # progress for whoever launched us
+            _save(adapter_state(model), out / "checkpoint.safetensors")
+            _write(out / "checkpoint.json", {"round": rnd})
+    except SplitError as exc:
+        raise SplitError(
+            f"{exc}; rounds 1-{len(rounds)} are saved in {out}: once the server runs again "
+            "(with --resume), restart this client with --resume"
+        ) from None
     finally:
         link.close()
     report = {

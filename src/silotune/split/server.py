@@ -161,7 +161,8 @@ class _Session:
             self.service.state.stats[self.client] = self.stats
         self.service.trainer.join(self.client)
         self.ready = True
-        return Frame(Kind.READY, meta={"mode": self.service.config.split.mode})
+        meta = {"mode": self.service.config.split.mode, "round": self.service.trainer.rounds}
+        return Frame(Kind.READY, meta=meta)
 
     def on_activations(self, frame: Frame) -> Frame:
         hidden = frame.tensors["hidden"].float()  # (b, t, d)

@@ -8,6 +8,7 @@ Slots: `global` always; `private` (FedPIT's never-shared adapter) when asked for
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from silotune.config import Config
@@ -48,9 +49,24 @@ class Workbench:
             add_named_lora(self.model, config.lora, PRIVATE, seed=derive_seed(seed, PRIVATE))
             self.initial_private = get_adapter(self.model, PRIVATE)
         use_adapters(self.model, [GLOBAL], [GLOBAL])
+        self.description = source.description
         pad = self.tokenizer.pad_token_id
         assert isinstance(pad, int)
         self.pad_id = pad
+
+    def fingerprint(self) -> str:
+        """What server and clients must share: the base model's architecture and vocabulary,
+        and the shared adapter's tensor names, shapes and initial values."""
+        architecture = self.model.config.to_dict()
+        for local in ("_name_or_path", "transformers_version"):  # differ between machines
+            architecture.pop(local, None)
+        digest = hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode())
+        digest.update(str(len(self.tokenizer)).encode())
+        for name in sorted(self.initial):
+            tensor = self.initial[name]
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def put(self, name: str, state: StateDict) -> None:
         """Load `state` into slot `name`."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -79,11 +80,52 @@ class MiddleTrainer:
         self.caches: dict[str, Cache] = {}  # per client, while it generates
         self.dropped: dict[str, str] = {}
         self.steps = 0
+        self.rounds = 0  # client averages done: the round barrier, where checkpoints are taken
         self.compute_s = 0.0
+        # Called inside the round barrier (every client waits): nothing trains meanwhile.
+        self.on_round_end: Callable[[int], None] = lambda _: None
         self.client_average: Rendezvous[tuple[StateDict, float], StateDict] = Rendezvous(
-            _weighted_average, self.timeout_s
+            self._round_end, self.timeout_s
         )
+        self.restored: dict[str, dict[str, Any]] = {}  # saved per-client states not joined yet
         middle.train()
+
+    def _round_end(self, deposits: dict[str, tuple[StateDict, float]]) -> StateDict:
+        averaged = _weighted_average(deposits)
+        self.rounds += 1
+        self.on_round_end(self.rounds)
+        return averaged
+
+    def trained(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer | None]]:
+        """Every module whose adapter the server trains, with its optimizer."""
+        return {"middle": (self.middle, getattr(self, "opt", None))}
+
+    def training_state(self) -> dict[str, Any]:
+        """What a restarted server needs to go on exactly: adapters, optimizers, counters, RNG."""
+        return {
+            "round": self.rounds,
+            "steps": self.steps,
+            "rng": torch.get_rng_state(),
+            "modules": {
+                name: {
+                    "adapter": adapter_state(module),
+                    "optimizer": optimizer.state_dict() if optimizer else {},
+                }
+                for name, (module, optimizer) in self.trained().items()
+            },
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Inverse of training_state; states of modules made later (replicas) wait for them."""
+        self.rounds, self.steps = int(state["round"]), int(state["steps"])
+        torch.set_rng_state(state["rng"])
+        modules = dict(state["modules"])
+        for name, (module, optimizer) in self.trained().items():
+            saved = modules.pop(name)
+            load_state(module, saved["adapter"])
+            if optimizer is not None:
+                optimizer.load_state_dict(saved["optimizer"])
+        self.restored = modules
 
     def optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         """AdamW over `module`'s adapter, as the local training loop uses."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from typing import Any
 
 import torch
 
@@ -47,7 +48,22 @@ class PerClientTrainer(MiddleTrainer):
                         memo[id(tensor)] = tensor
                 module = copy.deepcopy(self.middle, memo)
                 module.train()
-                self.replicas[client] = Replica(module, self.optimizer(module))
+                replica = Replica(module, self.optimizer(module))
+                if saved := self.restored.pop(f"replica/{client}", None):  # a resumed server
+                    load_state(module, saved["adapter"])
+                    replica.optimizer.load_state_dict(saved["optimizer"])
+                    replica.steps = int(saved["steps"])
+                self.replicas[client] = replica
+
+    def trained(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer | None]]:
+        replicas = {f"replica/{c}": (r.module, r.optimizer) for c, r in self.replicas.items()}
+        return {"middle": (self.middle, None), **replicas}
+
+    def training_state(self) -> dict[str, Any]:
+        state = super().training_state()
+        for client, replica in self.replicas.items():
+            state["modules"][f"replica/{client}"]["steps"] = replica.steps
+        return state
 
     def module_for(self, client: str) -> tuple[Middle, threading.RLock | threading.Condition]:
         replica = self.replicas[client]

@@ -1,0 +1,1 @@
+"""Running federated algorithms on Flower's Deployment Engine (SuperLink + SuperNodes)."""

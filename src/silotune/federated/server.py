@@ -1,0 +1,210 @@
+"""The server side of a federated algorithm, the same in simulation and in deployment.
+
+FederatedServer builds the metered Flower strategy, evaluates the global adapter on the held-out
+set after every round, checkpoints (see silotune.checkpoint) and, resumed, starts from the last
+checkpoint with its rounds numbered on. Algorithms whose clients infer with more than the global
+adapter (FedPIT: global + private) also evaluate on the clients; their mean is then the round's
+headline metric and the global-only one is kept as `global_*`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from silotune.checkpoint import (
+    RoundCheckpoint,
+    load_round,
+    python_random_state,
+    restore_python_random,
+    save_round,
+)
+from silotune.config import Config
+from silotune.data.synthetic import SyntheticStats
+from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
+from silotune.evaluation.evaluator import EvalSet
+from silotune.federated.algorithms.base import AlgorithmResult, RoundLog, mean_metrics
+from silotune.federated.local import LOCAL_ROLES
+from silotune.federated.strategies import (
+    BASE_FINGERPRINT,
+    BASE_MODEL,
+    FederationError,
+    Metered,
+    RoundTraffic,
+    build_strategy,
+    sampled_per_round,
+)
+from silotune.modeling.adapters import StateDict
+from silotune.records import adapter_to_record, record_to_adapter
+from silotune.training.workbench import Workbench
+
+_EVAL_KEYS = ("eval_loss", "perplexity", "rouge_l")
+_STRATEGY_STATE = ("m_t", "v_t")  # FedOpt-family server optimiser moments
+
+
+class FederatedServer:
+    """Runs `algorithm`'s rounds against whatever Grid Flower hands it."""
+
+    def __init__(
+        self,
+        config: Config,
+        bench: Workbench,
+        eval_set: EvalSet,
+        algorithm: str,
+        clients: int,
+        checkpoints: Path | None,
+        on_round: Callable[[RoundLog], None] = lambda _: None,
+    ) -> None:
+        self.config, self.bench, self.eval_set, self.on_round = config, bench, eval_set, on_round
+        self.clients = clients
+        self.strategy = build_strategy(
+            config.federated,
+            clients,
+            client_eval=LOCAL_ROLES.get(algorithm).evaluate is not None,
+            weight=EQUAL_WEIGHT if config.defence.dp != "none" else "num-examples",
+        )
+        self.folder = checkpoints / algorithm / "round" if checkpoints else None
+        self.resumed = load_round(self.folder) if self.folder else None
+        self.done = self.resumed.round if self.resumed else 0
+        self.rounds: list[RoundLog] = self.resumed.rounds if self.resumed else []
+        self.samples: list[dict[str, str]] = self.resumed.samples if self.resumed else []
+        self.predictions: list[str] = self.resumed.predictions if self.resumed else []
+        self.initial: StateDict = self.resumed.arrays if self.resumed else bench.initial
+        self.results: list[Result] = []
+        self.notes: list[str] = []
+        if self.resumed:
+            self.strategy.round_offset = self.done
+            for name, value in self.resumed.strategy_state.items():
+                setattr(self.strategy, name, dict(value))
+            restore_python_random(self.resumed.random_state)
+            self.notes.append(f"Resumed after round {self.done} from its checkpoint.")
+
+    @property
+    def remaining(self) -> int:
+        """Rounds still to run."""
+        return self.config.train.rounds - self.done
+
+    def start(self, grid: Grid) -> None:
+        """Run the remaining rounds with the (DP-wrapped) strategy on `grid`."""
+        cfg = self.config
+        strategy = with_dp(
+            self.strategy, cfg.defence, sampled_per_round(cfg.federated, self.clients)
+        )
+        self.results.append(
+            strategy.start(
+                grid=grid,
+                initial_arrays=adapter_to_record(self.initial),
+                num_rounds=self.remaining,
+                timeout=cfg.federated.round_timeout_s,
+                # Clients refuse to train against a different base model or adapter layout.
+                train_config=ConfigRecord(
+                    {BASE_FINGERPRINT: self.bench.fingerprint(), BASE_MODEL: self.bench.description}
+                ),
+                evaluate_fn=self.evaluate_fn,
+            )
+        )
+
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's central evaluation hook: evaluate, log and checkpoint the round."""
+        if server_round == 0:
+            return None  # the base model is evaluated once for all algorithms
+        server_round += self.done
+        state = record_to_adapter(arrays)
+        evaluated = self.bench.evaluate(state, self.eval_set)
+        traffic = self.strategy.traffic[server_round]
+        log = _round_log(server_round, traffic, evaluated.metrics())
+        self.rounds.append(log)
+        self.samples[:] = evaluated.samples
+        self.predictions[:] = evaluated.predictions
+        if self.folder is not None:
+            checkpoint = RoundCheckpoint(
+                round=server_round,
+                arrays=state,
+                rounds=self.rounds,
+                strategy_state=_strategy_state(self.strategy),
+                samples=self.samples,
+                predictions=self.predictions,
+                client_evals=traffic.client_evals,
+                client_predictions=traffic.client_predictions,
+                random_state=python_random_state(),
+            )
+            save_round(self.folder, checkpoint)
+        self.on_round(log)
+        return MetricRecord(dict(evaluated.metrics().items()))
+
+    def result(self) -> AlgorithmResult:
+        """The finished algorithm's result (after start, or straight from a final checkpoint)."""
+        cfg, resumed = self.config, self.resumed
+        final = record_to_adapter(self.results[0].arrays) if self.results else self.initial
+        if len(self.rounds) != cfg.train.rounds:
+            raise RuntimeError("the Flower run ended before all rounds completed")
+        if not final:
+            raise FederationError(
+                "no round produced an aggregate: a client failed in every round (with DP on, one "
+                "failed client voids the round); run with --verbose to see the clients' errors"
+            )
+        synthetic = SyntheticStats()
+        for log in self.rounds:
+            for client in log.clients:
+                if "failed" not in client:
+                    synthetic.add(SyntheticStats.from_metrics(client))
+        traffic = getattr(self.strategy, "traffic", {})
+        last = traffic.get(cfg.train.rounds)
+        client_evals = last.client_evals if last else resumed.client_evals if resumed else []
+        client_predictions = (
+            last.client_predictions if last else resumed.client_predictions if resumed else []
+        )
+        name = type(self.strategy).__name__.removeprefix("Metered")
+        return AlgorithmResult(
+            rounds=self.rounds,
+            adapters={"global": final},
+            per_client_final=[_eval_metrics(c) for c in client_evals],
+            samples=self.samples,
+            # Judge what clients infer with: their own generations where they evaluate themselves.
+            final_predictions=client_predictions or [self.predictions],
+            synthetic=synthetic if synthetic.generated else None,
+            notes=[f"Server strategy: Flower's {name}; {describe(cfg.defence)}.", *self.notes],
+        )
+
+
+def _strategy_state(strategy: Metered) -> dict[str, dict[str, np.ndarray]]:
+    return {
+        name: dict(value)
+        for name in _STRATEGY_STATE
+        if isinstance(value := getattr(strategy, name, None), dict) and value
+    }
+
+
+def _round_log(
+    server_round: int, traffic: RoundTraffic, global_metrics: dict[str, float]
+) -> RoundLog:
+    metrics = dict(global_metrics)
+    if traffic.client_evals:
+        # Clients infer with more than the global adapter: their mean is the headline.
+        metrics = {
+            **mean_metrics([_eval_metrics(c) for c in traffic.client_evals]),
+            **{f"global_{k}": v for k, v in global_metrics.items()},
+        }
+    losses = [float(c["train_loss"]) for c in traffic.clients]
+    return RoundLog(
+        round=server_round,
+        metrics=metrics,
+        train_loss=sum(losses) / len(losses) if losses else float("nan"),
+        bytes_up=traffic.bytes_up,
+        bytes_down=traffic.bytes_down,
+        tensor_bytes_up=traffic.tensor_bytes_up,
+        tensor_bytes_down=traffic.tensor_bytes_down,
+        wall_s=traffic.wall_s,
+        clients=[*traffic.clients, *({"failed": r} for r in traffic.failures)],
+    )
+
+
+def _eval_metrics(client: dict[str, object]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in client.items() if k in _EVAL_KEYS and isinstance(v, int | float)
+    }

@@ -1,0 +1,138 @@
+"""Split learning across processes: the server killed mid-step, restarted, resumed.
+
+The server checkpoints at every round's end (the clients' adapter average is the barrier); a
+client whose server vanished stops with a message saying how to go on; both resumed, the run ends
+with the same adapters as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from silotune.config import Config, load_config
+from silotune.data.load import load_records
+from silotune.errors import UserError
+from silotune.split.client import MiddleLink, SplitError
+from silotune.split.roles import run_client
+
+from .conftest import CONFIGS
+
+
+def _config() -> Config:
+    return load_config(
+        CONFIGS / "tiny.toml",
+        [
+            "experiment.algorithms=['split']",
+            "model.tiny_layers=3",
+            "train.rounds=3",
+            "train.local_steps=3",
+            "eval.generate=false",
+        ],
+    )
+
+
+def _data(tmp_path: Path, config: Config) -> tuple[Path, Path]:
+    records = load_records(config.data).dataset
+    train, held_out = tmp_path / "client.jsonl", tmp_path / "eval.jsonl"
+    records.select(range(12)).to_json(str(train), lines=True)
+    records.select(range(12, 16)).to_json(str(held_out), lines=True)
+    return train, held_out
+
+
+def _server(config: Config, out: Path, resume: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "port").unlink(missing_ok=True)
+    config_file = out / "config.json"
+    config_file.write_text(json.dumps(config.to_dict()))
+    argv = [
+        *(sys.executable, "-m", "silotune.cli", "split-server", str(config_file)),
+        *("--listen", "127.0.0.1:0", "--clients", "1", "--out", str(out), "--insecure"),
+        *(["--resume"] if resume else []),
+    ]
+    with (out / "server.log").open("ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / "port").is_file() and (port := (out / "port").read_text().strip()):
+            return proc, f"127.0.0.1:{port}"
+        assert proc.poll() is None, (out / "server.log").read_text()
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the split server did not start")
+
+
+def _client(config: Config, target: str, data: tuple[Path, Path], out: Path, **kw: bool) -> None:
+    run_client(config, "a", target, None, data[0], data[1], out, **kw)
+
+
+def _same(a: Path, b: Path) -> None:
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys() and left
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_step_restarts_and_the_run_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config()
+    data = _data(tmp_path, config)
+
+    server, target = _server(config, tmp_path / "whole-server")
+    _client(config, target, data, tmp_path / "whole-client")
+    assert server.wait(timeout=120) == 0
+
+    server, target = _server(config, tmp_path / "server")
+    real_forward = MiddleLink.forward
+    kill_at = config.train.local_steps + 2  # in the middle of round 2
+
+    def forward(self: MiddleLink, *args: object, **kwargs: object) -> torch.Tensor:
+        if kwargs.get("train", args[2] if len(args) > 2 else False) and self.step + 1 == kill_at:
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait()
+        return real_forward(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MiddleLink, "forward", forward)
+    with pytest.raises(SplitError, match=r"rounds 1-1 are saved in .*restart this client with"):
+        _client(config, target, data, tmp_path / "client")
+    monkeypatch.undo()
+    assert len((tmp_path / "client" / "rounds.jsonl").read_text().splitlines()) == 1
+    assert torch.load(tmp_path / "server" / "checkpoint.pt", weights_only=True)["round"] == 1
+
+    # A client resumed against a fresh (not resumed) server is refused: their rounds differ.
+    fresh, target = _server(config, tmp_path / "fresh-server")
+    with pytest.raises(SplitError, match="the split server has finished 0 round"):
+        _client(config, target, data, tmp_path / "client", resume=True)
+    fresh.kill()
+    fresh.wait()
+
+    server, target = _server(config, tmp_path / "server", resume=True)
+    _client(config, target, data, tmp_path / "client", resume=True)
+    assert server.wait(timeout=120) == 0
+    _same(
+        tmp_path / "whole-client" / "adapter.safetensors",
+        tmp_path / "client" / "adapter.safetensors",
+    )
+    _same(
+        tmp_path / "whole-server" / "middle-adapter.safetensors",
+        tmp_path / "server" / "middle-adapter.safetensors",
+    )
+    rows = (tmp_path / "client" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_without_a_checkpoint_says_what_to_give(tmp_path: Path) -> None:
+    config = _config()
+    with pytest.raises(UserError, match="nothing to resume"):
+        _client(config, "127.0.0.1:1", _data(tmp_path, config), tmp_path / "empty", resume=True)
