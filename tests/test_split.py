@@ -442,6 +442,10 @@ def test_split_run_with_real_processes(tmp_path: Path) -> None:
     assert server["steps"] == 3 * 3 and len(server["clients"]) == 3
     assert all(c["finished"] and c["rejected"] == 0 for c in server["clients"].values())
     assert "cenit" in (out / "report.md").read_text()
+    for path in out.rglob("*"):  # the run's TLS keys never land in its folder
+        if path.is_file() and path.suffix in (".key", ".pem", ".json", ".log", ".jsonl"):
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
+    assert not list(out.rglob("checkpoint*")), "a finished run keeps no resumable state"
 
 
 def prefixed_segments(config: Config) -> Segments:

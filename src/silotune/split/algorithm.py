@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,8 @@ def run_split(job: Job) -> AlgorithmResult:
     folder.mkdir(parents=True, exist_ok=True)
     clients = [f"client-{i}" for i in range(len(job.client_examples))]
     certs: Path | None = None
-    if cfg.split.tls:
-        certs = folder / "certs"
+    if cfg.split.tls:  # keys live outside the run folder and are deleted with the run
+        certs = Path(tempfile.mkdtemp(prefix="silotune-split-pki-"))
         hosts = sorted({"localhost", "127.0.0.1", cfg.split.host} - {"0.0.0.0"})
         create_dev_pki(certs, clients, hosts, overwrite=True)
     config_file = job.partitions_dir.parent / "config.json"
@@ -102,6 +104,10 @@ def run_split(job: Job) -> AlgorithmResult:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if certs is not None:
+            shutil.rmtree(certs, ignore_errors=True)
+    for leftover in (folder / "server" / "checkpoint.pt", *folder.glob("client-*/checkpoint.*")):
+        leftover.unlink(missing_ok=True)  # resumable state: a finished run needs none
     return _result(folder, clients, rounds)
 
 
