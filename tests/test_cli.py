@@ -84,3 +84,20 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "is not valid TOML" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run"], "give a config file (e.g. configs/demo.toml) or --resume DIR"),
+        (["run", TINY, "--resume", "runs/x"], "give only --resume DIR"),
+        (["run", "--resume", "nowhere/run"], "no interrupted run at nowhere/run"),
+        (["run", "--set", "federated.quorum=4", TINY], "federated.quorum = 4 but only 3 client"),
+        (["deploy", "local", TINY], "a deployed run takes one federated algorithm"),
+    ],
+)
+def test_resume_and_deploy_mistakes_are_named(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
