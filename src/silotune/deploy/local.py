@@ -58,11 +58,11 @@ class _Federation:
     killed: set[str] = field(default_factory=set)  # stopped on purpose (fault injection)
 
     def start(self, name: str, args: list[str], home: str) -> None:
-        log = (self.logs / f"{name}.log").open("wb")
         env = {**self.env, "FLWR_HOME": str(self.root / home)}
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        with (self.logs / f"{name}.log").open("wb") as log:  # the child keeps its own handle
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.processes.append((name, proc))
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
