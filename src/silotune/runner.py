@@ -9,6 +9,7 @@ federated one goes on from its last finished round).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -306,30 +307,39 @@ def _judged(
 def _write_split(work: Path, split: Split, cfg: Config) -> None:
     """Each client's records in its own file (what that client alone reads), plus the eval set."""
     parts = work / "partitions"
-    parts.mkdir()
-    for i, part in enumerate(split.clients):
-        part.to_json(str(partition_file(parts, i)), lines=True, force_ascii=False)
-    split.eval.to_json(str(parts / "eval.jsonl"), lines=True, force_ascii=False)
+    write_partitions(parts, split)
     write_json(parts / "stats.json", split.stats())
     write_json(work / "config.json", cfg.to_dict())
 
 
+def partition_bytes(split: Split) -> dict[str, bytes]:
+    """Each client's records and the eval set as JSON Lines, by file name."""
+    named = {partition_file(Path(), i).name: part for i, part in enumerate(split.clients)}
+    named["eval.jsonl"] = split.eval
+    files = {}
+    for name, records in named.items():
+        buffer = io.BytesIO()
+        records.to_json(buffer, lines=True, force_ascii=False)
+        files[name] = buffer.getvalue()
+    return files
+
+
+def write_partitions(parts: Path, split: Split) -> None:
+    """Each client's records in its own file (what that client alone reads), plus the eval set."""
+    parts.mkdir(parents=True, exist_ok=True)
+    for name, data in partition_bytes(split).items():
+        (parts / name).write_bytes(data)
+
+
 def _check_split(work: Path, split: Split) -> None:
     """A resumed run must see the same split it started with (same data, same seed)."""
-    fresh = work / "checkpoints" / "split-check"
-    shutil.rmtree(fresh, ignore_errors=True)
-    fresh.mkdir(parents=True)
-    for i, part in enumerate(split.clients):
-        part.to_json(str(partition_file(fresh, i)), lines=True, force_ascii=False)
-    split.eval.to_json(str(fresh / "eval.jsonl"), lines=True, force_ascii=False)
-    for path in sorted(fresh.iterdir()):
-        kept = work / "partitions" / path.name
-        if not kept.is_file() or kept.read_bytes() != path.read_bytes():
+    for name, data in partition_bytes(split).items():
+        kept = work / "partitions" / name
+        if not kept.is_file() or kept.read_bytes() != data:
             raise UserError(
                 f"cannot resume: the data split differs from the one the run started with "
                 f"({kept.relative_to(work)}); restore the original data at data.path"
             )
-    shutil.rmtree(fresh)
 
 
 def _partition_table(split: Split) -> Table:

@@ -36,6 +36,7 @@ from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.report.context import RunContext
 from silotune.report.outputs import write_json, write_run
+from silotune.runner import work_folder
 from silotune.training.workbench import Workbench
 
 server_app = ServerApp()
@@ -52,7 +53,7 @@ def _serve(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     cfg, out, eval_path = run_config(context)
     (algorithm,) = cfg.experiment.algorithms
-    work = out.with_name(out.name + ".incomplete")
+    work = work_folder(out)
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "config.json", cfg.to_dict())
     source = resolve_model(cfg.model)

@@ -38,6 +38,7 @@ from silotune.data.load import load_records
 from silotune.data.partition import split_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.federated.client_app import partition_file
+from silotune.runner import work_folder, write_partitions
 from silotune.security.tls import create_dev_pki
 
 _CONNECTION = "silotune-local"
@@ -148,14 +149,11 @@ def deploy_local(
     check_deployable(config)
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
-    work = out.with_name(out.name + ".incomplete")
+    work = work_folder(out)
     loaded = load_records(config.data)
     split = split_dataset(loaded.dataset, config.data, config.partition, config.experiment.seed)
     parts = work / "partitions"
-    parts.mkdir(parents=True, exist_ok=True)
-    for i, part in enumerate(split.clients):
-        part.to_json(str(partition_file(parts, i)), lines=True, force_ascii=False)
-    split.eval.to_json(str(parts / "eval.jsonl"), lines=True, force_ascii=False)
+    write_partitions(parts, split)
     logs = work / "deploy-logs"
     logs.mkdir(exist_ok=True)
     with _federation(logs, len(split.clients)) as fed:

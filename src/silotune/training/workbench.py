@@ -50,13 +50,19 @@ class Workbench:
             self.initial_private = get_adapter(self.model, PRIVATE)
         use_adapters(self.model, [GLOBAL], [GLOBAL])
         self.description = source.description
+        self._fingerprint: str | None = None
         pad = self.tokenizer.pad_token_id
         assert isinstance(pad, int)
         self.pad_id = pad
 
     def fingerprint(self) -> str:
         """What server and clients must share: the base model's architecture and vocabulary,
-        and the shared adapter's tensor names, shapes and initial values."""
+        and the shared adapter's tensor names, shapes and initial values (hashed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash_model()
+        return self._fingerprint
+
+    def _hash_model(self) -> str:
         architecture = self.model.config.to_dict()
         for local in ("_name_or_path", "transformers_version"):  # differ between machines
             architecture.pop(local, None)
