@@ -34,6 +34,8 @@ bench: setup
 	$(BIN)/python bench/split_scaling.py
 	$(BIN)/python bench/split_memory.py
 	$(BIN)/python bench/split_load.py
+	$(BIN)/python bench/split_generate.py
+	$(BIN)/python bench/memory_plan.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

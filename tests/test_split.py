@@ -533,3 +533,33 @@ def test_split_generation_matches_the_full_model() -> None:
     widths = [f.tensors["hidden"].shape[1] for f in sent if f.kind == Kind.ACTIVATIONS]
     assert widths == [7, 1, 1, 1, 1, 1]  # the prompt once, then one token per step
     assert trainer.steps == 0 and not trainer.caches  # nothing trained; cache freed on leave
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        {"do_sample": False, "repetition_penalty": 1.3},
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9},
+    ],
+    ids=["greedy-repetition-penalty", "sampling"],
+)
+def test_split_decoding_settings_match_transformers(decoding: dict[str, object]) -> None:
+    """Repetition penalty, temperature, top-k and top-p decode as transformers' generate does:
+    same seed, same tokens, with the server's cache over the wire."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompts()
+    torch.manual_seed(3)
+    want = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, **decoding
+    )
+    s = split_model(model, 1, 1)
+    config = split_config("split.tls=false")
+    with running_server(s, config) as (port, _):
+        link = MiddleLink(config, "c0", f"localhost:{port}", None)
+        remote = SplitCausalLM(s.front, s.back, RemoteMiddle(link))
+        torch.manual_seed(3)
+        got = remote.generate(
+            ids, mask, 8, pad_token_id=0, eos_token_id=model.config.eos_token_id, **decoding
+        )
+        link.close()
+    assert torch.equal(got, want)

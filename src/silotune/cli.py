@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_split_commands(commands)
     _add_attack_command(commands)
+    _add_plan_command(commands)
     _add_deploy_command(commands)
     return parser
 
@@ -98,6 +99,36 @@ def _add_deploy_command(commands: Any) -> None:
     deploy.add_argument("--out", type=Path, help="output folder (must not exist)")
     deploy.add_argument(
         "--timeout", type=float, default=3600.0, help="give up after this many seconds"
+    )
+
+
+def _add_plan_command(commands: Any) -> None:
+    """`plan`: the memory a config needs, before anything is loaded."""
+    plan = commands.add_parser(
+        "plan",
+        help="estimate the memory a run needs per process, from the model's config alone",
+        description=(
+            "Estimate each process's peak memory (weights, adapters and optimizer, activations, "
+            "runtime) from the model's config.json, the dtype, quantization, LoRA rank, batch "
+            "and sequence length, and say whether it fits and how many clients run at once. "
+            "`silotune run` prints the same plan and refuses one that cannot fit."
+        ),
+        epilog=(
+            "examples:\n"
+            "  silotune plan configs/demo.toml\n"
+            "  silotune plan configs/fedpit-7b-qlora.toml --device cuda --memory-gib 24"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("config", type=Path, help="experiment config (TOML)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    plan.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="plan for another machine's device instead of this one's",
+    )
+    plan.add_argument(
+        "--memory-gib", type=float, help="the memory that device has free (default: this one's)"
     )
 
 
@@ -200,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "split-client": _split_client,
             "attack": _attack,
             "deploy": _deploy,
+            "plan": _plan,
         }[args.command]
         return handler(args, console)
     except UserError as exc:
@@ -231,6 +263,33 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     else:
         run_experiment(plan_experiment(config, args.out), console, verbose=args.verbose)
     return 0
+
+
+def _plan(args: argparse.Namespace, console: Console) -> int:
+    from silotune.config import load_config
+    from silotune.modeling.load import resolve_model
+    from silotune.modeling.memory import gib, model_config, plan_run
+    from silotune.modeling.placement import planned_placement, resolve_placement
+
+    config = load_config(args.config, args.overrides)
+    if args.device is None:
+        placement = resolve_placement(config)
+    else:
+        placement = planned_placement(config, args.device)
+    if args.device == "cuda" and args.memory_gib is None and not torch_has_cuda():
+        raise UserError("planning for a GPU this machine lacks: give its --memory-gib")
+    capacity = gib(args.memory_gib) if args.memory_gib is not None else None
+    plan = plan_run(config, model_config(resolve_model(config.model).location), placement, capacity)
+    console.print(plan.table())
+    if not plan.fits:
+        plan.check()
+    return 0
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _deploy(args: argparse.Namespace, console: Console) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _check_combinations(config: Config) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", config.model.device):
+        raise ConfigError(
+            f"model.device must be auto, cpu, cuda or cuda:N, got {config.model.device!r}"
+        )
     if not config.experiment.algorithms:
         raise ConfigError("experiment.algorithms is empty; list at least one, e.g. ['fedit']")
     if len(set(config.experiment.algorithms)) != len(config.experiment.algorithms):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec, J
 from silotune.federated.client_app import partition_file
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
+from silotune.modeling.memory import model_config, plan_run
+from silotune.modeling.placement import resolve_placement
 from silotune.report.context import RunContext
 from silotune.report.markdown import METRICS
 from silotune.report.outputs import write_comparison, write_json, write_run
@@ -201,8 +204,12 @@ def _run_in(
         _check_split(work, split)
     else:
         _write_split(work, split, cfg)
-    with console.status(f"loading model {cfg.model.name} ..."):
+    with console.status(f"planning memory for {cfg.model.name} ..."):
         source = resolve_model(cfg.model)
+        plan = plan_run(cfg, model_config(source.location), resolve_placement(cfg))
+    console.print(plan.table())
+    plan.check()
+    with console.status(f"loading model {cfg.model.name} ..."):
         bench = Workbench(source, cfg)
         eval_set = build_eval_set(split.eval, bench.tokenizer, cfg.data)
         client_examples = [
@@ -270,6 +277,7 @@ def _run_in(
                 partitions_dir=work / "partitions",
                 clients_dir=work / "clients",
                 checkpoints_dir=checkpoints,
+                client_resources=plan.client_resources(os.cpu_count() or 1),
                 on_round=on_round,
                 verbose=verbose,
             )

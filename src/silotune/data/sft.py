@@ -24,6 +24,12 @@ class Batch:
     attention_mask: torch.Tensor  # (b, t)
     labels: torch.Tensor  # (b, t), IGNORE_INDEX on prompt and padding
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on `device` (itself when it is already there)."""
+        if self.input_ids.device == device:
+            return self
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
+
 
 def encode_example(
     tokenizer: PreTrainedTokenizerBase,

@@ -16,6 +16,7 @@ from silotune.data.sft import IGNORE_INDEX, collate, encode_example, encode_prom
 from silotune.errors import DataError
 from silotune.evaluation.metrics import accuracy, rouge_l
 from silotune.modeling.generation import DecodeConfig, generate, pad_id
+from silotune.modeling.placement import device_of
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,10 @@ def evaluate(
     """Held-out loss (token-weighted), perplexity, choice accuracy and ROUGE-L of generations."""
     model.eval()
     pad = pad_id(tokenizer)
+    device = device_of(model)
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(eval_set.examples), cfg.batch_size):
-        batch = collate(eval_set.examples[start : start + cfg.batch_size], pad)
+        batch = collate(eval_set.examples[start : start + cfg.batch_size], pad).to(device)
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         logits = out.logits[:, :-1].float()  # (b, t-1, v)
         targets = batch.labels[:, 1:]  # (b, t-1)
@@ -173,8 +175,9 @@ def response_nll(
     """Per (ids, labels) row: the summed next-token loss over its labelled tokens, and their
     count. Only `model(input_ids=..., attention_mask=...).logits` is used."""
     out: list[tuple[float, int]] = []
+    device = device_of(model)
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad)
+        batch = collate(rows[start : start + batch_size], pad).to(device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         targets = batch.labels[:, 1:]  # (b, t-1)
         nll = nn.functional.cross_entropy(

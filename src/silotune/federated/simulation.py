@@ -35,15 +35,22 @@ def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
         else:
             server_app = make_server_app(server.start)
         spec = ClientSpec(cfg, job.source, str(job.partitions_dir), algorithm, str(job.clients_dir))
-        simulate(make_client_app(spec), server_app, clients, job.verbose)
+        simulate(make_client_app(spec), server_app, clients, job.verbose, job.client_resources)
     return server.result()
 
 
-def simulate(client_app: object, server_app: object, clients: int, verbose: bool = False) -> None:
-    """Run the apps on Flower's Simulation Engine, one worker using all CPUs at a time."""
+def simulate(
+    client_app: object,
+    server_app: object,
+    clients: int,
+    verbose: bool = False,
+    resources: dict[str, float] | None = None,
+) -> None:
+    """Run the apps on Flower's Simulation Engine: with `resources` (from the memory plan) as
+    many clients at once as fit, else one worker using all CPUs at a time."""
     cpus = os.cpu_count() or 1
     backend = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "client_resources": resources or {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "log_to_driver": verbose, "logging_level": "ERROR"},
     }
     run_simulation(

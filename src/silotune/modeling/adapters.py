@@ -79,9 +79,9 @@ def mix_adapters(a: StateDict, b: StateDict, beta: float) -> StateDict:
 
 
 def get_adapter(model: PeftModel, name: str = GLOBAL) -> StateDict:
-    """A detached copy of the adapter's tensors, keyed as PEFT saves them."""
+    """A detached CPU copy of the adapter's tensors, keyed as PEFT saves them."""
     state = get_peft_model_state_dict(model, adapter_name=name)
-    return {k: v.detach().clone() for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def set_adapter(model: PeftModel, state: StateDict, name: str = GLOBAL) -> None:

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from silotune.modeling.placement import device_of
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -63,9 +65,10 @@ def generate(
                 extra.update(temperature=cfg.temperature, top_p=cfg.top_p)
             if cfg.stop:
                 extra.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
+            device = device_of(model)
             tokens = model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=mask,
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=cfg.max_new_tokens,
                 do_sample=sampling,
                 repetition_penalty=cfg.repetition_penalty,
@@ -73,7 +76,7 @@ def generate(
                 eos_token_id=eos,
                 **extra,
             )
-            for row in tokens[:, width:]:  # (new,)
+            for row in tokens[:, width:].cpu():  # (new,)
                 ids = row.tolist()
                 text = str(tokenizer.decode(ids, skip_special_tokens=True))
                 ended = eos in ids or any(s in text for s in cfg.stop)

@@ -29,6 +29,7 @@ from transformers import (
 
 from silotune.config import ModelConfig
 from silotune.errors import ConfigError
+from silotune.modeling.placement import Placement
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
@@ -69,12 +70,13 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     return ModelSource(cfg.name, f"hub model {cfg.name}")
 
 
-def load_model(source: ModelSource) -> PreTrainedModel:
-    """Load the base model in fp32 on CPU, in eval mode."""
+def load_model(source: ModelSource, placement: Placement | None = None) -> PreTrainedModel:
+    """Load the base model in eval mode: fp32 on CPU, or as `placement` says."""
+    kwargs = placement.from_pretrained_kwargs() if placement else {"dtype": torch.float32}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except OSError as exc:  # not found locally, no network, no access
-        raise _not_loadable(source, exc) from None
+        raise not_loadable(source.location, exc) from None
     model.eval()  # type: ignore[no-untyped-call]
     return model
 
@@ -84,16 +86,17 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location)
     except OSError as exc:
-        raise _not_loadable(source, exc) from None
+        raise not_loadable(source.location, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _not_loadable(source: ModelSource, exc: OSError) -> ConfigError:
+def not_loadable(location: str, exc: Exception) -> ConfigError:
+    """The one message for a model (or its config) that cannot be read."""
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ConfigError(
-        f"cannot load model {source.location!r} ({first_line}); set model.name to a local model "
+        f"cannot load model {location!r} ({first_line}); set model.name to a local model "
         "folder, a hub id this machine can download, or smollm2-135m-instruct"
     )
 

@@ -20,6 +20,14 @@ from typing import Any
 import grpc
 import torch
 from torch import nn
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -155,19 +163,20 @@ class MiddleLink:
         """
         if train:
             self.step += 1
-        sent = self.noise.activations(hidden.detach())
+        # The wire is CPU bytes: move first, so the noise (a CPU generator) applies anywhere.
+        sent = self.noise.activations(hidden.detach().cpu())
         tensors = {"hidden": sent.to(self.wire), "mask": mask.bool()}
         meta = {"train": train, "cache": cache}
         reply = self._for_this_step(self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, meta)))
-        return reply.tensors["hidden"].to(hidden.dtype)
+        return reply.tensors["hidden"].to(hidden.device, hidden.dtype)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         """Send dL/d(middle output); receive dL/d(front output)."""
-        sent = self.noise.gradients(grad.detach())
+        sent = self.noise.gradients(grad.detach().cpu())
         reply = self._for_this_step(
             self.call(Frame(Kind.GRAD, self.step, {"grad": sent.to(self.wire)}))
         )
-        return reply.tensors["grad"].to(grad.dtype)
+        return reply.tensors["grad"].to(grad.device, grad.dtype)
 
     def _for_this_step(self, reply: Frame) -> Frame:
         """A reply must answer this client's current step; anything else is a protocol fault."""
@@ -270,27 +279,49 @@ class SplitCausalLM(nn.Module):
         pad_token_id: int,
         eos_token_id: int | None = None,
         do_sample: bool = False,
-        **_: Any,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop_strings: list[str] | None = None,
+        tokenizer: Any = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Greedy decoding; with KV caches on every segment (the server keeps the middle's) each
-        step runs only the newest token, else (prefix segments) the whole sequence again."""
+        """Decode as transformers' `generate` does (greedy, or sampling with temperature, top-k
+        and top-p; repetition penalty; EOS and stop strings end a row), batched. With KV caches on
+        every segment (the server keeps the middle's) each step runs only the newest token;
+        prefix segments, or `use_cache=False`, run the whole sequence again."""
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
         if do_sample:
-            raise ValueError("split models decode greedily; sampling is not supported")
-        ids, mask, new = input_ids, attention_mask, input_ids
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-        incremental = self._incremental()
+            processors.append(TemperatureLogitsWarper(temperature))
+            if top_k > 0:  # transformers' default of 50, so split and local sampling agree
+                processors.append(TopKLogitsWarper(top_k))
+            processors.append(TopPLogitsWarper(top_p))
+        stop = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
+        ids, mask = input_ids, attention_mask
+        new = input_ids
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        incremental = self._incremental() if use_cache else None
         for step in range(max_new_tokens):
             if incremental is None:
                 logits = self(input_ids=ids, attention_mask=mask).logits[:, -1]  # (b, v)
             else:
                 logits = incremental(new, mask, step == 0)[:, -1]
-            token = logits.argmax(-1)
+            scores = processors(ids, logits.float())  # type: ignore[arg-type]
+            if do_sample:
+                token = torch.multinomial(scores.softmax(-1), num_samples=1)[:, 0]
+            else:
+                token = scores.argmax(-1)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             new = token[:, None]  # (b, 1)
             ids = torch.cat([ids, new], dim=1)
             mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
             if eos_token_id is not None:
                 finished |= token == eos_token_id
+            if stop is not None:
+                finished |= stop(ids, scores).to(finished.device)
             if bool(finished.all()):
                 break
         return ids

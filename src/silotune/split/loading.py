@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from silotune.config import Config
+from silotune.errors import ConfigError
 from silotune.modeling.load import ModelSource, load_model, resolve_model
+from silotune.modeling.placement import Placement, prepare_for_training, resolve_placement
 from silotune.split.segments import Segment, Segments, SplitPoints, decoder_parts, split_model
 
 log = logging.getLogger(__name__)
@@ -50,16 +53,90 @@ def load_segments(config: Config, role: Role = "all") -> Segments:
     """
     source = resolve_model(config.model)
     split = config.split
-    weights = _weight_files(Path(source.location))
-    model = _load_partially(source, weights, split.front_blocks, split.back_blocks, role)
+    placement = role_placement(config, role)
+    model = None
+    if not placement.quantized:  # quantizing needs transformers' own loader
+        weights = _weight_files(Path(source.location))
+        model = _load_partially(source, weights, split.front_blocks, split.back_blocks, role)
     if model is None:
-        model = _load_whole(source, split.front_blocks, split.back_blocks, role)
+        model = _load_whole(source, split.front_blocks, split.back_blocks, role, placement)
+    if not placement.on_cpu_fp32:
+        points = SplitPoints(split.front_blocks, split.back_blocks, _count_blocks(model))
+        _place(model, kept_prefixes(points, role), placement)
+    prepare_for_training(model, placement)
     segments = split_model(model, split.front_blocks, split.back_blocks)
     for segment in (segments.front, segments.middle, segments.back):
         segment.eval()  # the wrappers are new modules, in training mode
+        if not placement.on_cpu_fp32:
+            segment.compute_dtype = placement.dtype
+    if role != "client" and split.server_device_map == "auto":
+        spread_blocks(segments.middle, placement)
     for name in _dropped_segments(role):
         _guard(getattr(segments, name), name, role)
     return segments
+
+
+def role_placement(config: Config, role: Role) -> Placement:
+    """The configured placement; split clients keep their few blocks unquantized (the
+    embeddings and LM head they hold are never quantized, so it would save little)."""
+    placement = resolve_placement(config)
+    if role == "client" and placement.quantized:
+        return replace(placement, quantization="none")
+    return placement
+
+
+def spread_blocks(middle: Segment, placement: Placement) -> dict[int, str]:
+    """Spread the middle's blocks over every visible GPU, balanced by accelerate; returns
+    block index -> device (nothing moves with fewer than two GPUs)."""
+    gpus = torch.cuda.device_count() if placement.device.type == "cuda" else 0
+    if gpus < 2:
+        log.info("split.server_device_map = 'auto' with %d GPU(s): the middle stays on one", gpus)
+        return {}
+    from accelerate.utils import get_balanced_memory
+
+    max_memory = get_balanced_memory(middle, no_split_module_classes=_block_classes(middle))
+    devices = block_device_map(middle, max_memory)
+    for index, device in devices.items():
+        middle.layers[index].to(device)
+    log.info("middle blocks on %s", devices)
+    return devices
+
+
+def block_device_map(segment: Segment, max_memory: dict[int | str, int | str]) -> dict[int, str]:
+    """accelerate's placement of whole blocks under `max_memory` (GPU index -> bytes), as
+    block index -> device name; refuses a plan that would need the CPU."""
+    from accelerate import infer_auto_device_map
+
+    device_map = infer_auto_device_map(
+        segment.layers, max_memory=max_memory, no_split_module_classes=_block_classes(segment)
+    )
+    devices: dict[int, str] = {}
+    for name, device in device_map.items():
+        if not isinstance(device, int):
+            raise ConfigError(
+                f"the middle's blocks do not fit on the GPUs (block {name} would go to "
+                f"{device}); set model.quantization = '4bit', or add GPUs"
+            )
+        for index in range(len(segment.layers)):  # a name covers one block ("3") or all ("")
+            if name in ("", str(index)):
+                devices[index] = f"cuda:{device}"
+    return devices
+
+
+def _block_classes(segment: Segment) -> list[str]:
+    return sorted({type(block).__name__ for block in segment.layers})
+
+
+def _place(model: PreTrainedModel, prefixes: list[str], placement: Placement) -> None:
+    """Cast the kept modules to the placement's dtype and move them to its device; the rotary
+    embedding is rebuilt there in float32 (its frequencies must not be rounded)."""
+    for name in prefixes:
+        module = model.get_submodule(name) if name else model
+        if not placement.quantized:  # quantized weights are already where they belong
+            module.to(device=placement.device, dtype=placement.dtype)
+    inner = model.get_submodule("model")
+    rotary: Any = type(inner.get_submodule("rotary_emb"))
+    inner.rotary_emb = rotary(config=model.config).to(placement.device)
 
 
 def kept_prefixes(points: SplitPoints, role: Role) -> list[str]:
@@ -164,10 +241,10 @@ def _check_materialised(model: nn.Module, prefixes: list[str]) -> None:
 
 
 def _load_whole(
-    source: ModelSource, front_blocks: int, back_blocks: int, role: Role
+    source: ModelSource, front_blocks: int, back_blocks: int, role: Role, placement: Placement
 ) -> PreTrainedModel:
     """The whole model, with the modules `role` does not keep moved to `meta` (freed)."""
-    model = load_model(source)
+    model = load_model(source, placement)
     points = SplitPoints(front_blocks, back_blocks, _count_blocks(model))
     points.check()
     prefixes = kept_prefixes(points, role)

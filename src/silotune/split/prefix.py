@@ -31,9 +31,8 @@ class PrefixKV:
     ) -> KV:
         """(b, kv_heads, t, head_dim) keys/values -> with the prefix in front: (b, h, n + t, d)."""
         k, v = self.per_layer[layer_idx]
-        return torch.cat([k.to(key.dtype), key], dim=2), torch.cat(
-            [v.to(value.dtype), value], dim=2
-        )
+        k, v = k.to(key.device, key.dtype), v.to(value.device, value.dtype)
+        return torch.cat([k, key], dim=2), torch.cat([v, value], dim=2)
 
 
 class SegmentPrefix(nn.Module):

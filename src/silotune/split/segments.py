@@ -84,6 +84,8 @@ class Segment(nn.Module):
         self.rotary_emb = rotary
         self.layers = nn.ModuleList(blocks)
         self.prefix: SegmentPrefix | None = None  # set for p-tuning v2 (see add_prefix)
+        # What hidden states are cast to on entry (the base's dtype); None: left as they come.
+        self.compute_dtype: torch.dtype | None = None
 
     def new_cache(self) -> Cache:
         """An empty KV cache for incremental decoding (each segment fills its own layers)."""
@@ -92,7 +94,8 @@ class Segment(nn.Module):
     def add_prefix(self, tokens: int) -> None:
         """Give every block of this segment `tokens` learned key/value prefixes (p-tuning v2)."""
         if len(self.layers):
-            self.prefix = SegmentPrefix(self.config, len(self.layers), tokens)
+            device = _block_device(self.layers[0])
+            self.prefix = SegmentPrefix(self.config, len(self.layers), tokens).to(device)
 
     def run_blocks(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
@@ -104,6 +107,8 @@ class Segment(nn.Module):
         """
         if not len(self.layers):
             return hidden
+        hidden = hidden.to(_block_device(self.layers[0]), self.compute_dtype or hidden.dtype)
+        attention_mask = attention_mask.to(hidden.device)
         q = hidden.shape[1]
         # Positions count real tokens, so left-padded prompts (generation) get the positions
         # transformers' generate gives them; with right padding this is arange(t), as in training.
@@ -115,6 +120,11 @@ class Segment(nn.Module):
             raise ValueError("prefix segments decode without a cache")
         first_layer = _layer_index(self.layers[0])
         for i, block in enumerate(self.layers):
+            if (device := _block_device(block)) != hidden.device:
+                # The blocks are spread over several GPUs (split.server_device_map = "auto").
+                hidden, attention_mask = hidden.to(device), attention_mask.to(device)
+                position_embeddings = tuple(t.to(device) for t in position_embeddings)
+                masks = {k: m.to(device) if torch.is_tensor(m) else m for k, m in masks.items()}
             kind = _attention_kind(block, self.config)
             if kind not in masks:
                 masks[kind] = _MASK_BUILDERS[kind](
@@ -151,6 +161,11 @@ def _attention_kind(block: nn.Module, config: Any) -> str:
     if kind is None:
         kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
     return str(kind)
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    """Where a block's weights are (its inputs must go there)."""
+    return next(block.parameters()).device
 
 
 def _layer_index(block: nn.Module) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 
 from silotune.config import TrainConfig
 from silotune.data.sft import Batch, batch_stream
+from silotune.modeling.placement import device_of
 
 Examples = list[tuple[list[int], list[int]]]
 
@@ -73,10 +74,11 @@ def _run(
 ) -> float:
     """The steps themselves; returns the summed training loss."""
     total = 0.0
+    device = device_of(model)
     model.train()
     try:
         for step in range(steps):
-            batch = next(batches)
+            batch = next(batches).to(device)
             out = model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -91,9 +93,12 @@ def _run(
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            total += float(out.loss.detach())
+            value = float(out.loss.detach())
+            # Free this step's logits before the next forward allocates its own.
+            del out, loss
+            total += value
             if on_step is not None:
-                on_step(step, float(out.loss.detach()))
+                on_step(step, value)
     finally:
         model.eval()
     return total

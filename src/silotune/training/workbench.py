@@ -11,6 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from silotune.config import Config
 from silotune.evaluation.evaluator import EvalResult, EvalSet, evaluate
 from silotune.modeling.adapters import (
@@ -25,6 +27,7 @@ from silotune.modeling.adapters import (
     use_adapters,
 )
 from silotune.modeling.load import ModelSource, load_model, load_tokenizer
+from silotune.modeling.placement import prepare_for_training, resolve_placement
 from silotune.training.loop import Examples, TrainResult, train_steps
 
 
@@ -40,7 +43,9 @@ class Workbench:
     def __init__(self, source: ModelSource, config: Config, private: bool = False) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(source)
-        base = load_model(source)
+        self.placement = resolve_placement(config)
+        base = load_model(source, self.placement)
+        prepare_for_training(base, self.placement)
         seed = config.experiment.seed
         self.model = add_lora(base, config.lora, GLOBAL, seed=seed)
         self.initial: StateDict = get_adapter(self.model, GLOBAL)
@@ -50,6 +55,8 @@ class Workbench:
             self.initial_private = get_adapter(self.model, PRIVATE)
         use_adapters(self.model, [GLOBAL], [GLOBAL])
         self.description = source.description
+        if not self.placement.on_cpu_fp32:
+            self.description += f" on {self.placement.describe()}"
         self._fingerprint: str | None = None
         pad = self.tokenizer.pad_token_id
         assert isinstance(pad, int)
@@ -64,14 +71,18 @@ class Workbench:
 
     def _hash_model(self) -> str:
         architecture = self.model.config.to_dict()
-        for local in ("_name_or_path", "transformers_version"):  # differ between machines
+        # Where and how each machine holds the base differs; the architecture must not.
+        for local in ("_name_or_path", "transformers_version", "dtype", "quantization_config"):
             architecture.pop(local, None)
         digest = hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode())
         digest.update(str(len(self.tokenizer)).encode())
         for name in sorted(self.initial):
             tensor = self.initial[name]
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            # PEFT initialises adapters through the base's dtype: rounded to bfloat16, a base
+            # held in float32 on one machine and bfloat16 on another gives the same values.
+            rounded = tensor.detach().cpu().to(torch.bfloat16).view(torch.int16)
+            digest.update(rounded.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def put(self, name: str, state: StateDict) -> None:

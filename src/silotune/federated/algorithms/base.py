@@ -34,6 +34,8 @@ class Job:
     partitions_dir: Path
     clients_dir: Path  # each client's own disk (in simulation, a folder per client)
     checkpoints_dir: Path | None = None  # where a resumable algorithm keeps its checkpoints
+    # Flower simulation's per-client resources, from the memory plan (None: one at a time).
+    client_resources: dict[str, float] | None = None
     on_round: Callable[[RoundLog], None] = lambda _: None
     verbose: bool = False
 

@@ -219,7 +219,8 @@ class MiddleTrainer:
     def timed_backward(self, pending: Pending, grad: torch.Tensor) -> torch.Tensor:
         """Backward from the client's gradient; returns dL/d(input)."""
         start = time.perf_counter()
-        torch.autograd.backward(pending.outputs, grad.to(pending.outputs.dtype))
+        out = pending.outputs
+        torch.autograd.backward(out, grad.to(out.device, out.dtype))
         self.compute_s += time.perf_counter() - start
         assert pending.inputs.grad is not None
         return pending.inputs.grad

@@ -99,7 +99,7 @@ class BatchTrainer(MiddleTrainer):
         full = torch.zeros_like(out)
         for client, g in self.grads.items():
             start, end, length = self.rows[client]
-            full[start:end, :length] = g.to(out.dtype)
+            full[start:end, :length] = g.to(out.device, out.dtype)
         if self.grads:
             grad_in = self.timed_backward(self.pending, full)
             # The mean of the clients' gradients, so lr means the same as for one client.

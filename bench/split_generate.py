@@ -1,0 +1,182 @@
+"""Split generation tokens/s ÷ centralized generation tokens/s, measured side by side in one run.
+
+    python bench/split_generate.py                       # SmolLM2-135M, prompts of 64, 32 new
+    python bench/split_generate.py --batch 1 8 --new 64
+    python bench/split_generate.py --model tiny-llama --no-encrypt
+
+The same base and LoRA adapters decode the same random prompts greedily, taking turns (A B C,
+then C B A, ...) so that drifts in machine speed hit them alike:
+
+- centralized: transformers' `generate` on the whole PEFT model, with its KV cache;
+- split, cached: front and back here with their KV caches, the middle on a `silotune
+  split-server` process over loopback gRPC with mutual TLS and AES-256-GCM frames; the server
+  keeps the middle's cache, so each new token crosses the wire alone;
+- split, recomputed: the same split model resending the whole sequence for every token (no
+  cache anywhere), as the FL-GLM code decodes.
+
+A row ends at the model's EOS on every side. Printed per batch size: tokens/s of each (tokens
+decoded over seconds, summed over the runs) and their ratios to centralized, and whether the
+split model produced exactly the centralized tokens in every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from silotune.cli import quiet_libraries
+from silotune.modeling.adapters import add_lora
+from silotune.modeling.load import load_model, resolve_model
+from silotune.security.tls import create_dev_pki
+from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM
+from silotune.split.loading import load_segments
+from silotune.split.roles import add_segment_adapter
+from split_overhead import CLIENT, bench_config, split_server
+
+PAD = 0
+
+
+def prompts(vocab: int, batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=gen)
+    return ids, torch.ones_like(ids)
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    torch.manual_seed(0)
+    extra = [f"split.tls={str(not args.no_tls).lower()}"]
+    extra.append(f"split.encrypt={str(not args.no_encrypt).lower()}")
+    config = bench_config(args.model, 1, args.prompt, extra)
+    source = resolve_model(config.model)
+    central = add_lora(load_model(source), config.lora)
+    vocab = int(central.config.vocab_size)
+    segments = load_segments(config, "client")
+    add_segment_adapter(segments.front, config, "front")
+    add_segment_adapter(segments.back, config, "back")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        certs = None
+        if not args.no_tls:
+            certs = Path(tmp) / "pki"
+            create_dev_pki(certs, [CLIENT])
+        with split_server(config, "process", Path(tmp), certs) as server:
+            link = MiddleLink(config, CLIENT, server.target, certs)
+            split = SplitCausalLM(segments.front, segments.back, RemoteMiddle(link))
+            for batch in args.batch:
+                rows.append(measure(args, central, split, vocab, batch))
+            link.close()
+    report(args, rows, console)
+
+
+def measure(
+    args: argparse.Namespace, central: torch.nn.Module, split: SplitCausalLM, vocab: int, batch: int
+) -> tuple[int, dict[str, float], bool]:
+    new = args.new
+
+    # Both stop a row at the model's EOS (and pad it after), so they decode the same tokens.
+    eos = central.generation_config.eos_token_id  # type: ignore[union-attr]
+    eos = eos[0] if isinstance(eos, list) else eos
+
+    def centralized(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = central.generate(  # type: ignore[operator]
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=eos,
+            use_cache=True,
+        )
+        return out
+
+    def cached(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return split.generate(ids, mask, new, pad_token_id=PAD, eos_token_id=eos)
+
+    def recomputed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return split.generate(ids, mask, new, pad_token_id=PAD, eos_token_id=eos, use_cache=False)
+
+    runs = {"centralized": centralized, "split, cached": cached, "split, recomputed": recomputed}
+    names = list(runs)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[int]] = {n: [] for n in names}  # decoded, rows x steps taken
+    same = True
+    for rep in range(args.reps + 1):  # the first round warms up and is not counted
+        ids, mask = prompts(vocab, batch, args.prompt, seed=rep)
+        order = names if rep % 2 == 0 else names[::-1]
+        outs = {}
+        for name in order:
+            with torch.no_grad():
+                s, outs[name] = timed(lambda fn=runs[name], i=ids, m=mask: fn(i, m))
+            if rep:
+                seconds[name].append(s)
+                tokens[name].append(batch * (outs[name].shape[1] - ids.shape[1]))
+        same &= torch.equal(outs["centralized"], outs["split, cached"])
+    tokens_per_s = {n: sum(tokens[n]) / sum(s) for n, s in seconds.items()}
+    return batch, tokens_per_s, same
+
+
+def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # type: ignore[type-arg]
+    table = Table(
+        title=(
+            f"greedy generation, {args.model}: prompts of {args.prompt} tokens, up to {args.new} "
+            f"new, {args.reps} runs; split over loopback gRPC"
+            + ("" if args.no_tls else " + mutual TLS")
+            + ("" if args.no_encrypt else " + AES-256-GCM")
+        ),
+        title_justify="left",
+    )
+    for col in (
+        "batch",
+        "centralized tok/s",
+        "split cached tok/s",
+        "split recomputed tok/s",
+        "cached ÷ centralized",
+        "recomputed ÷ centralized",
+        "same tokens",
+    ):
+        table.add_column(col, justify="right")
+    for batch, tps, same in rows:
+        c, s, r = tps["centralized"], tps["split, cached"], tps["split, recomputed"]
+        table.add_row(
+            str(batch),
+            f"{c:.1f}",
+            f"{s:.1f}",
+            f"{r:.1f}",
+            f"{s / c:.2f}",
+            f"{r / c:.2f}",
+            "yes" if same else "NO",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=32, help="new tokens per prompt")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-tls", action="store_true")
+    parser.add_argument("--no-encrypt", action="store_true")
+    args = parser.parse_args()
+    quiet_libraries()
+    run(args, Console(width=140))
+
+
+if __name__ == "__main__":
+    main()

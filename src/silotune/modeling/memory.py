@@ -1,0 +1,394 @@
+"""Plan memory before a run: peak bytes per process from the model's config, not its weights.
+
+```
+ model config ──▶ meta skeleton ──▶ parameters per part ──┐
+ placement (dtype, quantization, device)                  ├──▶ Estimate per process
+ lora.r / targets, batch, max_length, eval, generation ───┘     weights + adapters/optimizer
+                                                                + activations + runtime
+ device capacity (free GPU memory or available RAM) ──▶ MemoryPlan: fits? how many clients at
+                                                        once? Flower's client resources
+```
+
+The estimate counts what stays alive at the peak of a step: the frozen weights (NF4 ≈ 0.52
+bytes per parameter with double quantization, int8 ≈ 1, norms and embeddings in float32 once
+PEFT prepares a quantized base), the adapters with their gradients and AdamW moments (16 bytes
+per trainable parameter), the activations kept for the backward pass (every block's, or one
+block's plus each block's input with gradient checkpointing), the logits' float32 copies for the
+loss, the KV cache of generation, and the runtime itself (CUDA context or the Python process).
+It is a plan, not a measurement, and errs high: `bench/memory_plan.py` compares it with
+measured peaks. The CPU's constants (runtime, margin, per-logit bytes) were set from those
+measurements; the CUDA ones have not been measured yet (`tests/test_gpu.py` checks the plan
+against `torch.cuda.max_memory_allocated` on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from rich.table import Table
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from silotune.config import Config
+from silotune.errors import ConfigError
+from silotune.modeling.load import not_loadable
+from silotune.modeling.placement import Placement
+
+GIB = 1024**3
+# The CUDA context, or the Python process with torch, transformers and datasets imported.
+_RUNTIME = {"cuda": int(0.75 * GIB), "cpu": int(1.0 * GIB)}
+# Allocator fragmentation and transient copies; the CPU allocator keeps freed blocks longer.
+_MARGIN = {"cuda": 1.10, "cpu": 1.30}
+# Per logit besides the logits themselves: the loss's float32 log-softmax, the gradient
+# flowing into it, the logits' gradient, and transients of that size (measured on a CPU).
+LOGIT_BYTES = 20
+_ADAM_BYTES = 16  # fp32 weight + gradient + two AdamW moments, per trainable parameter
+_NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + double-quantized absmax
+_INT8_BYTES = 1.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the planner needs to know about the architecture (counted on a meta skeleton)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int  # key/value heads x head dim
+    vocab: int
+    block_linear: int  # parameters in one block's linear layers (quantizable)
+    block_other: int  # parameters in one block besides those (norms, biases)
+    embed: int
+    head: int  # 0 when tied to the embeddings
+    lora_per_block: int  # LoRA parameters one adapter adds to one block
+    lora_inputs: int  # summed input features of one block's LoRA targets
+
+    @property
+    def params(self) -> int:
+        return self.layers * (self.block_linear + self.block_other) + self.embed + self.head
+
+
+def architecture(hf_config: PretrainedConfig, targets: tuple[str, ...], r: int) -> Shape:
+    """Count a model's parameters by part on a meta skeleton (no memory, any architecture)."""
+    with torch.device("meta"):
+        model: nn.Module = AutoModelForCausalLM.from_config(hf_config)  # type: ignore[no-untyped-call]
+    inner = model.get_submodule("model")
+    layers = list(inner.get_submodule("layers").children())
+    block = layers[0]
+    linear = other = lora = lora_inputs = 0
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            linear += module.weight.numel()
+            other += module.bias.numel() if module.bias is not None else 0
+            if name.split(".")[-1] in targets:
+                lora += r * (module.in_features + module.out_features)
+                lora_inputs += module.in_features
+    other += sum(p.numel() for p in block.parameters()) - linear - other
+    embed: torch.Tensor = inner.get_submodule("embed_tokens").weight  # type: ignore[assignment]
+    head: torch.Tensor = model.get_submodule("lm_head").weight  # type: ignore[assignment]
+    heads = int(hf_config.num_attention_heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads)
+    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    return Shape(
+        layers=len(layers),
+        hidden=int(hf_config.hidden_size),
+        intermediate=int(getattr(hf_config, "intermediate_size", 4 * hf_config.hidden_size)),
+        kv_dim=kv_heads * head_dim,
+        vocab=int(hf_config.vocab_size),
+        block_linear=linear,
+        block_other=other,
+        embed=embed.numel(),
+        head=0 if head is embed else head.numel(),
+        lora_per_block=lora,
+        lora_inputs=lora_inputs,
+    )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One process's planned peak, by cause (bytes)."""
+
+    role: str
+    weights: int
+    adapters: int  # trainable parameters + gradients + optimizer state
+    activations: int  # the larger of a training step's and evaluation/generation's
+    runtime: int
+    margin: float = _MARGIN["cuda"]
+
+    @property
+    def total(self) -> int:
+        return int((self.weights + self.adapters + self.activations) * self.margin) + self.runtime
+
+
+@dataclass
+class MemoryPlan:
+    """The processes that share one device, and how many clients can run at once."""
+
+    device: str
+    capacity: int  # bytes free on the device when planned
+    estimates: list[Estimate]
+    shared: int  # bytes of processes always resident (server, evaluation)
+    client: Estimate | None  # one client process (None: nothing runs concurrently)
+    clients: int  # client processes the run starts
+    concurrent: bool  # all clients must be resident at once (split), else they may queue
+    knobs: list[str] = field(default_factory=list)
+
+    @property
+    def parallel(self) -> int:
+        """How many clients fit at once (0: not even one)."""
+        if self.client is None:
+            return 1 if self.shared <= self.capacity else 0
+        room = self.capacity - self.shared
+        return max(0, min(self.clients, room // max(self.client.total, 1)))
+
+    @property
+    def needed(self) -> int:
+        """Bytes the run needs at the least (all clients resident when they must be)."""
+        if self.client is None:
+            return self.shared
+        return self.shared + self.client.total * (self.clients if self.concurrent else 1)
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.capacity
+
+    def check(self) -> None:
+        """Refuse a plan that cannot fit, naming what to turn."""
+        if self.fits:
+            return
+        raise ConfigError(
+            f"this run needs about {self.needed / GIB:.1f} GiB on {self.device} but "
+            f"{self.capacity / GIB:.1f} GiB is free; "
+            + ("; or ".join(self.knobs) or "use a smaller model")
+            + " (`silotune plan CONFIG` prints the plan)"
+        )
+
+    def client_resources(self, cpus: int) -> dict[str, float]:
+        """Flower simulation's per-client resources: on a GPU as many clients as fit share it
+        (a GPU fraction each), on a CPU one client at a time uses every core."""
+        if self.device.startswith("cuda") and self.client is not None:
+            parallel = max(1, self.parallel)
+            return {"num_cpus": max(1, cpus // parallel), "num_gpus": 1.0 / parallel}
+        return {"num_cpus": cpus, "num_gpus": 0.0}
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row per process (GiB): role, weights, adapters, activations, runtime, total."""
+        return [
+            (
+                e.role,
+                *(f"{b / GIB:.2f}" for b in (e.weights, e.adapters, e.activations, e.runtime)),
+                f"{e.total / GIB:.2f}",
+            )
+            for e in self.estimates
+        ]
+
+    def table(self) -> Table:
+        """The plan as a rich table (GiB per process)."""
+        table = Table(title=self.summary(), title_justify="left")
+        for column in ("process", "weights", "adapters+optim", "activations", "runtime", "peak"):
+            table.add_column(column, justify="left" if column == "process" else "right")
+        for row in self.rows():
+            table.add_row(*row)
+        return table
+
+    def summary(self) -> str:
+        verdict = "fits" if self.fits else "does NOT fit"
+        line = (
+            f"memory plan on {self.device}: {self.needed / GIB:.1f} GiB needed, "
+            f"{self.capacity / GIB:.1f} GiB free: {verdict}"
+        )
+        if self.client is not None and not self.concurrent:
+            if self.device.startswith("cuda"):
+                line += f"; {self.parallel} of {self.clients} clients at once"
+            else:
+                line += "; one client at a time, on every core"
+        return line
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The sizes a step works on, from the config."""
+
+    batch: int
+    seq: int
+    eval_batch: int
+    gen_tokens: int
+    adapters: int  # adapters trained by one process (FedPIT: global + private)
+    checkpointing: bool
+
+
+def workload(config: Config, algorithm: str) -> Workload:
+    eval_cfg, synth = config.eval, config.synthetic
+    gen = eval_cfg.max_new_tokens if eval_cfg.generate else 0
+    eval_batch = eval_cfg.batch_size
+    if algorithm in ("fedpit", "locit-sa"):
+        gen = max(gen, synth.instruction_max_new_tokens + synth.response_max_new_tokens)
+        eval_batch = max(eval_batch, synth.batch_size)
+    return Workload(
+        batch=config.train.batch_size,
+        seq=config.data.max_length,
+        eval_batch=eval_batch,
+        gen_tokens=gen,
+        adapters=2 if algorithm == "fedpit" else 1,
+        checkpointing=config.train.gradient_checkpointing,
+    )
+
+
+def estimate(
+    role: str,
+    shape: Shape,
+    placement: Placement,
+    work: Workload,
+    blocks: int,
+    ends: bool,
+    adapters: int | None = None,
+    rows: int | None = None,
+) -> Estimate:
+    """Peak of a process that holds `blocks` blocks and, with `ends`, the embeddings and head;
+    it trains `adapters` LoRA adapters on `rows` sequences at a time (default: the workload's)."""
+    e = torch.finfo(placement.dtype).bits // 8
+    adapters = work.adapters if adapters is None else adapters
+    rows = work.batch if rows is None else rows
+    if placement.quantized:
+        per_linear = _NF4_BYTES if placement.quantization == "4bit" else _INT8_BYTES
+        # PEFT's k-bit preparation keeps every unquantized weight in float32.
+        weights = blocks * (shape.block_linear * per_linear + shape.block_other * 4)
+        weights += (shape.embed + shape.head) * 4 if ends else 0
+        if placement.device.type == "cpu":
+            # Quantizing in RAM reads the full-precision weights first; the CPU allocator
+            # keeps that memory (measured: a 4-bit base peaks above a float32 one on a CPU).
+            weights += blocks * shape.block_linear * e
+    else:
+        weights = blocks * (shape.block_linear + shape.block_other) * e
+        weights += (shape.embed + shape.head) * e if ends else 0
+    trainable = blocks * shape.lora_per_block * adapters
+    tokens = rows * work.seq
+    # Kept for backward, per token and block: two RMS norms' float32 intermediates (6 d),
+    # q, rotated q, attention output, o_proj input, residuals, down_proj output (~9 d), k, v,
+    # rotated k (3 kv), the MLP's gate, up, activation and product (4 I); flash/memory-efficient
+    # attention keeps no t x t scores. Plus LoRA's float32 inputs.
+    per_block = e * (15 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate)
+    per_block += 4 * shape.lora_inputs * adapters
+    if work.checkpointing:
+        kept = tokens * (blocks * e * shape.hidden + per_block)
+    else:
+        kept = tokens * blocks * per_block
+    logits = tokens * shape.vocab * (e + LOGIT_BYTES) if ends else 0
+    train_peak = kept + logits + tokens * e * shape.hidden * 2
+    # Evaluation: one block's activations; the loss's logits; generation's KV cache.
+    eval_tokens = work.eval_batch * (work.seq + work.gen_tokens)
+    cache = eval_tokens * blocks * 2 * shape.kv_dim * e
+    eval_logits = work.eval_batch * work.seq * shape.vocab * (e + 4) if ends else 0
+    eval_peak = cache + eval_logits + work.eval_batch * work.seq * per_block
+    return Estimate(
+        role=role,
+        weights=int(weights),
+        adapters=trainable * _ADAM_BYTES,
+        activations=int(max(train_peak, eval_peak)),
+        runtime=_RUNTIME.get(placement.device.type, _RUNTIME["cpu"]),
+        margin=_MARGIN.get(placement.device.type, _MARGIN["cpu"]),
+    )
+
+
+def plan_run(
+    config: Config,
+    hf_config: PretrainedConfig,
+    placement: Placement,
+    capacity: int | None = None,
+) -> MemoryPlan:
+    """The plan for `silotune run` of `config` on one machine (simulation, or split processes)."""
+    lora = config.lora
+    shape = architecture(hf_config, lora.target_modules, lora.r)
+    capacity = device_capacity(placement.device) if capacity is None else capacity
+    algorithms = config.experiment.algorithms
+    clients = config.partition.clients
+    whole = shape.layers
+
+    def process(role: str, algorithm: str, **kw: Any) -> Estimate:
+        return estimate(role, shape, placement, workload(config, algorithm), whole, True, **kw)
+
+    # The runner's own process evaluates the base and the servers' adapters, and trains the
+    # algorithms that run in it; split-central builds a second copy of the model there.
+    in_process = [a for a in algorithms if a in ("locit", "locit-sa", "cenit")]
+    estimates = [
+        max((process("runner", a) for a in in_process), key=lambda e: e.total)
+        if in_process
+        else process("runner (evaluation)", "fedit", adapters=0, rows=0)
+    ]
+    if "split-central" in algorithms:
+        estimates.append(process("split-central", "split-central"))
+    shared = sum(e.total for e in estimates)
+    client: Estimate | None = None
+    concurrent = False
+    if federated := [a for a in algorithms if a in ("fedit", "fedpit")]:
+        client = max((process(f"{a} client", a) for a in federated), key=lambda e: e.total)
+        estimates.append(client)
+    if "split" in algorithms:
+        split, work = config.split, workload(config, "split")
+        server = estimate(
+            "split server",
+            shape,
+            placement,
+            work,
+            whole - split.front_blocks - split.back_blocks,
+            False,
+            adapters=clients if split.mode == "per-client" else 1,
+            rows=work.batch * (clients if split.mode == "batch" else 1),
+        )
+        unquantized = replace(placement, quantization="none")  # split clients never quantize
+        ends = split.front_blocks + split.back_blocks
+        split_client = estimate("split client", shape, unquantized, work, ends, True)
+        estimates += [server, split_client]
+        shared += server.total
+        if client is None or split_client.total * clients > client.total:
+            client, concurrent = split_client, True  # split clients all run at once
+    plan = MemoryPlan(
+        str(placement.device), capacity, estimates, shared, client, clients, concurrent
+    )
+    plan.knobs = _knobs(config, placement)
+    return plan
+
+
+def _knobs(config: Config, placement: Placement) -> list[str]:
+    """The settings that would lower the plan, in the order worth trying."""
+    knobs = []
+    if not config.train.gradient_checkpointing:
+        knobs.append("set train.gradient_checkpointing = true")
+    if placement.quantization != "4bit":
+        knobs.append("set model.quantization = '4bit'")
+    if placement.dtype == torch.float32:
+        knobs.append("set model.dtype = 'bfloat16'")
+    knobs.append(f"lower train.batch_size (now {config.train.batch_size})")
+    knobs.append(f"lower data.max_length (now {config.data.max_length})")
+    if "split" in config.experiment.algorithms:
+        knobs.append(f"run fewer split clients (partition.clients, now {config.partition.clients})")
+    return knobs
+
+
+def device_capacity(device: torch.device) -> int:
+    """Bytes free on `device` now: free GPU memory, or the RAM the OS says is available."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def model_config(location: str) -> PretrainedConfig:
+    """The model's config.json (a hub id is fetched, or read from the local HF cache)."""
+    try:
+        cfg: Any = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise not_loadable(location, exc) from None
+    return cfg  # type: ignore[no-any-return]
+
+
+def gib(value: float) -> int:
+    """GiB -> bytes (for `--memory-gib`)."""
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"memory must be a positive number of GiB, got {value}")
+    return int(value * GIB)
