@@ -70,6 +70,7 @@ class MiddleLink:
         self.stats = LinkStats()
         self.step = 0
         self.server_round = 0  # the rounds the server had finished when this session began
+        self.server_resumed = False  # the server started from a checkpoint
         self.broken = False  # the stream failed: no goodbye is possible
         # The configured defences: noise on everything this client lets the server see.
         self.noise = WireNoise(config.defence, _seed(config.experiment.seed, client_id))
@@ -142,12 +143,14 @@ class MiddleLink:
             if reply.kind != Kind.READY:
                 raise FrameRejected(f"expected ready from the server, got {reply.kind}")
             self.server_round = int(str(reply.meta.get("round", 0)))
+            self.server_resumed = bool(reply.meta.get("resumed", False))
             return
         final, secret = handshake.finish(base64.b64decode(str(reply.meta["key"])))
         reply = self.call(Frame(Kind.KEY, meta={"key": base64.b64encode(final).decode()}))
         if reply.kind != Kind.READY:
             raise FrameRejected(f"expected ready from the server, got {reply.kind}")
         self.server_round = int(str(reply.meta.get("round", 0)))
+        self.server_resumed = bool(reply.meta.get("resumed", False))
         run = run_id(self.config)
         cipher = session_ciphers(secret, handshake.salt, run, self.client_id, "client")
         crypto = self.sealer.seconds

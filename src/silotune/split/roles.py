@@ -192,7 +192,10 @@ def run_client(
         (out / "rounds.jsonl").write_text("")
     link = MiddleLink(config, client_id, target, certs)
     model.middle = RemoteMiddle(link)
-    if link.server_round != len(rounds):
+    # A fresh client may join a fresh server late (the others' rounds went on without it);
+    # a resumed client or server must meet its counterpart at the same round.
+    restarted = resume or link.server_resumed
+    if restarted and link.server_round != len(rounds):
         link.close()
         raise SplitError(
             f"the split server has finished {link.server_round} round(s), this client "

@@ -161,7 +161,12 @@ class _Session:
             self.service.state.stats[self.client] = self.stats
         self.service.trainer.join(self.client)
         self.ready = True
-        meta = {"mode": self.service.config.split.mode, "round": self.service.trainer.rounds}
+        trainer = self.service.trainer
+        meta = {
+            "mode": self.service.config.split.mode,
+            "round": trainer.rounds,
+            "resumed": trainer.resumed,
+        }
         return Frame(Kind.READY, meta=meta)
 
     def on_activations(self, frame: Frame) -> Frame:

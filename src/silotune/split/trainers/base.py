@@ -88,6 +88,7 @@ class MiddleTrainer:
             self._round_end, self.timeout_s
         )
         self.restored: dict[str, dict[str, Any]] = {}  # saved per-client states not joined yet
+        self.resumed = False  # started from a checkpoint (its rounds are a client's too)
         middle.train()
 
     def _round_end(self, deposits: dict[str, tuple[StateDict, float]]) -> StateDict:
@@ -118,6 +119,7 @@ class MiddleTrainer:
     def restore(self, state: dict[str, Any]) -> None:
         """Inverse of training_state; states of modules made later (replicas) wait for them."""
         self.rounds, self.steps = int(state["round"]), int(state["steps"])
+        self.resumed = True
         torch.set_rng_state(state["rng"])
         modules = dict(state["modules"])
         for name, (module, optimizer) in self.trained().items():
