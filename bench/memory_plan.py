@@ -30,6 +30,7 @@ from transformers import Qwen2Config
 
 from silotune.cli import quiet_libraries
 from silotune.config import load_config
+from silotune.modeling.load import resolve_model
 from silotune.modeling.memory import GIB, model_config, plan_run
 from silotune.modeling.placement import planned_placement, resolve_placement
 
@@ -68,7 +69,6 @@ def child(model: str, extra: list[str], steps: int) -> None:
     from silotune.data.sft import tokenize_dataset
     from silotune.evaluation.evaluator import build_eval_set
     from silotune.modeling.adapters import GLOBAL, PRIVATE
-    from silotune.modeling.load import resolve_model
     from silotune.training.workbench import Workbench
 
     config = load_config(None, overrides(model, extra))
@@ -113,8 +113,6 @@ def measure(args: argparse.Namespace, console: Console) -> None:
     for name, extra in SETTINGS.items():
         config = load_config(None, overrides(args.model, extra))
         placement = resolve_placement(config)
-        from silotune.modeling.load import resolve_model
-
         location = resolve_model(config.model).location
         plan = plan_run(config, model_config(location), placement, capacity=10**15)
         assert plan.client is not None

@@ -266,6 +266,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
     from silotune.config import load_config
     from silotune.modeling.load import resolve_model
     from silotune.modeling.memory import gib, model_config, plan_run
@@ -276,20 +278,13 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
         placement = resolve_placement(config)
     else:
         placement = planned_placement(config, args.device)
-    if args.device == "cuda" and args.memory_gib is None and not torch_has_cuda():
+    if args.device == "cuda" and args.memory_gib is None and not torch.cuda.is_available():
         raise UserError("planning for a GPU this machine lacks: give its --memory-gib")
     capacity = gib(args.memory_gib) if args.memory_gib is not None else None
     plan = plan_run(config, model_config(resolve_model(config.model).location), placement, capacity)
     console.print(plan.table())
-    if not plan.fits:
-        plan.check()
+    plan.check()
     return 0
-
-
-def torch_has_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _deploy(args: argparse.Namespace, console: Console) -> int:

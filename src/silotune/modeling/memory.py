@@ -217,7 +217,6 @@ class Workload:
     eval_batch: int
     gen_tokens: int
     adapters: int  # adapters trained by one process (FedPIT: global + private)
-    checkpointing: bool
 
 
 def workload(config: Config, algorithm: str) -> Workload:
@@ -233,7 +232,6 @@ def workload(config: Config, algorithm: str) -> Workload:
         eval_batch=eval_batch,
         gen_tokens=gen,
         adapters=2 if algorithm == "fedpit" else 1,
-        checkpointing=config.train.gradient_checkpointing,
     )
 
 
@@ -272,7 +270,7 @@ def estimate(
     # attention keeps no t x t scores. Plus LoRA's float32 inputs.
     per_block = e * (15 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate)
     per_block += 4 * shape.lora_inputs * adapters
-    if work.checkpointing:
+    if placement.gradient_checkpointing:
         kept = tokens * (blocks * e * shape.hidden + per_block)
     else:
         kept = tokens * blocks * per_block
@@ -355,7 +353,7 @@ def plan_run(
 def _knobs(config: Config, placement: Placement) -> list[str]:
     """The settings that would lower the plan, in the order worth trying."""
     knobs = []
-    if not config.train.gradient_checkpointing:
+    if not placement.gradient_checkpointing:
         knobs.append("set train.gradient_checkpointing = true")
     if placement.quantization != "4bit":
         knobs.append("set model.quantization = '4bit'")
