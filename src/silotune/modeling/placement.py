@@ -141,13 +141,15 @@ def _check_quantization(kind: str, device: torch.device) -> None:
 
 
 def prepare_for_training(model: nn.Module, placement: Placement) -> None:
-    """Quantized bases get PEFT's k-bit preparation; checkpointing is switched on if asked.
+    """Quantized bases get PEFT's k-bit preparation and keep a backward pass through their
+    4-bit layers after inference; checkpointing is switched on if asked.
 
     Call it on the base model before adapters are injected.
     """
     if placement.quantized:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_differentiable(model)
         # Casts the few unquantized weights (norms, embeddings) to float32 for stable training
         # and makes the embeddings' output require grad, so checkpointed blocks get gradients.
         prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
@@ -164,6 +166,23 @@ def prepare_for_training(model: nn.Module, placement: Placement) -> None:
             )
         # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings).
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_4bit_differentiable(model: nn.Module) -> None:
+    """Keep every 4-bit layer of `model` on bitsandbytes' kernel that has a backward pass,
+    in training and in inference alike."""
+    from bitsandbytes.nn.modules import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight in place for
+            # a fused CPU kernel at its first eval forward without grad, and keeps it repacked;
+            # that kernel has no backward, so every later training step would leave the LoRA
+            # gradients None (only PyTorch warns). `support_avx512bf16_for_cpu` is the layer's
+            # own switch for that repack: off, evaluation and generation (FedPIT's
+            # self-generation, split decoding) compute as on every other CPU and training after
+            # them still reaches the adapters.
+            module.support_avx512bf16_for_cpu = False
 
 
 def device_of(module: nn.Module) -> torch.device:

@@ -16,6 +16,7 @@ from torch import nn
 from silotune.config import TrainConfig
 from silotune.data.sft import Batch, batch_stream
 from silotune.modeling.placement import device_of
+from silotune.training.guards import check_gradients
 
 Examples = list[tuple[list[int], list[int]]]
 
@@ -41,9 +42,11 @@ def train_steps(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Run `steps` optimizer steps on `examples`; the model is left in eval mode."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    # Only the adapter being trained requires grad (FedPIT freezes the other active one).
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
         raise ValueError("the model has no trainable parameters (no active adapter?)")
+    params = list(named.values())
     # With FedProx, pull towards the parameters received at the start of the round.
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -52,7 +55,7 @@ def train_steps(
     # Dropout draws from the global RNG: seed it too, so a (state, data, seed) triple is replayable.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        total = _run(model, params, anchors, optimizer, batches, cfg, steps, proximal_mu, on_step)
+        total = _run(model, named, anchors, optimizer, batches, cfg, steps, proximal_mu, on_step)
     return TrainResult(
         loss=total / steps,
         steps=steps,
@@ -63,7 +66,7 @@ def train_steps(
 
 def _run(
     model: nn.Module,
-    params: list[nn.Parameter],
+    named: dict[str, nn.Parameter],
     anchors: list[torch.Tensor],
     optimizer: torch.optim.Optimizer,
     batches: Iterator[Batch],
@@ -74,6 +77,7 @@ def _run(
 ) -> float:
     """The steps themselves; returns the summed training loss."""
     total = 0.0
+    params = list(named.values())
     device = device_of(model)
     model.train()
     try:
@@ -84,18 +88,25 @@ def _run(
                 attention_mask=batch.attention_mask,
                 labels=batch.labels,
             )
-            loss = out.loss
-            if anchors:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                loss = loss + 0.5 * proximal_mu * prox
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # A loss that reaches no trainable parameter has nothing to backward: the check
+            # below names them instead of autograd's "does not require grad".
+            if out.loss.requires_grad:
+                out.loss.backward()
+            check_gradients(named)
+            if anchors:
+                # FedProx's mu/2 * |p - a|^2, added as its gradient mu * (p - a) after the check:
+                # in the loss it would give every parameter a gradient, hiding a cut-off one.
+                with torch.no_grad():
+                    for p, a in zip(params, anchors, strict=True):
+                        assert p.grad is not None  # checked above
+                        p.grad.add_(p - a, alpha=proximal_mu)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             value = float(out.loss.detach())
             # Free this step's logits before the next forward allocates its own.
-            del out, loss
+            del out
             total += value
             if on_step is not None:
                 on_step(step, value)
