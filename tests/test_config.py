@@ -12,7 +12,9 @@ from silotune.data.partition import PARTITIONERS
 from silotune.data.prompts import PROMPT_STYLES
 from silotune.errors import ConfigError
 from silotune.federated.algorithms import ALGORITHMS
-from silotune.federated.strategies import STRATEGIES
+from silotune.federated.strategies import (
+    STRATEGIES,
+)
 
 from .conftest import CONFIGS
 

@@ -15,7 +15,9 @@ from silotune.config import Config, DefenceConfig, load_config
 from silotune.defences.federated import describe, train_mods, with_dp
 from silotune.defences.split import WireNoise
 from silotune.errors import ConfigError
-from silotune.federated.strategies import build_strategy
+from silotune.federated.strategies import (
+    build_strategy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,9 @@ from silotune.data.synthetic import SyntheticStats
 from silotune.federated.algorithms import fedpit
 from silotune.federated.client_app import ClientSpec, make_client_app, partition_file
 from silotune.federated.local import LocalRequest
-from silotune.federated.strategies import ARRAYS
+from silotune.federated.metering import (
+    ARRAYS,
+)
 from silotune.modeling.adapters import GLOBAL, PRIVATE, StateDict
 from silotune.modeling.load import resolve_model
 from silotune.records import adapter_to_record, load_store, record_to_adapter

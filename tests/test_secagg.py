@@ -24,7 +24,14 @@ from safetensors.torch import load_file
 from silotune.config import Config, load_config
 from silotune.errors import ConfigError
 from silotune.federated import secagg
-from silotune.federated.strategies import ARRAYS, METRICS, RoundTraffic, build_strategy
+from silotune.federated.metering import (
+    ARRAYS,
+    METRICS,
+    RoundTraffic,
+)
+from silotune.federated.strategies import (
+    build_strategy,
+)
 from silotune.records import adapter_to_record, record_to_adapter
 
 ROOT = Path(__file__).resolve().parents[1]

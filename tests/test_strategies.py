@@ -9,16 +9,20 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from silotune.config import FederatedConfig
-from silotune.federated.screening import Layout
-from silotune.federated.strategies import (
+from silotune.config import FederatedConfig, config_from_dict
+from silotune.federated.metering import (
     ARRAYS,
     METRICS,
     FederationError,
+    Metered,
+    RoundTraffic,
+)
+from silotune.federated.screening import Layout
+from silotune.federated.strategies import (
+    STRATEGIES,
     MeteredFedAdam,
     MeteredFedAvg,
     MeteredFedProx,
-    RoundTraffic,
     build_strategy,
 )
 from silotune.records import tensor_bytes
@@ -132,6 +136,35 @@ def test_strategy_choices_build_flower_strategies() -> None:
     assert isinstance(prox, MeteredFedProx) and prox.proximal_mu == 0.3
     half = build_strategy(FederatedConfig(fraction_train=0.5), 4)
     assert half.min_train_nodes == 2 and half.min_available_nodes == 4  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_every_strategy_choice_builds_a_metered_flower_strategy(name: str) -> None:
+    # Seven clients: enough for every strategy's minimum with one hostile client (Bulyan: 4f + 3).
+    config = config_from_dict({"partition": {"clients": 7}, "federated": {"strategy": name}})
+    strategy = build_strategy(config.federated, 7)
+    assert isinstance(strategy, Metered)
+    assert strategy.quorum == config.federated.min_updates() and strategy.max_weight_ratio == 10
+
+
+def test_strategy_settings_reach_flower() -> None:
+    def built(**settings: object) -> object:
+        cfg = FederatedConfig(**settings)  # type: ignore[arg-type]
+        return build_strategy(cfg, 7)
+
+    yogi = built(strategy="fedyogi", server_lr=0.2, server_tau=0.01, server_beta_1=0.5)
+    assert (yogi.eta, yogi.tau, yogi.beta_1, yogi.beta_2) == (0.2, 0.01, 0.5, 0.99)  # type: ignore[attr-defined]
+    adagrad = built(strategy="fedadagrad", server_lr=0.3)
+    assert adagrad.eta == 0.3  # type: ignore[attr-defined]
+    avgm = built(strategy="fedavgm", server_momentum=0.5, momentum_lr=0.7)
+    assert (avgm.server_momentum, avgm.server_learning_rate) == (0.5, 0.7)  # type: ignore[attr-defined]
+    assert built(strategy="fedtrimmedavg", trim_fraction=0.3).beta == 0.3  # type: ignore[attr-defined]
+    krum = built(strategy="krum", malicious_clients=2)
+    assert (krum.num_malicious_nodes, krum.num_nodes_to_select) == (2, 1)  # type: ignore[attr-defined]
+    multi = built(strategy="multikrum", malicious_clients=2)
+    assert multi.num_nodes_to_select == 5  # type: ignore[attr-defined]  # 7 clients - 2
+    assert built(strategy="multikrum", multikrum_select=3).num_nodes_to_select == 3  # type: ignore[attr-defined]
+    assert built(strategy="bulyan", malicious_clients=1).quorum == 7  # type: ignore[attr-defined]
 
 
 def test_tensor_bytes_counts_raw_data_only() -> None:

@@ -18,6 +18,8 @@ from typing import Any, get_type_hints
 from silotune.config_sections import (
     ATTACK_TARGETS,
     MINIMUMS,
+    ROBUST_STRATEGIES,
+    SECAGG_STRATEGIES,
     Algorithm,
     AttackConfig,
     DataConfig,
@@ -104,7 +106,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
         try:
             raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
@@ -267,9 +276,54 @@ def _check_combinations(config: Config) -> None:
             f"federated.quorum = {config.federated.quorum} but only {sampled} client(s) train "
             f"each round (partition.clients x federated.fraction_train); lower the quorum"
         )
+    _check_strategy(config, sampled)
     if config.defence.secagg and sampled < 2:
         raise ConfigError(
             f"defence.secagg needs at least 2 clients training each round (SecAgg+ reveals a "
             f"lone client's upload); partition.clients = {config.partition.clients} with "
             f"federated.fraction_train = {config.federated.fraction_train} gives {sampled}"
+        )
+
+
+def _check_strategy(config: Config, sampled: int) -> None:
+    """The federated strategy's own needs, and what it cannot be combined with."""
+    fed = config.federated
+    if config.defence.secagg and fed.strategy not in SECAGG_STRATEGIES:
+        raise ConfigError(
+            f"defence.secagg runs Flower's SecAgg+ workflow, which has the strategies "
+            f"{', '.join(SECAGG_STRATEGIES)} (a robust strategy needs each client's update, "
+            f"which SecAgg+ hides); federated.strategy is {fed.strategy!r}"
+        )
+    if config.defence.dp != "none" and fed.strategy in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"defence.dp calibrates its noise to an average of clipped updates, which "
+            f"federated.strategy = {fed.strategy!r} does not compute; use fedavg, fedprox, "
+            f"fedadam, fedavgm, fedyogi or fedadagrad with DP, or set defence.dp = 'none'"
+        )
+    if sampled < fed.min_updates():
+        raise ConfigError(
+            f"federated.strategy = {fed.strategy!r} with federated.malicious_clients = "
+            f"{fed.malicious_clients} needs {fed.min_updates()} clients training each round; "
+            f"{sampled} do (partition.clients x federated.fraction_train): lower "
+            f"malicious_clients or add clients"
+        )
+    if fed.strategy == "multikrum" and fed.multikrum_select > sampled:
+        raise ConfigError(
+            f"federated.multikrum_select = {fed.multikrum_select} but only {sampled} clients "
+            f"train each round; lower it (0 picks clients - malicious_clients)"
+        )
+    per_round = config.synthetic.per_round
+    fedpit = "fedpit" in config.experiment.algorithms and config.defence.dp == "none"
+    if fedpit and per_round > fed.max_weight_ratio:
+        raise ConfigError(
+            f"FedPIT clients weigh their updates by the synthetic examples they keep (1 to "
+            f"synthetic.per_round = {per_round}), but federated.max_weight_ratio = "
+            f"{fed.max_weight_ratio:g} rejects a weight above that multiple of the median: "
+            f"set max_weight_ratio to at least {per_round}"
+        )
+    if fed.strategy == "fedtrimmedavg" and int(fed.trim_fraction * sampled) < 1:
+        raise ConfigError(
+            f"federated.trim_fraction = {fed.trim_fraction} of {sampled} clients a round trims "
+            f"no update (a plain mean); with 3 or more clients a round, set it to at least "
+            f"{1 / sampled:.3g}"
         )

@@ -10,7 +10,30 @@ from typing import Literal
 from silotune.errors import ConfigError
 
 Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit", "split", "split-central"]
-Strategy = Literal["fedavg", "fedprox", "fedadam"]
+Strategy = Literal[
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedavgm",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+]
+# Strategies that select or trim updates instead of averaging them: Flower's DP wrappers calibrate
+# their noise to an average, and SecAgg+ reveals only the sum, so neither can run them.
+ROBUST_STRATEGIES: tuple[Strategy, ...] = (
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
+# What Flower's legacy SecAgg+ workflow runs (silotune.federated.secagg).
+SECAGG_STRATEGIES: tuple[Strategy, ...] = ("fedavg", "fedprox", "fedadam")
 Partitioner = Literal["iid", "dirichlet"]
 PromptStyle = Literal["alpaca", "chat"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
@@ -154,9 +177,39 @@ class FederatedConfig:
     strategy: Strategy = "fedavg"
     fraction_train: float = 1.0
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    server_lr: float = 0.01  # eta of the server optimiser (fedadam, fedyogi, fedadagrad)
+    server_beta_1: float = 0.9  # fedadam, fedyogi: decay of the first moment
+    server_beta_2: float = 0.99  # fedadam, fedyogi: decay of the second moment
+    server_tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity (added to sqrt(v))
+    server_momentum: float = 0.9  # fedavgm: momentum of the server's SGD
+    momentum_lr: float = 1.0  # fedavgm: learning rate of the server's SGD
+    trim_fraction: float = 0.2  # fedtrimmedavg: share of updates cut from each tail, in [0, 0.5)
+    # krum, multikrum, bulyan: hostile clients tolerated per round (f); krum and multikrum
+    # need 2f + 3 clients a round, bulyan 4f + 3.
+    malicious_clients: int = 1
+    multikrum_select: int = 0  # multikrum: updates averaged (0: clients a round - f)
     round_timeout_s: float = 3600.0  # clients silent this long are recorded as dropped
     quorum: int = 1  # fewest valid client updates a round needs; below it the run stops
+    # A client weight (num-examples, or dp-weight with DP) above this multiple of the round's
+    # median is rejected, so that no one client can outweigh the others.
+    max_weight_ratio: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.trim_fraction < 0.5:
+            raise ConfigError(
+                f"federated.trim_fraction is the share cut from each tail, in [0, 0.5); got "
+                f"{self.trim_fraction}"
+            )
+        for name in ("server_beta_1", "server_beta_2"):
+            if not getattr(self, name) < 1.0:
+                raise ConfigError(f"federated.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def min_updates(self) -> int:
+        """Fewest valid updates a round of this strategy needs for its robustness guarantee."""
+        f = self.malicious_clients
+        return {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(
+            self.strategy, 1
+        )
 
 
 @dataclass(frozen=True)
@@ -232,6 +285,9 @@ class SplitConfig:
     average_every: int = 1  # per-client mode: average the middle adapters every K steps
     average_clients: bool = True  # average the clients' front/back adapters each round (SplitFed)
     step_timeout_s: float = 120.0  # a client silent this long mid-step is dropped
+    # A session that sends no frame for this long is closed (its client may reconnect); it must
+    # outlast the longest local work between two frames (a client's evaluation, its checkpoint).
+    idle_timeout_s: float = 900.0
     connect_timeout_s: float = 120.0  # a client waits this long for the server to come up
     host: str = "127.0.0.1"  # where `silotune run` starts its split server
     port: int = 0  # 0: any free port
@@ -316,6 +372,15 @@ MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("federated", "server_lr"): (0.0, False),
     ("federated", "round_timeout_s"): (0.0, False),
     ("federated", "quorum"): (1, True),
+    ("federated", "server_beta_1"): (0.0, True),
+    ("federated", "server_beta_2"): (0.0, True),
+    ("federated", "server_tau"): (0.0, False),
+    ("federated", "server_momentum"): (0.0, True),
+    ("federated", "momentum_lr"): (0.0, False),
+    ("federated", "trim_fraction"): (0.0, True),
+    ("federated", "malicious_clients"): (0, True),
+    ("federated", "multikrum_select"): (0, True),
+    ("federated", "max_weight_ratio"): (1.0, False),
     ("synthetic", "per_round"): (1, True),
     ("synthetic", "icl_examples"): (1, True),
     ("synthetic", "instruction_max_new_tokens"): (4, True),
@@ -340,6 +405,7 @@ MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("split", "batch_window_s"): (0.0, True),
     ("split", "average_every"): (1, True),
     ("split", "step_timeout_s"): (0.0, False),
+    ("split", "idle_timeout_s"): (0.0, False),
     ("split", "connect_timeout_s"): (0.0, False),
     ("split", "port"): (0, True),
     ("defence", "dp_noise_multiplier"): (0.0, True),

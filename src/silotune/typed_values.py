@@ -1,13 +1,15 @@
 """Checking plain values (as parsed from TOML) against dataclass annotations and lower bounds.
 
-Supports the annotations configs use: bool, int, float (ints accepted), str, Literal[...] and
-tuple[X, ...] (from lists). Every failure is a ConfigError naming the key.
+Supports the annotations configs use: bool, int, float (ints accepted; NaN and infinities refused,
+since NaN passes every range check), str, Literal[...] and tuple[X, ...] (from lists). Every
+failure is a ConfigError naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -73,7 +75,11 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+        # An int too large for a float (a JSON config may hold one) counts as infinite.
+        number = float(value) if abs(value) < 2**1023 else math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")

@@ -8,10 +8,12 @@ rewrites outputs through `data.output_map` (entailment -> yes).
 
 Malformed rows (not UTF-8, not a JSON object, a missing or empty instruction or output) are
 skipped and counted by reason, or, with `data.bad_rows = "fail"`, rejected with their row number.
+A client's own file (`split-client --data`, a SuperNode's `data-path`) gets the same treatment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import string
 import tempfile
@@ -25,10 +27,14 @@ import pyarrow as pa
 
 from silotune.config import DataConfig
 from silotune.data.bundled_data import BUNDLED_PREFIX, bundled_path
+from silotune.data.private import write_private
 from silotune.errors import DataError
 
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+# The columns of the records `silotune run` writes for its clients (already mapped); `label` too
+# when the config names a label field.
+_RECORD_COLUMNS = ("instruction", "input", "output")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,35 @@ def resolve_data_path(path: str) -> Path:
 def load_records(cfg: DataConfig) -> LoadedData:
     """Load, map fields (or fill the template), map outputs, drop empty instructions/outputs."""
     raw, rows = _load_raw(cfg)
+    return _mapped(cfg, raw, rows)
+
+
+def load_client_records(path: Path, cfg: DataConfig) -> LoadedData:
+    """One client's own file, read as `load_records` reads `data.path` (same field mapping and
+    bad-row policy); its format is told by its suffix.
+
+    A file holding exactly the columns `silotune run` writes its partitions with (instruction,
+    input, output and maybe label) is already mapped and is read as it is.
+    """
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    own = dataclasses.replace(cfg, path=str(path), format="auto")
+    raw, rows = _load_raw(own)
+    if set(raw.column_names) - {"label"} == set(_RECORD_COLUMNS):
+        own = dataclasses.replace(
+            own,
+            instruction_field="instruction",
+            input_field="input",
+            output_field="output",
+            label_field="label" if "label" in raw.column_names else "",
+            instruction_template="",
+            output_map=(),
+        )
+    return _mapped(own, raw, rows)
+
+
+def _mapped(cfg: DataConfig, raw: datasets.Dataset, rows: _Rows) -> LoadedData:
+    """The records of `raw` under the config's mapping, with its bad rows skipped or refused."""
     mapping = {"output": cfg.output_field}
     if not cfg.instruction_template:
         mapping["instruction"] = cfg.instruction_field
@@ -249,7 +284,7 @@ def _utf8_lines(path: Path, cfg: DataConfig, rows: _Rows, target: Path) -> Path:
             _bad_row(cfg, f"{path} line {number}", "not UTF-8", rows)
     if len(good) == len(lines):
         return path
-    target.write_bytes(b"".join(good))
+    write_private(target, b"".join(good))
     return target
 
 

@@ -27,7 +27,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from silotune.config import Config, config_from_dict
-from silotune.data.load import load_partition_file
+from silotune.data.load import load_client_records
 from silotune.evaluation.evaluator import build_eval_set
 from silotune.federated.algorithms import ALGORITHMS
 from silotune.federated.client_app import ClientSpec, make_client_app
@@ -58,7 +58,8 @@ def _serve(grid: Grid, context: Context) -> None:
     write_json(work / "config.json", cfg.to_dict())
     source = resolve_model(cfg.model)
     bench = Workbench(source, cfg)
-    eval_set = build_eval_set(load_partition_file(eval_path), bench.tokenizer, cfg.data)
+    held_out = load_client_records(eval_path, cfg.data).dataset  # the coordinator's own file
+    eval_set = build_eval_set(held_out, bench.tokenizer, cfg.data)
     base = bench.evaluate_base(eval_set).metrics()
     server = FederatedServer(
         cfg, bench, eval_set, algorithm, cfg.partition.clients, work / "checkpoints"

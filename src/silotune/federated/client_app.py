@@ -19,14 +19,14 @@ from flwr.clientapp import ClientApp
 
 from silotune.checkpoint import load_client_state, save_client_state
 from silotune.config import Config
-from silotune.data.load import as_records, load_partition_file
+from silotune.data.load import as_records, load_client_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record
 from silotune.defences.federated import EQUAL_WEIGHT, train_mods
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
 from silotune.federated import secagg
 from silotune.federated.local import LOCAL_ROLES, LocalRequest
-from silotune.federated.strategies import (
+from silotune.federated.metering import (
     ARRAYS,
     BASE_FINGERPRINT,
     BASE_MODEL,
@@ -70,7 +70,8 @@ def _workbench(spec: ClientSpec) -> Workbench:
 @cache
 def _local_data(spec: ClientSpec, partition_id: int) -> tuple[list[Record], Examples]:
     path = spec.data_path or partition_file(spec.partitions_dir, partition_id)
-    dataset = load_partition_file(Path(path))
+    # A deployed node's file is the user's own: the loader maps its fields and screens its rows.
+    dataset = load_client_records(Path(path), spec.config.data).dataset
     data = spec.config.data
     examples = tokenize_dataset(
         dataset, _workbench(spec).tokenizer, data.prompt_style, data.max_length
@@ -86,7 +87,7 @@ def _eval_set(spec: ClientSpec) -> EvalSet:
         path = Path(spec.eval_path)
     else:
         raise ValueError(f"{spec.algorithm} clients evaluate: give the node an eval-path")
-    dataset = load_partition_file(path)
+    dataset = load_client_records(path, spec.config.data).dataset
     return build_eval_set(dataset, _workbench(spec).tokenizer, spec.config.data)
 
 

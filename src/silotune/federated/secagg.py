@@ -48,12 +48,14 @@ from flwr.serverapp.strategy import Result
 from numpy.typing import NDArray
 
 from silotune.config import Config
-from silotune.federated.strategies import (
+from silotune.federated.metering import (
     ARRAYS,
     METRICS,
     FederationError,
     Metered,
     RoundTraffic,
+)
+from silotune.federated.strategies import (
     sampled_per_round,
 )
 from silotune.modeling.adapters import StateDict
@@ -186,8 +188,14 @@ def legacy_strategy(plan: SecAggPlan) -> _MeteredLegacy:
     }
     strategy: _MeteredLegacy
     if cfg.strategy == "fedadam":
-        # tau as the Message-API FedAdam's default, so both paths run the same optimizer.
-        strategy = _SecAggFedAdam(**kwargs, eta=cfg.server_lr, tau=1e-3)  # type: ignore[arg-type]
+        # The Message-API FedAdam's settings, so both paths run the same optimizer.
+        strategy = _SecAggFedAdam(
+            **kwargs,  # type: ignore[arg-type]
+            eta=cfg.server_lr,
+            tau=cfg.server_tau,
+            beta_1=cfg.server_beta_1,
+            beta_2=cfg.server_beta_2,
+        )
     else:  # FedProx's server is FedAvg's; its clients get proximal-mu in the fit config
         strategy = _MeteredLegacy(**kwargs)  # type: ignore[arg-type]
     strategy.traffic = plan.strategy.traffic

@@ -9,7 +9,7 @@ headline metric and the global-only one is kept as `global_*`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +30,15 @@ from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
 from silotune.evaluation.evaluator import EvalSet
 from silotune.federated.algorithms.base import AlgorithmResult, RoundLog, mean_metrics
 from silotune.federated.local import LOCAL_ROLES
-from silotune.federated.strategies import (
+from silotune.federated.metering import (
     BASE_FINGERPRINT,
     BASE_MODEL,
     FederationError,
     Metered,
     RoundTraffic,
+    ScreenFirst,
+)
+from silotune.federated.strategies import (
     build_strategy,
     sampled_per_round,
 )
@@ -44,7 +47,9 @@ from silotune.records import adapter_to_record, record_to_adapter
 from silotune.training.workbench import Workbench
 
 _EVAL_KEYS = ("eval_loss", "perplexity", "rouge_l")
-_STRATEGY_STATE = ("m_t", "v_t")  # FedOpt-family server optimiser moments
+# Server optimiser state: FedOpt-family moments (dicts by tensor name), FedAvgM's momentum (a
+# list in the adapter's key order, kept by position).
+_STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 class FederatedServer:
@@ -59,14 +64,21 @@ class FederatedServer:
         clients: int,
         checkpoints: Path | None,
         on_round: Callable[[RoundLog], None] = lambda _: None,
+        client_examples: Sequence[int] = (),
     ) -> None:
+        """`client_examples`: each client's example count, where the server knows it (FedIT in
+        simulation) and each client must report it as its weight."""
         self.config, self.bench, self.eval_set, self.on_round = config, bench, eval_set, on_round
         self.clients = clients
+        dp = config.defence.dp != "none"
+        # With DP every client weighs 1, as the noise calibration assumes.
+        weights = [1 if dp else n for n in client_examples]
         self.strategy = build_strategy(
             config.federated,
             clients,
             client_eval=LOCAL_ROLES.get(algorithm).evaluate is not None,
-            weight=EQUAL_WEIGHT if config.defence.dp != "none" else "num-examples",
+            weight=EQUAL_WEIGHT if dp else "num-examples",
+            known_weights=dict(enumerate(weights)),
         )
         self.folder = checkpoints / algorithm / "round" if checkpoints else None
         self.resumed = load_round(self.folder) if self.folder else None
@@ -79,8 +91,7 @@ class FederatedServer:
         self.notes: list[str] = []
         if self.resumed:
             self.strategy.round_offset = self.done
-            for name, value in self.resumed.strategy_state.items():
-                setattr(self.strategy, name, dict(value))
+            restore_strategy_state(self.strategy, self.resumed.strategy_state)
             restore_python_random(self.resumed.random_state)
             self.notes.append(f"Resumed after round {self.done} from its checkpoint.")
 
@@ -95,6 +106,9 @@ class FederatedServer:
         strategy = with_dp(
             self.strategy, cfg.defence, sampled_per_round(cfg.federated, self.clients)
         )
+        if strategy is not self.strategy:
+            # Flower's DP wrappers clip each reply before the strategy sees it: screen first.
+            strategy = ScreenFirst(strategy, self.strategy)
         self.results.append(
             strategy.start(
                 grid=grid,
@@ -115,6 +129,12 @@ class FederatedServer:
             return None  # the base model is evaluated once for all algorithms
         server_round += self.done
         state = record_to_adapter(arrays)
+        if bad := [k for k, t in state.items() if not t.isfinite().all()]:
+            # Never checkpoint poison: --resume would start from it.
+            raise FederationError(
+                f"round {server_round}: the global adapter's {bad[0]} holds NaN or Inf; the run "
+                "stops with the last finite round's checkpoint"
+            )
         evaluated = self.bench.evaluate(state, self.eval_set)
         traffic = self.strategy.traffic[server_round]
         log = _round_log(server_round, traffic, evaluated.metrics())
@@ -126,7 +146,7 @@ class FederatedServer:
                 round=server_round,
                 arrays=state,
                 rounds=self.rounds,
-                strategy_state=_strategy_state(self.strategy),
+                strategy_state=strategy_state(self.strategy),
                 samples=self.samples,
                 predictions=self.predictions,
                 client_evals=traffic.client_evals,
@@ -172,12 +192,23 @@ class FederatedServer:
         )
 
 
-def _strategy_state(strategy: Metered) -> dict[str, dict[str, np.ndarray]]:
-    return {
-        name: dict(value)
-        for name in _STRATEGY_STATE
-        if isinstance(value := getattr(strategy, name, None), dict) and value
-    }
+def strategy_state(strategy: Metered) -> dict[str, dict[str, np.ndarray]]:
+    """The server optimiser state a round checkpoint keeps, as named arrays."""
+    state = {}
+    for name in _STRATEGY_STATE:
+        value = getattr(strategy, name, None)
+        if isinstance(value, list):
+            value = {f"{i:06d}": array for i, array in enumerate(value)}
+        if isinstance(value, dict) and value:
+            state[name] = dict(value)
+    return state
+
+
+def restore_strategy_state(strategy: Metered, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put checkpointed server optimiser state (see strategy_state) back into `strategy`."""
+    for name, value in state.items():
+        listed = name == "momentum_vector"
+        setattr(strategy, name, [value[k] for k in sorted(value)] if listed else dict(value))
 
 
 def _round_log(

@@ -13,14 +13,17 @@ from silotune.federated.server import FederatedServer
 from silotune.federated.server_app import make_server_app
 
 
-def run_federated(job: Job, algorithm: str) -> AlgorithmResult:
-    """Run `algorithm`'s client role for `train.rounds` rounds under the configured strategy."""
+def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> AlgorithmResult:
+    """Run `algorithm`'s client role for `train.rounds` rounds under the configured strategy;
+    `weighs_examples`: its clients weigh their updates by their examples, which the server knows
+    here and checks."""
     cfg = job.config
     clients = len(job.client_examples)
     # SecAgg+ runs Flower's legacy workflow, which cannot start at a later round.
     checkpoints = None if cfg.defence.secagg else job.checkpoints_dir
+    examples = [len(e) for e in job.client_examples] if weighs_examples else []
     server = FederatedServer(
-        cfg, job.workbench, job.eval_set, algorithm, clients, checkpoints, job.on_round
+        cfg, job.workbench, job.eval_set, algorithm, clients, checkpoints, job.on_round, examples
     )
     if server.remaining:
         if cfg.defence.secagg:

@@ -31,4 +31,4 @@ LOCAL_ROLES.register("fedit")(LocalRole(train=fedit_round))
 @register("fedit", "federated", "one shared LoRA adapter averaged across clients (Flower)")
 def run_fedit(job: Job) -> AlgorithmResult:
     """Run FedIT on Flower's Simulation Engine, evaluating the global adapter after each round."""
-    return run_federated(job, "fedit")
+    return run_federated(job, "fedit", weighs_examples=True)

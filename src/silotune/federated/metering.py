@@ -1,0 +1,236 @@
+"""The mixin that meters, screens and numbers the rounds of any Flower strategy.
+
+The mixin counts the bytes of adapter records each round sends and receives (as serialised in
+Flower records, and as raw tensor data), times the round, and keeps each client's reply metrics.
+It also guards the aggregate: replies that fail screening (see silotune.federated.screening:
+records, metric keys, weight, adapter) are left out and recorded, clients that errored or never
+replied are recorded as dropped, a round with fewer valid updates than the quorum stops the run
+(the last checkpoint stays), and an aggregate holding NaN or Inf is dropped: the previous global
+adapter and server optimiser state are kept, and the round records why.
+A resumed run numbers its rounds on from the checkpoint (`round_offset`), so clients derive the
+same seeds and FedAdam the same bias correction as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    Strategy,
+)
+
+from silotune.federated.screening import Expected, Layout, screen_round
+from silotune.records import tensor_bytes
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+PREDICTIONS = "predictions"
+BASE_FINGERPRINT = "base-fingerprint"  # train config: what the server's model and adapter are
+BASE_MODEL = "base-model"
+# Server optimiser state Flower's strategies rebind (never mutate) in aggregate_train.
+_OPTIMISER_STATE = ("m_t", "v_t", "momentum_vector", "current_arrays")
+
+
+class FederationError(RuntimeError):
+    """A round could not produce an update (fewer valid client updates than the quorum)."""
+
+
+@dataclass
+class RoundTraffic:
+    """What the metering mixin saw in one training round."""
+
+    started: float
+    bytes_down: int
+    tensor_bytes_down: int
+    bytes_up: int = 0
+    tensor_bytes_up: int = 0
+    wall_s: float = 0.0
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # errored, rejected or silent clients
+    layout: Layout | None = None  # names and shapes of the adapter sent out
+    sampled: set[int] = field(default_factory=set)  # node ids asked to train
+    rejected: set[int] = field(default_factory=set)  # node ids whose reply failed screening
+    client_evals: list[dict[str, Any]] = field(default_factory=list)
+    client_predictions: list[list[str]] = field(default_factory=list)
+
+
+class Metered(Strategy):
+    """Mixin placed before a Flower strategy class: meters, screens and numbers rounds."""
+
+    traffic: dict[int, RoundTraffic]
+    round_offset: int = 0  # rounds done before this run started (a resumed run)
+    quorum: int = 1  # fewest valid updates a round aggregates
+    expected_clients: int = 1  # the first round waits for all clients; later ones for the quorum
+    per_round: int = 1  # clients sampled to train each round
+    max_weight_ratio: float = 10.0  # federated.max_weight_ratio
+    known_weights: Mapping[int, float] = {}  # the weight each client must report, where known
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample and configure as the strategy does; count the bytes sent down."""
+        server_round += self.round_offset
+        self._wait_for(first=not getattr(self, "traffic", None))
+        started = time.perf_counter()
+        # The mixin always precedes a concrete strategy, so super() is never the abstract one.
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[safe-super]
+        sent = [r for m in messages if (r := m.content.array_records.get(ARRAYS)) is not None]
+        if not hasattr(self, "traffic"):
+            self.traffic = {}
+        self.traffic[server_round] = RoundTraffic(
+            started=started,
+            bytes_down=sum(r.count_bytes() for r in sent),
+            tensor_bytes_down=sum(tensor_bytes(r) for r in sent),
+            layout=Layout.of(arrays),
+            sampled={m.metadata.dst_node_id for m in messages},
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record replies, drop-outs and rejected updates, then aggregate the valid ones."""
+        replies = self.screen_replies(server_round, replies)
+        server_round += self.round_offset
+        traffic = self.traffic[server_round]
+        traffic.failures += [
+            f"{_sender(m)} failed: {m.error.reason}" for m in replies if m.has_error()
+        ]
+        ok = [m for m in replies if not m.has_error()]
+        replied = {m.metadata.src_node_id for m in replies} | traffic.rejected
+        silent = traffic.sampled - replied
+        traffic.failures += [f"node {n} dropped: no reply" for n in sorted(silent)]
+        if len(ok) < self.quorum:
+            reasons = "; ".join(traffic.failures) or "no client replied"
+            raise FederationError(
+                f"round {server_round}: {len(ok)} valid update(s), fewer than the quorum of "
+                f"{self.quorum} (federated.quorum): {reasons}"
+            )
+        received = [r for m in ok if (r := m.content.array_records.get(ARRAYS)) is not None]
+        traffic.bytes_up = sum(r.count_bytes() for r in received)
+        traffic.tensor_bytes_up = sum(tensor_bytes(r) for r in received)
+        traffic.clients = [
+            dict(metrics) for m in ok if (metrics := m.content.metric_records.get(METRICS))
+        ]
+        state = {name: getattr(self, name) for name in _OPTIMISER_STATE if hasattr(self, name)}
+        arrays, metrics = super().aggregate_train(server_round, ok)  # type: ignore[safe-super]
+        if arrays is not None and (bad := _non_finite(arrays)):
+            # Overflow in the average or the server optimiser: keep the last good state, so
+            # nothing poisoned is evaluated, checkpointed or sent out next round.
+            for name, value in state.items():
+                setattr(self, name, value)
+            traffic.failures.append(
+                f"aggregate dropped: {bad} holds NaN or Inf; the previous global adapter is kept"
+            )
+            arrays = None
+        traffic.wall_s = time.perf_counter() - traffic.started
+        return arrays, metrics
+
+    def screen_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """`replies` less those that fail screening, which the round records (errors pass)."""
+        replies = list(replies)
+        traffic = self.traffic[server_round + self.round_offset]
+        answered = [m.content for m in replies if not m.has_error()]
+        verdicts = iter(screen_round(answered, self._expected(traffic.layout)))
+        kept = []
+        for m in replies:
+            if m.has_error() or (reason := next(verdicts)) is None:
+                kept.append(m)
+            else:
+                traffic.failures.append(f"{_sender(m)} rejected: {reason}")
+                traffic.rejected.add(m.metadata.src_node_id)
+        return kept
+
+    def _expected(self, layout: Layout | None) -> Expected:
+        weight = getattr(self, "weighted_by_key", "num-examples")
+        return Expected(ARRAYS, METRICS, weight, layout, self.max_weight_ratio, self.known_weights)
+
+    def _wait_for(self, first: bool) -> None:
+        """What Flower's sampling waits for: every client in the first round of a run, then only
+        the quorum, so a client that dropped out does not hold the next rounds up."""
+        self.min_available_nodes = self.expected_clients if first else self.quorum
+        self.min_train_nodes = self.per_round if first else self.quorum
+        if getattr(self, "min_evaluate_nodes", 0):
+            self.min_evaluate_nodes = self.min_available_nodes
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure client evaluation as the strategy does, in the run's round numbering."""
+        server_round += self.round_offset
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[safe-super]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Keep each client's own evaluation, then aggregate as the strategy does."""
+        server_round += self.round_offset
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        traffic = self.traffic[server_round]
+        traffic.client_evals = [
+            dict(metrics) for m in ok if (metrics := m.content.metric_records.get(METRICS))
+        ]
+        traffic.client_predictions = [
+            [str(t) for t in texts]
+            for m in ok
+            if (record := m.content.config_records.get(PREDICTIONS))
+            and isinstance(texts := record.get("text", []), list)
+        ]
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
+
+
+def _non_finite(arrays: ArrayRecord) -> str | None:
+    """The name of the first tensor in `arrays` holding NaN or Inf (None when all are finite)."""
+    return next((k for k, a in arrays.items() if not np.isfinite(a.numpy()).all()), None)
+
+
+def _sender(message: Message) -> str:
+    metrics = message.content.metric_records.get(METRICS) if not message.has_error() else None
+    client = metrics.get("client") if metrics else None
+    node = f"node {message.metadata.src_node_id}"
+    return f"client {client} ({node})" if client is not None else node
+
+
+class ScreenFirst(Strategy):
+    """`inner`, a wrapper around `metered` (Flower's DP), with `metered`'s screening before
+    `inner` sees the replies: Flower's DP clipping raises on a malformed one."""
+
+    def __init__(self, inner: Strategy, metered: Metered) -> None:
+        self.inner, self.metered = inner, metered
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As `inner`."""
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen, then aggregate what passed as `inner`."""
+        return self.inner.aggregate_train(
+            server_round, self.metered.screen_replies(server_round, replies)
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As `inner`."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """As `inner`."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """As `inner`."""
+        self.inner.summary()
