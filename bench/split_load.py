@@ -12,6 +12,10 @@ latency p50 / p99 (forward + backward round trips), the server's peak resident m
 steps lost or mismatched: a client step that failed, a reply for another step or of the wrong
 shape, a frame the server refused, or a frame count on the server that differs from what the
 clients sent. All of those must be 0.
+
+With `--hostile N` (default 1), N more clients with valid certificates attack the server during
+the load (NaN and Inf activations, a forward followed by a NaN gradient, gradients of the wrong
+shape); every attack must be refused, and the honest clients must still lose 0 steps.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from silotune.cli import quiet_libraries
 from silotune.config import Config
 from silotune.modeling.load import resolve_model
 from silotune.security.tls import create_dev_pki
-from silotune.split.client import MiddleLink
+from silotune.split.client import MiddleLink, SplitError
 from split_overhead import bench_config, spawn_server, wait_for_port
 from split_scaling import replayed_step
 
@@ -52,8 +56,10 @@ class Load:
     peak_mib: float
     lost: int  # client steps that did not complete
     mismatched: int  # replies for another step or of the wrong shape
-    refused: int  # frames the server answered with an error
+    refused: int  # honest clients' frames the server answered with an error
     frame_gap: int  # frames the clients sent minus frames the server counted
+    attacks: int = 0  # hostile frames sent
+    attacks_refused: int = 0  # of which the server refused (must equal attacks)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -64,11 +70,47 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def load(config: Config, target: str, certs: Path, clients: int, steps: int, pid: int) -> Load:
-    """Run `clients` clients x `steps` steps at once; what the server and the clients saw."""
+def attack(link: MiddleLink, i: int, b: int, t: int, d: int, stop: threading.Event) -> list[int]:
+    """Send hostile but authenticated frames until `stop`; [frames sent, frames refused]."""
+    hidden, grad, mask = replayed_step(100 + i, b, t, d)
+    nan, inf = hidden.clone(), hidden.clone()
+    nan[0, 0, 0], inf[-1, -1, -1] = float("nan"), float("inf")
+    bad_grad = grad.clone()
+    bad_grad[0, 0, 0] = float("nan")
+    attacks = [
+        lambda: link.forward(nan, mask, train=True),
+        lambda: link.forward(inf, mask, train=False),
+        lambda: link.backward(grad[:, :1]),  # the wrong shape, and no step to answer
+        lambda: (link.forward(hidden, mask, train=True), link.backward(bad_grad)),
+    ]
+    counts = [0, 0]
+    while not stop.is_set():
+        for hit in attacks:
+            counts[0] += 1
+            try:
+                hit()
+            except SplitError:
+                counts[1] += 1
+    return counts
+
+
+def load(
+    config: Config, target: str, certs: Path, clients: int, steps: int, pid: int, hostile: int
+) -> Load:
+    """Run `clients` clients x `steps` steps at once (and `hostile` attackers beside them);
+    what the server and the clients saw."""
     b, t = config.train.batch_size, config.data.max_length
     d = int(AutoConfig.from_pretrained(resolve_model(config.model).location).hidden_size)
     links = [MiddleLink(config, f"c{i}", target, certs) for i in range(clients)]
+    attackers = [MiddleLink(config, f"h{i}", target, certs) for i in range(hostile)]
+    stop = threading.Event()
+    hits: list[list[int]] = [[0, 0] for _ in range(hostile)]
+    raiders = [
+        threading.Thread(
+            target=lambda i=i: hits.__setitem__(i, attack(attackers[i], i, b, t, d, stop))
+        )
+        for i in range(hostile)
+    ]
     start_line = threading.Barrier(clients + 1)
     latencies: list[list[float]] = [[] for _ in range(clients)]
     mismatched = [0] * clients
@@ -90,16 +132,19 @@ def load(config: Config, target: str, certs: Path, clients: int, steps: int, pid
                 mismatched[i] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for th in threads:
+    for th in [*threads, *raiders]:
         th.start()
     start_line.wait()
     began = time.perf_counter()
     for th in threads:
         th.join()
     wall = time.perf_counter() - began
+    stop.set()
+    for th in raiders:
+        th.join()
     peak = peak_rss_mib(pid)
-    sent = [link.stats.frames for link in links]
-    for link in links:
+    sent = [link.stats.frames for link in [*links, *attackers]]
+    for link in [*links, *attackers]:
         link.close()
     done = [len(lat) for lat in latencies]
     flat = sorted(x for lat in latencies for x in lat)
@@ -111,7 +156,9 @@ def load(config: Config, target: str, certs: Path, clients: int, steps: int, pid
         lost=clients * steps - sum(done),
         mismatched=sum(mismatched) + sum("out of step" in f for f in failures),
         refused=0,
-        frame_gap=sum(sent) + clients,  # + BYE; the server's count is subtracted by the caller
+        frame_gap=sum(sent) + clients + hostile,  # + BYE; the caller subtracts the server's
+        attacks=sum(h[0] for h in hits),
+        attacks_refused=sum(h[1] for h in hits),
     )
 
 
@@ -121,16 +168,17 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Load]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         pki = tmp / "certs"
-        create_dev_pki(pki, [f"c{i}" for i in range(args.clients)])
+        ids = [f"c{i}" for i in range(args.clients)] + [f"h{i}" for i in range(args.hostile)]
+        create_dev_pki(pki, ids)
         for mode in args.modes.split(","):
             config = bench_config(
                 args.model, args.batch, args.seq, [*args.overrides, f"split.mode={mode}"]
             )
             folder = tmp / mode
-            proc = spawn_server(config, folder, pki, args.clients)
+            proc = spawn_server(config, folder, pki, args.clients + args.hostile)
             try:
                 target = f"localhost:{wait_for_port(proc, folder)}"
-                result = load(config, target, pki, args.clients, args.steps, proc.pid)
+                result = load(config, target, pki, args.clients, args.steps, proc.pid, args.hostile)
                 proc.wait(timeout=120)  # it exits once every client said goodbye
             finally:
                 if proc.poll() is None:
@@ -138,12 +186,15 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Load]:
                     proc.wait()
             server = json.loads((folder / "server.json").read_text())
             counted = sum(c["frames_in"] for c in server["clients"].values())
-            result.refused = sum(c["rejected"] for c in server["clients"].values())
+            result.refused = sum(
+                c["rejected"] for name, c in server["clients"].items() if name.startswith("c")
+            )
             result.frame_gap -= counted
             results[mode] = result
             console.print(
                 f"{mode:>10}: {result.samples_s:.2f} samples/s, lost {result.lost}, "
-                f"mismatched {result.mismatched}"
+                f"mismatched {result.mismatched}, attacks refused "
+                f"{result.attacks_refused}/{result.attacks}"
             )
     return results
 
@@ -156,7 +207,7 @@ def report(console: Console, args: argparse.Namespace, results: dict[str, Load])
     )
     for col in (
         "mode", "samples/s", "step p50 s", "step p99 s", "server peak MiB",
-        "lost", "mismatched", "refused", "frame gap",
+        "lost", "mismatched", "refused", "frame gap", "attacks refused",
     ):  # fmt: skip
         table.add_column(col, justify="right")
     for mode, r in results.items():
@@ -167,9 +218,14 @@ def report(console: Console, args: argparse.Namespace, results: dict[str, Load])
             f"{r.p99_s:.3f}",
             f"{r.peak_mib:.0f}",
             *(str(v) for v in (r.lost, r.mismatched, r.refused, r.frame_gap)),
+            f"{r.attacks_refused}/{r.attacks}",
         )
     console.print(table)
-    bad = {m: r for m, r in results.items() if r.lost or r.mismatched or r.refused or r.frame_gap}
+    bad = {
+        m: r
+        for m, r in results.items()
+        if r.lost or r.mismatched or r.refused or r.frame_gap or r.attacks_refused != r.attacks
+    }
     console.print("every step accounted for" if not bad else f"[red]faults in {sorted(bad)}[/]")
 
 
@@ -182,6 +238,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--hostile", type=int, default=1, help="attacking clients beside them")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
     quiet_libraries()

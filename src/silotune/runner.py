@@ -4,7 +4,7 @@ Output layout: with one algorithm, OUT is that algorithm's run folder; with seve
 run folder per algorithm plus a side-by-side `report.md` and `comparison.json`. Work happens in
 `OUT.incomplete` and is renamed to OUT only when everything is written. An interrupted run keeps
 its checkpoints there; `resume(OUT)` continues it (finished algorithms are not run again, a
-federated one goes on from its last finished round).
+federated one goes on from its last finished round). A new run never deletes an OUT.incomplete.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from silotune.checkpoint import load_result, save_result
 from silotune.config import Config, load_config, sweep_variants
 from silotune.data.load import load_records
 from silotune.data.partition import Split, split_dataset
+from silotune.data.private import write_private
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
@@ -67,6 +68,16 @@ def work_folder(out: Path) -> Path:
     return out.with_name(out.name + ".incomplete")
 
 
+def refuse_leftover(out: Path) -> None:
+    """Never start over an interrupted run: its checkpoints may hold hours of rounds."""
+    work = work_folder(out)
+    if work.exists():
+        raise UserError(
+            f"{work} holds an interrupted run: continue it with `silotune run --resume {work}`, "
+            f"or discard it with `rm -r {work}` and run this command again"
+        )
+
+
 def resume(folder: Path, console: Console, verbose: bool = False) -> Path:
     """Continue the interrupted run whose output folder (or its .incomplete twin) is `folder`."""
     out = folder.with_name(folder.name.removesuffix(".incomplete"))
@@ -94,6 +105,8 @@ def plan_experiment(config: Config, out: Path | None, resuming: bool = False) ->
     out = out or default_out(config)
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
+    if not resuming:
+        refuse_leftover(out)
     return Experiment(config, out, specs, resume=resuming and work_folder(out).is_dir())
 
 
@@ -115,14 +128,14 @@ def run_sweep(
     out = out or default_out(config)
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
+    if not resuming:
+        refuse_leftover(out)
     work = work_folder(out)
     plans = [
         (label, None if (work / label).is_dir() else plan_experiment(sub, work / label, resuming))
         for label, sub in variants
     ]  # a resumed sweep skips the values that finished
     if not resuming:
-        if work.exists():
-            shutil.rmtree(work)
         work.mkdir(parents=True)
         write_json(work / "config.json", config.to_dict())  # first: a resume reads it
     done = []
@@ -152,8 +165,6 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
 
     work = work_folder(exp.out)
     if not exp.resume:
-        if work.exists():
-            shutil.rmtree(work)
         work.mkdir(parents=True)
     try:
         rows = {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)}
@@ -334,9 +345,8 @@ def partition_bytes(split: Split) -> dict[str, bytes]:
 
 def write_partitions(parts: Path, split: Split) -> None:
     """Each client's records in its own file (what that client alone reads), plus the eval set."""
-    parts.mkdir(parents=True, exist_ok=True)
     for name, data in partition_bytes(split).items():
-        (parts / name).write_bytes(data)
+        write_private(parts / name, data)
 
 
 def _check_split(work: Path, split: Split) -> None:

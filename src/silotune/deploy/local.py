@@ -11,16 +11,12 @@ in OUT/deploy-logs/.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -38,7 +34,8 @@ from silotune.data.load import load_records
 from silotune.data.partition import split_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.federated.client_app import partition_file
-from silotune.runner import work_folder, write_partitions
+from silotune.procs import Supervisor
+from silotune.runner import refuse_leftover, work_folder, write_partitions
 from silotune.security.tls import create_dev_pki
 
 _CONNECTION = "silotune-local"
@@ -55,16 +52,16 @@ class _Federation:
     logs: Path
     env: dict[str, str]
     port: int
-    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    procs: Supervisor
     killed: set[str] = field(default_factory=set)  # stopped on purpose (fault injection)
+
+    @property
+    def processes(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        return list(self.procs.processes.items())
 
     def start(self, name: str, args: list[str], home: str) -> None:
         env = {**self.env, "FLWR_HOME": str(self.root / home)}
-        with (self.logs / f"{name}.log").open("wb") as log:  # the child keeps its own handle
-            proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        self.processes.append((name, proc))
+        self.procs.start(name, args, self.logs / f"{name}.log", env)
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
         """Run the `flwr` CLI against the local SuperLink; its JSON answer."""
@@ -95,26 +92,8 @@ class _Federation:
 
     def kill(self, name: str) -> None:
         """SIGKILL process `name` and everything it started, as a crash would."""
-        (proc,) = [p for n, p in self.processes if n == name]
         self.killed.add(name)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def stop(self) -> None:
-        """SIGTERM every process group, SuperNodes first; SIGKILL what ignores it."""
-        for _, proc in reversed(self.processes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _, proc in reversed(self.processes):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            # Helpers Flower started in the same group (superexec, app processes).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.kill(name)
 
 
 def check_deployable(config: Config) -> str:
@@ -149,6 +128,7 @@ def deploy_local(
     check_deployable(config)
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
+    refuse_leftover(out)
     work = work_folder(out)
     loaded = load_records(config.data)
     split = split_dataset(loaded.dataset, config.data, config.partition, config.experiment.seed)
@@ -176,7 +156,6 @@ def deploy_local(
 
 @contextmanager
 def _federation(logs: Path, clients: int) -> Iterator[_Federation]:
-    root = Path(tempfile.mkdtemp(prefix="silotune-federation-"))
     bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers by name
     env = {
         **os.environ,
@@ -184,8 +163,10 @@ def _federation(logs: Path, clients: int) -> Iterator[_Federation]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
-    fed = _Federation(root=root, logs=logs, env=env, port=_free_port())
-    try:
+    # Stopping the supervisor stops every process (SuperNodes first) and deletes the keys.
+    with Supervisor() as procs:
+        root = procs.temp_dir("silotune-federation-")
+        fed = _Federation(root=root, logs=logs, env=env, port=_free_port(), procs=procs)
         create_dev_pki(root / "pki", [f"node-{i}" for i in range(clients)])
         (root / "cli").mkdir()
         (root / "cli" / "config.toml").write_text(
@@ -211,9 +192,6 @@ def _federation(logs: Path, clients: int) -> Iterator[_Federation]:
         )  # fmt: skip
         _wait_healthy(fed)
         yield fed
-    finally:
-        fed.stop()
-        shutil.rmtree(root, ignore_errors=True)  # keys and certificates never outlive the run
 
 
 def _start_supernode(fed: _Federation, i: int, parts: Path, clients_dir: Path) -> None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from silotune.federated.algorithms.base import (
     register,
 )
 from silotune.federated.client_app import partition_file
+from silotune.procs import Supervisor
 from silotune.security.tls import create_dev_pki
 
 _START_TIMEOUT_S = 600.0
@@ -46,18 +45,23 @@ def run_split(job: Job) -> AlgorithmResult:
     folder = job.partitions_dir.parent / "split"
     folder.mkdir(parents=True, exist_ok=True)
     clients = [f"client-{i}" for i in range(len(job.client_examples))]
-    certs: Path | None = None
-    if cfg.split.tls:  # keys live outside the run folder and are deleted with the run
-        certs = Path(tempfile.mkdtemp(prefix="silotune-split-pki-"))
-        hosts = sorted({"localhost", "127.0.0.1", cfg.split.host} - {"0.0.0.0"})
-        create_dev_pki(certs, clients, hosts, overwrite=True)
+    server_dir = folder / "server"
+    # A resumed run restarts split from its start: what the dead attempt left (its server's
+    # port, its clients' progress) must not be read as this attempt's.
+    for stale in (server_dir / "port", *(folder / c / "rounds.jsonl" for c in clients)):
+        stale.unlink(missing_ok=True)
     config_file = job.partitions_dir.parent / "config.json"
     base = [sys.executable, "-m", "silotune.cli"]
-    tls_args = ["--certs", str(certs)] if certs is not None else ["--insecure"]
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        server_dir = folder / "server"
-        procs["server"] = _spawn(
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs follow progress line by line
+    with Supervisor() as procs:
+        tls_args = ["--insecure"]
+        if cfg.split.tls:  # keys live outside the run folder and are deleted with the run
+            certs = procs.temp_dir("silotune-split-pki-")
+            hosts = sorted({"localhost", "127.0.0.1", cfg.split.host} - {"0.0.0.0"})
+            create_dev_pki(certs, clients, hosts, overwrite=True)
+            tls_args = ["--certs", str(certs)]
+        server = procs.start(
+            "server",
             [
                 *base,
                 "split-server",
@@ -71,15 +75,17 @@ def run_split(job: Job) -> AlgorithmResult:
                 *tls_args,
             ],
             folder / "server.log",
+            env,
         )
-        port = _wait_for_port(server_dir / "port", procs["server"], folder / "server.log")
+        port = _wait_for_port(server_dir / "port", server, folder / "server.log")
         host = (
             "localhost"
             if cfg.split.host in ("127.0.0.1", "0.0.0.0", "localhost")
             else cfg.split.host
         )
         for i, client in enumerate(clients):
-            procs[client] = _spawn(
+            procs.start(
+                client,
                 [
                     *base,
                     "split-client",
@@ -97,24 +103,12 @@ def run_split(job: Job) -> AlgorithmResult:
                     *tls_args,
                 ],
                 folder / f"{client}.log",
+                env,
             )
-        rounds = _follow(job, procs, folder, clients)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if certs is not None:
-            shutil.rmtree(certs, ignore_errors=True)
+        rounds = _follow(job, procs.processes, folder, clients)
     for leftover in (folder / "server" / "checkpoint.pt", *folder.glob("client-*/checkpoint.*")):
         leftover.unlink(missing_ok=True)  # resumable state: a finished run needs none
     return _result(folder, clients, rounds)
-
-
-def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("wb") as fh:
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
 def _tail(log: Path, lines: int = 15) -> str:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -35,6 +37,10 @@ _DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEM_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
+_TAG_BYTES = 16  # AES-GCM's tag: the only bytes a payload carries beyond its tensors
+_MAX_DIMS = 8
+_MAX_ELEMENTS = 1 << 40  # bounds the arithmetic on declared sizes; real limits come from Limits
 # What `split.wire_dtype` may choose for activations and gradients (fp16 underflows gradients).
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -85,8 +91,29 @@ def encode(frame: Frame, sealer: FrameSealer) -> bytes:
     return _LEN.pack(len(header)) + header + body
 
 
-def decode(data: bytes, sealer: FrameSealer) -> Frame:
-    """Check, open and parse one frame; FrameRejected if it is malformed, tampered or replayed."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as a frame's header declares it (checked before any payload byte is read)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its data on the wire."""
+        return math.prod(self.shape) * _ITEM_BYTES[self.dtype]
+
+
+# Screens a frame from its header alone: (kind, declared tensors, other header fields).
+HeaderCheck = Callable[[Kind, list[TensorSpec], dict[str, Any]], None]
+
+
+def decode(data: bytes, sealer: FrameSealer, check: HeaderCheck | None = None) -> Frame:
+    """Check, open and parse one frame; FrameRejected if it is malformed, tampered or replayed.
+
+    `check` screens the header before the payload is decrypted or copied: a frame it refuses
+    uses no sequence number, so the session goes on as if it had never come."""
     if len(data) < _LEN.size:
         raise FrameRejected("frame shorter than its length prefix")
     (n,) = _LEN.unpack_from(data)
@@ -96,32 +123,49 @@ def decode(data: bytes, sealer: FrameSealer) -> Frame:
     try:
         head = json.loads(header)
         seq, kind = int(head.pop("seq")), Kind(head.pop("kind"))
-        step, metas = int(head.pop("step")), head.pop("tensors")
-    except (ValueError, KeyError, TypeError) as exc:
+        step, specs = int(head.pop("step")), _specs(head.pop("tensors"))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise FrameRejected(f"frame header is malformed ({exc})") from None
+    declared, carried = sum(s.nbytes for s in specs), len(data) - _LEN.size - n
+    if not declared <= carried <= declared + _TAG_BYTES:
+        raise FrameRejected(f"frame payload is {carried} bytes for {declared} bytes of tensors")
+    if check is not None:
+        check(kind, specs, head)
     payload = sealer.open(seq, header, memoryview(data)[_LEN.size + n :])
-    return Frame(kind, step, _tensors(metas, payload), head)
+    return Frame(kind, step, _tensors(specs, payload), head)
 
 
-def _tensors(metas: list[dict[str, Any]], payload: bytes) -> dict[str, torch.Tensor]:
-    """Rebuild tensors from their metadata and the concatenated bytes, checking every size."""
+def _specs(metas: Any) -> list[TensorSpec]:
+    """The declared tensors, each with a known dtype and a shape of non-negative sane ints."""
+    if not isinstance(metas, list):
+        raise TypeError("tensors is not a list")
+    specs = []
+    for meta in metas:
+        name, dtype, shape = meta["name"], meta["dtype"], meta["shape"]
+        if not isinstance(name, str) or dtype not in _DTYPES or not isinstance(shape, list):
+            raise ValueError(f"tensor entry {str(meta)[:80]} is not a named, typed shape")
+        if len(shape) > _MAX_DIMS or not all(
+            type(d) is int and 0 <= d <= _MAX_ELEMENTS for d in shape
+        ):
+            raise ValueError(f"tensor {name[:40]!r} has an invalid shape {str(shape)[:80]}")
+        spec = TensorSpec(name, dtype, tuple(shape))
+        if math.prod(spec.shape) > _MAX_ELEMENTS:
+            raise ValueError(f"tensor {name[:40]!r} declares more than 2^40 elements")
+        specs.append(spec)
+    return specs
+
+
+def _tensors(specs: list[TensorSpec], payload: bytes) -> dict[str, torch.Tensor]:
+    """Rebuild tensors from their declared specs and the concatenated bytes."""
     out: dict[str, torch.Tensor] = {}
     offset = 0
     buf = np.frombuffer(payload, dtype=np.uint8) if payload else np.empty(0, np.uint8)
-    for meta in metas:
-        dtype = _DTYPES.get(meta.get("dtype", ""))
-        if dtype is None:
-            raise FrameRejected(f"frame carries a tensor of unsupported dtype {meta.get('dtype')}")
-        shape = [int(s) for s in meta["shape"]]
-        count = int(np.prod(shape)) if shape else 1
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        if offset + nbytes > len(buf):
-            raise FrameRejected("frame payload is shorter than its tensors")
-        raw = torch.from_numpy(buf[offset : offset + nbytes].copy())
-        out[str(meta["name"])] = raw.view(dtype).reshape(shape)
-        offset += nbytes
-    if offset != len(buf):
-        raise FrameRejected("frame payload is longer than its tensors")
+    if sum(s.nbytes for s in specs) != len(buf):
+        raise FrameRejected("frame payload length differs from its tensors")
+    for spec in specs:
+        raw = torch.from_numpy(buf[offset : offset + spec.nbytes].copy())
+        out[spec.name] = raw.view(_DTYPES[spec.dtype]).reshape(spec.shape)
+        offset += spec.nbytes
     return out
 
 

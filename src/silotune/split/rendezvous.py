@@ -25,7 +25,7 @@ class Rendezvous(Generic[T, R]):
         self._cond = threading.Condition()
         self._deposits: dict[str, T] = {}
         self._generation = 0
-        self._results: dict[int, R] = {}
+        self._results: dict[int, R | BaseException] = {}
 
     def meet(self, member: str, value: T, members: Callable[[], set[str]]) -> R:
         """Deposit `value` and wait until every current member did (or the timeout passed)."""
@@ -40,7 +40,10 @@ class Rendezvous(Generic[T, R]):
                     self._close()
                     break
                 self._cond.wait(remaining)
-            return self._results[generation]
+            result = self._results[generation]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def recheck(self, members: set[str]) -> None:
         """Close the open meeting if a member leaving made it complete."""
@@ -52,7 +55,12 @@ class Rendezvous(Generic[T, R]):
             self._close()
 
     def _close(self) -> None:
-        self._results[self._generation] = self._combine(dict(self._deposits))
+        # Whatever combine does, this meeting ends here: its deposits are never reused, and a
+        # failure reaches every member rather than the one whose thread ran it.
+        try:
+            self._results[self._generation] = self._combine(dict(self._deposits))
+        except Exception as exc:
+            self._results[self._generation] = exc
         self._results.pop(self._generation - 2, None)  # nobody waits on older meetings
         self._deposits.clear()
         self._generation += 1

@@ -20,7 +20,7 @@ from peft import inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
 from silotune.config import Config
-from silotune.data.load import load_partition_file
+from silotune.data.load import load_client_records
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import UserError
 from silotune.evaluation.evaluator import build_eval_set, evaluate
@@ -70,8 +70,12 @@ def run_server(
     expected: int,
     out: Path | None,
     resume: bool = False,
+    allowed: set[str] | None = None,
 ) -> dict[str, Any]:
     """Serve the middle until `expected` clients have ended their sessions (0: until killed).
+
+    Only the `allowed` client ids get a session; by default those with a certificate in
+    CERTS/clients, else (no such folder) any client the CA signed.
 
     With `out`, the server checkpoints its training state at every round's end (the clients'
     adapter average is the barrier) into OUT/checkpoint.pt; `resume` starts from it.
@@ -99,17 +103,21 @@ def run_server(
             partial.replace(checkpoint)
 
         trainer.on_round_end = save
-    server, port, service = serve(trainer, config, listen, certs, expected)
+    if allowed is None and certs is not None and (certs / "clients").is_dir():
+        allowed = {pem.stem for pem in (certs / "clients").glob("*.pem")} or None
+    server, port, service = serve(trainer, config, listen, certs, expected, allowed)
     log.info("split server (%s) listening on port %d", config.split.mode, port)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "port").write_text(str(port))  # how a launcher on this machine finds us
     start = time.perf_counter()
+    stopped: KeyboardInterrupt | None = None
     try:
         while not service.state.done.wait(0.5):
             pass
-    except KeyboardInterrupt:  # a standalone server is stopped by hand: still save its work
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (the CLI raises those as it)
         log.info("stopping; saving the middle adapter")
+        stopped = exc
     finally:
         server.stop(grace=2.0)
     summary = {
@@ -122,6 +130,8 @@ def run_server(
     if out is not None:
         _save(adapter_state(trainer.middle), out / "middle-adapter.safetensors")
         _write(out / "server.json", summary)
+    if stopped is not None:  # saved; the command still ends as interrupted
+        raise stopped
     return summary
 
 
@@ -173,6 +183,12 @@ def run_client(
     After every round the client keeps its adapters in OUT/checkpoint.safetensors; `resume`
     goes on from there against a server resumed from the same round.
     """
+    # The client's own files, checked before the model loads: the same field mapping and
+    # bad-row policy as `silotune run`.
+    loaded = load_client_records(data_file, config.data)
+    if loaded.dropped:
+        log.warning("%s: %s", data_file, loaded.describe_dropped())
+    held_out = load_client_records(eval_file, config.data).dataset
     tokenizer = load_tokenizer(resolve_model(config.model))
     segments = load_segments(config, "client")
     front, back = segments.front, segments.back
@@ -180,9 +196,9 @@ def run_client(
     add_segment_adapter(front, config, "front")
     add_segment_adapter(back, config, "back")
     examples = tokenize_dataset(
-        load_partition_file(data_file), tokenizer, config.data.prompt_style, config.data.max_length
+        loaded.dataset, tokenizer, config.data.prompt_style, config.data.max_length
     )
-    eval_set = build_eval_set(load_partition_file(eval_file), tokenizer, config.data)
+    eval_set = build_eval_set(held_out, tokenizer, config.data)
     model = SplitCausalLM(front, back, _NoMiddle())
     rounds: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +256,7 @@ def run_client(
     report = {
         "client": client_id,
         "examples": len(examples),
+        "data": {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)},
         "rounds": rounds,
         "predictions": result.predictions,
         "samples": result.samples,

@@ -91,6 +91,10 @@ class Segment(nn.Module):
         """An empty KV cache for incremental decoding (each segment fills its own layers)."""
         return DynamicCache(config=self.config)
 
+    def cached_tokens(self, cache: Cache) -> int:
+        """Positions `cache` holds for this segment's blocks (0 for a segment without blocks)."""
+        return cache.get_seq_length(_layer_index(self.layers[0])) if len(self.layers) else 0
+
     def add_prefix(self, tokens: int) -> None:
         """Give every block of this segment `tokens` learned key/value prefixes (p-tuning v2)."""
         if len(self.layers):

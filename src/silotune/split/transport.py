@@ -44,15 +44,18 @@ SERVER_OPTIONS = [
 
 
 def start_server(
-    listen: str, certs: Path | None, handler: Handler, workers: int
+    listen: str, certs: Path | None, handler: Handler, workers: int, max_message: int
 ) -> tuple[grpc.Server, int]:
     """Serve `handler` on `listen` (host:port, port 0 = any free one); returns (server, port).
 
     Each open session holds one worker thread for its whole life: `workers` bounds the number of
-    clients served at once."""
+    clients served at once. gRPC refuses a request over `max_message` bytes before buffering it
+    (its default, 4 MiB, is too small for activations; 1 GiB would let one frame cost 1 GiB)."""
+    options = [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", max_message))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        options=SERVER_OPTIONS,
+        options=options,
         maximum_concurrent_rpcs=workers,  # a client beyond that is refused, not left hanging
     )
     method = grpc.stream_stream_rpc_method_handler(handler)

@@ -8,6 +8,8 @@ goes silent mid-step is dropped after `step_timeout_s`: its graph is freed, the 
 
 from __future__ import annotations
 
+import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -19,13 +21,17 @@ from torch import nn
 from transformers import Cache
 
 from silotune.config import Config
+from silotune.errors import FrameRejected
 from silotune.modeling.adapters import StateDict
 from silotune.records import average_adapters
 from silotune.registry import Registry
 from silotune.split.rendezvous import Rendezvous
+from silotune.split.screen import check_finite
 from silotune.split.segments import Middle
+from silotune.training.guards import MissingGradientError, check_gradients
 
 CacheUse = Literal["", "new", "next"]
+log = logging.getLogger(__name__)
 
 
 class StepDropped(Exception):
@@ -79,6 +85,9 @@ class MiddleTrainer:
         self.members: set[str] = set()
         self.caches: dict[str, Cache] = {}  # per client, while it generates
         self.dropped: dict[str, str] = {}
+        # Clients whose last step was refused: the averaging meetings do not wait for them until
+        # they complete a step again (a hostile client must not hold every average up).
+        self.stalled: set[str] = set()
         self.steps = 0
         self.rounds = 0  # client averages done: the round barrier, where checkpoints are taken
         self.compute_s = 0.0
@@ -92,7 +101,7 @@ class MiddleTrainer:
         middle.train()
 
     def _round_end(self, deposits: dict[str, tuple[StateDict, float]]) -> StateDict:
-        averaged = _weighted_average(deposits)
+        averaged = _weighted_average(deposits, self.config.federated.max_weight_ratio)
         self.rounds += 1
         self.on_round_end(self.rounds)
         return averaged
@@ -136,8 +145,19 @@ class MiddleTrainer:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def step(self, module: nn.Module, optimizer: torch.optim.Optimizer, scale: float = 1.0) -> None:
-        """Clip and apply the accumulated gradients, then clear them."""
-        params = list(trainable(module).values())
+        """Clip and apply the accumulated gradients, then clear them; a non-finite gradient is
+        refused (FrameRejected) and leaves the adapter and its optimizer as they were."""
+        named = trainable(module)
+        params = list(named.values())
+        try:
+            check_gradients(named)  # every adapter tensor got a gradient (None is a fault)
+            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                raise FrameRejected(
+                    "the middle adapter's gradient is not finite; the step is refused"
+                )
+        except (FrameRejected, MissingGradientError):
+            optimizer.zero_grad(set_to_none=True)
+            raise
         if scale != 1.0:
             for p in params:
                 if p.grad is not None:
@@ -161,12 +181,34 @@ class MiddleTrainer:
             self.caches.pop(client, None)
             self.release(client, "left")
             self.cond.notify_all()
-        self.client_average.recheck(self.active())
+        self.recheck_meetings()
 
     def active(self) -> set[str]:
         """Clients with an open session."""
         with self.cond:
             return set(self.members)
+
+    def participants(self) -> set[str]:
+        """Clients an averaging meeting waits for: open sessions whose steps are not refused."""
+        with self.cond:
+            return self.members - self.stalled
+
+    def refused(self, client: str, reason: str) -> None:
+        """`client`'s step was refused: drop it, and stop waiting for it in averaging meetings
+        until it completes a step. Called outside the trainer's locks."""
+        with self.cond:
+            self.stalled.add(client)
+            self.drop(client, reason)
+        self.recheck_meetings()
+
+    def stepped(self, client: str) -> None:
+        """`client` completed a step: it takes part in averaging again."""
+        with self.cond:
+            self.stalled.discard(client)
+
+    def recheck_meetings(self) -> None:
+        """Close averaging meetings that no longer wait for anyone."""
+        self.client_average.recheck(self.participants())
 
     def release(self, client: str, reason: str) -> None:
         """Drop `client`'s pending work (subclasses free their graphs)."""
@@ -202,15 +244,27 @@ class MiddleTrainer:
                     raise StepDropped("no generation in progress to continue")
             else:
                 self.caches.pop(client, None)
+            cached = module.cached_tokens(kv) if cache == "next" and kv is not None else 0
+            if mask.shape[1] != cached + hidden.shape[1]:
+                raise StepDropped(
+                    f"mask covers {mask.shape[1]} positions; expected {cached} cached + "
+                    f"{hidden.shape[1]} new"
+                )
             module.eval()
             try:
                 out: torch.Tensor = module(hidden, mask, kv)
             finally:
                 module.train()
+        check_finite(out, "the middle's output for these activations")
         return out
 
     def timed_forward(self, module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> Pending:
         """Forward with a graph from a fresh leaf, so the input's gradient can be sent back."""
+        if mask.shape[1] != hidden.shape[1]:
+            raise StepDropped(
+                f"a training step's mask covers {mask.shape[1]} positions for "
+                f"{hidden.shape[1]} tokens"
+            )
         start = time.perf_counter()
         leaf = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -218,10 +272,19 @@ class MiddleTrainer:
         self.compute_s += time.perf_counter() - start
         return Pending(leaf, out)
 
+    def checked_forward(
+        self, module: nn.Module, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> Pending:
+        """`timed_forward` whose output must be finite (one client's whole batch)."""
+        pending = self.timed_forward(module, hidden, mask)
+        check_finite(pending.outputs, "the middle's output for these activations")
+        return pending
+
     def timed_backward(self, pending: Pending, grad: torch.Tensor) -> torch.Tensor:
         """Backward from the client's gradient; returns dL/d(input)."""
-        start = time.perf_counter()
         out = pending.outputs
+        check_shape(grad, out.shape)
+        start = time.perf_counter()
         torch.autograd.backward(out, grad.to(out.device, out.dtype))
         self.compute_s += time.perf_counter() - start
         assert pending.inputs.grad is not None
@@ -237,16 +300,32 @@ class MiddleTrainer:
 
     def average_clients(self, client: str, state: StateDict, weight: float) -> StateDict:
         """SplitFed: average the clients' front/back adapters (weighted by their examples)."""
-        return self.client_average.meet(client, (state, weight), self.active)
+        return self.client_average.meet(client, (state, weight), self.participants)
 
     def adapter(self) -> StateDict:
         """The middle adapter to save at the end."""
         return adapter_state(self.middle)
 
 
-def _weighted_average(deposits: dict[str, tuple[StateDict, float]]) -> StateDict:
-    states = [s for s, _ in deposits.values()]
-    return average_adapters(states, [w for _, w in deposits.values()])
+def check_shape(grad: torch.Tensor, expected: torch.Size) -> None:
+    """Refuse a client's gradient that does not match the output it answers."""
+    if grad.shape != expected:
+        raise StepDropped(
+            f"gradient has shape {list(grad.shape)}, the step's output {list(expected)}"
+        )
+
+
+def _weighted_average(deposits: dict[str, tuple[StateDict, float]], max_ratio: float) -> StateDict:
+    """The clients' adapters averaged by weight; weights above `max_ratio` x the median are
+    capped there, so no single client can outvote the rest by claiming a huge weight."""
+    weights = [w for _, w in deposits.values()]
+    cap = max_ratio * statistics.median_low(weights)  # an actual client's weight
+    for client, (_, w) in deposits.items():
+        if w > cap:
+            log.warning(
+                "client %s claims weight %g; capped at %g (median x %g)", client, w, cap, max_ratio
+            )
+    return average_adapters([s for s, _ in deposits.values()], [min(w, cap) for w in weights])
 
 
 TRAINERS: Registry[type[MiddleTrainer]] = Registry("split mode")

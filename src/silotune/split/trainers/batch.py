@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from silotune.config import Config
+from silotune.errors import FrameRejected
 from silotune.split.segments import Middle
-from silotune.split.trainers.base import TRAINERS, MiddleTrainer, Pending, StepDropped
+from silotune.split.trainers.base import (
+    TRAINERS,
+    MiddleTrainer,
+    Pending,
+    StepDropped,
+    check_shape,
+)
 
 
 @TRAINERS.register("batch")
@@ -34,6 +41,8 @@ class BatchTrainer(MiddleTrainer):
             self.dropped.pop(client, None)
             while self.pending is not None:  # the previous batch is still in its backward
                 self._wait_or_drop_missing()
+            if mask.shape[1] != hidden.shape[1]:
+                raise StepDropped(f"mask covers {mask.shape[1]} positions for {hidden.shape[1]}")
             if not self.arrivals:
                 self.first_arrival = time.monotonic()
             self.arrivals[client] = (hidden, mask)
@@ -46,13 +55,32 @@ class BatchTrainer(MiddleTrainer):
                     break
                 self.cond.wait(self.window_s - waited)
             if client not in self.rows:
+                self.check_not_dropped(client)
                 raise StepDropped("the server dropped this client's step")
             start, end, length = self.rows[client]
             assert self.pending is not None
             return self.pending.outputs[start:end, :length].detach()
 
     def _run_forward(self) -> None:
-        """Right-pad every arrival to the longest sequence, stack and run the middle once."""
+        """Right-pad every arrival to the longest sequence, stack and run the middle once.
+
+        A client whose rows come out non-finite is dropped and the rest run again without it:
+        its rows would otherwise turn the stacked step's gradients into NaN for everyone."""
+        while self.arrivals:
+            self.pending = self._stacked_forward()
+            bad = [c for c in self.rows if not self._rows_finite(c)]
+            if not bad:
+                break
+            for client in bad:
+                self.arrivals.pop(client)
+                self.dropped[client] = "the middle's output for its activations is not finite"
+            self.pending, self.rows = None, {}
+        self.arrivals, self.grads, self.grad_inputs = {}, {}, {}
+        self.deadline = time.monotonic() + self.timeout_s
+        self.batch_id += 1
+        self.cond.notify_all()
+
+    def _stacked_forward(self) -> Pending:
         width = max(h.shape[1] for h, _ in self.arrivals.values())
         hs, ms, row = [], [], 0
         self.rows = {}
@@ -62,23 +90,26 @@ class BatchTrainer(MiddleTrainer):
             ms.append(nn.functional.pad(m, (0, pad)))  # (b_i, width), padding masked out
             self.rows[client] = (row, row + h.shape[0], h.shape[1])
             row += h.shape[0]
-        self.pending = self.timed_forward(self.middle, torch.cat(hs), torch.cat(ms))
-        self.arrivals, self.grads, self.grad_inputs = {}, {}, {}
-        self.deadline = time.monotonic() + self.timeout_s
-        self.batch_id += 1
-        self.cond.notify_all()
+        return self.timed_forward(self.middle, torch.cat(hs), torch.cat(ms))
+
+    def _rows_finite(self, client: str) -> bool:
+        assert self.pending is not None
+        start, end, length = self.rows[client]
+        return bool(torch.isfinite(self.pending.outputs[start:end, :length]).all())
 
     def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
         with self.cond:
             self.check_not_dropped(client)
             if self.pending is None or client not in self.rows:
                 raise StepDropped("gradient for a step the server holds no forward for")
+            start, end, length = self.rows[client]
+            check_shape(grad, torch.Size([end - start, length, self.pending.outputs.shape[2]]))
             self.grads[client] = grad
             if set(self.grads) >= set(self.rows):
                 self._run_backward()
             while client not in self.grad_inputs:
-                self._wait_or_drop_missing()
                 self.check_not_dropped(client)
+                self._wait_or_drop_missing()
             return self.grad_inputs.pop(client)
 
     def _wait_or_drop_missing(self) -> None:
@@ -102,11 +133,17 @@ class BatchTrainer(MiddleTrainer):
             full[start:end, :length] = g.to(out.device, out.dtype)
         if self.grads:
             grad_in = self.timed_backward(self.pending, full)
-            # The mean of the clients' gradients, so lr means the same as for one client.
-            self.step(self.middle, self.opt, scale=1.0 / len(self.grads))
-            for client in self.grads:
-                start, end, length = self.rows[client]
-                self.grad_inputs[client] = grad_in[start:end, :length]
+            try:
+                # The mean of the clients' gradients, so lr means the same as for one client.
+                self.step(self.middle, self.opt, scale=1.0 / len(self.grads))
+            except FrameRejected as exc:  # finite inputs that still overflowed: nobody's step
+                for client in self.grads:
+                    self.dropped[client] = str(exc)
+            else:
+                for client in self.grads:
+                    self.stepped(client)
+                    start, end, length = self.rows[client]
+                    self.grad_inputs[client] = grad_in[start:end, :length]
         self.pending, self.rows = None, {}
         self.cond.notify_all()
 
@@ -114,5 +151,9 @@ class BatchTrainer(MiddleTrainer):
         with self.cond:
             self.arrivals.pop(client, None)
             if self.pending is not None and client in self.rows and client not in self.grads:
+                # Out of the batch: its rows get no gradient, and nobody waits for it.
+                del self.rows[client]
                 self.dropped[client] = reason
+                if set(self.rows) <= set(self.grads):
+                    self._run_backward()  # it was the last one the batch waited for
                 self.cond.notify_all()

@@ -73,7 +73,7 @@ class PerClientTrainer(MiddleTrainer):
         replica = self.replicas[client]
         with replica.lock:
             self.dropped.pop(client, None)
-            self.pendings[client] = self.timed_forward(replica.module, hidden, mask)
+            self.pendings[client] = self.checked_forward(replica.module, hidden, mask)
             return self.pendings[client].outputs.detach()
 
     def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
@@ -85,17 +85,20 @@ class PerClientTrainer(MiddleTrainer):
             grad_in = self.timed_backward(pending, grad)
             self.step(replica.module, replica.optimizer)
             replica.steps += 1
+        self.stepped(client)
         if replica.steps % self.every == 0:
-            averaged = self.middle_average.meet(client, adapter_state(replica.module), self.active)
+            averaged = self.middle_average.meet(
+                client, adapter_state(replica.module), self.participants
+            )
             with replica.lock:
                 load_state(replica.module, averaged)
             with self.cond:
                 load_state(self.middle, averaged)
         return grad_in
 
-    def leave(self, client: str) -> None:
-        super().leave(client)
-        self.middle_average.recheck(self.active())
+    def recheck_meetings(self) -> None:
+        super().recheck_meetings()
+        self.middle_average.recheck(self.participants())
 
     def release(self, client: str, reason: str) -> None:
         self.pendings.pop(client, None)

@@ -33,7 +33,7 @@ class SerialTrainer(MiddleTrainer):
                 self.cond.wait(remaining)
             self.holder, self.deadline = client, time.monotonic() + self.timeout_s
             try:
-                self.pending = self.timed_forward(self.middle, hidden, mask)
+                self.pending = self.checked_forward(self.middle, hidden, mask)
             except BaseException:
                 self.release(client, "failed")
                 raise
@@ -47,6 +47,7 @@ class SerialTrainer(MiddleTrainer):
             try:
                 grad_in = self.timed_backward(self.pending, grad)
                 self.step(self.middle, self.opt)
+                self.stepped(client)
             finally:
                 self.release(client, "done")
             return grad_in
