@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from silotune.algorithms import ALGORITHMS
 from silotune.config import Algorithm, Config, Partitioner, PromptStyle, Strategy, load_config
 from silotune.data.partition import PARTITIONERS
 from silotune.data.prompts import PROMPT_STYLES
 from silotune.errors import ConfigError
-from silotune.federated.algorithms import ALGORITHMS
 from silotune.federated.strategies import (
     STRATEGIES,
 )

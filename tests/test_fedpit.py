@@ -15,11 +15,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from rich.console import Console
 
+from silotune.algorithms import fedpit
 from silotune.config import Config, load_config
 from silotune.data.load import as_records, load_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import SyntheticStats
-from silotune.federated.algorithms import fedpit
 from silotune.federated.client_app import ClientSpec, make_client_app, partition_file
 from silotune.federated.local import LocalRequest
 from silotune.federated.metering import (

@@ -16,6 +16,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from silotune import checkpoint
+from silotune.algorithms import ALGORITHMS
 from silotune.checkpoint import (
     RoundCheckpoint,
     load_client_state,
@@ -27,8 +28,7 @@ from silotune.checkpoint import (
 )
 from silotune.config import Config, load_config
 from silotune.errors import UserError
-from silotune.federated.algorithms import ALGORITHMS
-from silotune.federated.algorithms.base import AlgorithmResult, RoundLog
+from silotune.jobs import AlgorithmResult, RoundLog
 from silotune.runner import plan_experiment, resume, run_experiment, work_folder
 
 from .conftest import CONFIGS

@@ -21,7 +21,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file as load_numpy
@@ -30,10 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from silotune.data.synthetic import SyntheticStats
 from silotune.evaluation.judge import JudgeResult
+from silotune.jobs import AlgorithmResult, RoundLog
 from silotune.modeling.adapters import StateDict
-
-if TYPE_CHECKING:  # the algorithms import this module to checkpoint their rounds
-    from silotune.federated.algorithms.base import AlgorithmResult, RoundLog
 
 _SEP = "::"  # joins a group name and a tensor name in one safetensors file
 _KEEP_CLIENT_ROUNDS = 2
@@ -79,8 +77,6 @@ def load_round(folder: Path) -> RoundCheckpoint | None:
     found = _readable(folder)
     if found is None:
         return None
-    from silotune.federated.algorithms.base import RoundLog
-
     state = json.loads((found / "state.json").read_text(encoding="utf-8"))
     return RoundCheckpoint(
         round=int(state["round"]),
@@ -133,8 +129,6 @@ def load_result(folder: Path) -> AlgorithmResult | None:
     found = _readable(folder)
     if found is None:
         return None
-    from silotune.federated.algorithms.base import AlgorithmResult, RoundLog
-
     data = json.loads((found / "result.json").read_text(encoding="utf-8"))
     synthetic = data["synthetic"]
     return AlgorithmResult(

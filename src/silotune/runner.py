@@ -29,6 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from silotune.algorithms import ALGORITHMS
 from silotune.attacks.audit import audit
 from silotune.checkpoint import load_result, save_result
 from silotune.config import Config, load_config, sweep_variants
@@ -39,9 +40,8 @@ from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
 from silotune.evaluation.judge import Judge, JudgeResult, bilateral_win_rate, build_judge
-from silotune.federated.algorithms import ALGORITHMS
-from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec, Job, RoundLog
 from silotune.federated.client_app import partition_file
+from silotune.jobs import AlgorithmResult, AlgorithmSpec, Job, RoundLog
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.modeling.memory import model_config, plan_run

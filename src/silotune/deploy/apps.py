@@ -26,10 +26,10 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from silotune.algorithms import ALGORITHMS
 from silotune.config import Config, config_from_dict
 from silotune.data.load import load_client_records
 from silotune.evaluation.evaluator import build_eval_set
-from silotune.federated.algorithms import ALGORITHMS
 from silotune.federated.client_app import ClientSpec, make_client_app
 from silotune.federated.server import FederatedServer
 from silotune.modeling.adapters import adapter_nbytes

@@ -28,7 +28,6 @@ from silotune.config import Config
 from silotune.data.synthetic import SyntheticStats
 from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
 from silotune.evaluation.evaluator import EvalSet
-from silotune.federated.algorithms.base import AlgorithmResult, RoundLog, mean_metrics
 from silotune.federated.local import LOCAL_ROLES
 from silotune.federated.metering import (
     BASE_FINGERPRINT,
@@ -42,6 +41,7 @@ from silotune.federated.strategies import (
     build_strategy,
     sampled_per_round,
 )
+from silotune.jobs import AlgorithmResult, RoundLog, mean_metrics
 from silotune.modeling.adapters import StateDict
 from silotune.records import adapter_to_record, record_to_adapter
 from silotune.training.workbench import Workbench

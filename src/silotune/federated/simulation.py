@@ -7,10 +7,10 @@ import os
 from flwr.simulation import run_simulation
 
 from silotune.federated import secagg
-from silotune.federated.algorithms.base import AlgorithmResult, Job
 from silotune.federated.client_app import ClientSpec, make_client_app
 from silotune.federated.server import FederatedServer
 from silotune.federated.server_app import make_server_app
+from silotune.jobs import AlgorithmResult, Job
 
 
 def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> AlgorithmResult:

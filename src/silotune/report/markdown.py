@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec
+from silotune.jobs import AlgorithmResult, AlgorithmSpec
 from silotune.report.context import RunContext
 
 # Held-out metrics in the order tables show them: (key, label).

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from silotune import __version__
-from silotune.federated.algorithms.base import AlgorithmResult, AlgorithmSpec
+from silotune.jobs import AlgorithmResult, AlgorithmSpec
 from silotune.report.context import RunContext
 from silotune.report.markdown import comparison_markdown, run_markdown
 from silotune.report.plots import plot_curves

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from silotune.federated.algorithms.base import AlgorithmResult, Job, register
 from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, LocalRole
 from silotune.federated.simulation import run_federated
+from silotune.jobs import AlgorithmResult, Job, register
 from silotune.training.workbench import derive_seed
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from silotune.errors import UserError
-from silotune.federated.algorithms.base import (
+from silotune.federated.client_app import partition_file
+from silotune.jobs import (
     AlgorithmResult,
     Job,
     RoundLog,
     mean_metrics,
     register,
 )
-from silotune.federated.client_app import partition_file
 from silotune.procs import Supervisor
 from silotune.security.tls import create_dev_pki
 

@@ -17,9 +17,9 @@ from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import self_generate
 from silotune.evaluation.evaluator import EvalResult, EvalSet
 from silotune.evaluation.judge import filter_judge
-from silotune.federated.algorithms.base import AlgorithmResult, Job, register
 from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, LocalRole
 from silotune.federated.simulation import run_federated
+from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.adapters import GLOBAL, PRIVATE, mix_adapters, save_adapter
 from silotune.training.workbench import derive_seed
 

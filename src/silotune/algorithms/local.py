@@ -8,7 +8,7 @@ from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record, SyntheticStats, self_generate
 from silotune.evaluation.judge import filter_judge
-from silotune.federated.algorithms.base import (
+from silotune.jobs import (
     AlgorithmResult,
     Job,
     RoundLog,

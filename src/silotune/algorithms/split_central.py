@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from silotune.evaluation.evaluator import evaluate
-from silotune.federated.algorithms.base import AlgorithmResult, Job, RoundLog, register
+from silotune.jobs import AlgorithmResult, Job, RoundLog, register
 from silotune.modeling.generation import pad_id
 from silotune.split.client import SplitCausalLM
 from silotune.split.loading import load_segments
