@@ -37,9 +37,10 @@ from silotune.cli import quiet_libraries
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
 from silotune.security.tls import create_dev_pki
-from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM
+from silotune.split.adapters import add_segment_adapter
+from silotune.split.link import MiddleLink, RemoteMiddle
 from silotune.split.loading import load_segments
-from silotune.split.roles import add_segment_adapter
+from silotune.split.model import SplitCausalLM
 from split_overhead import CLIENT, bench_config, split_server
 
 PAD = 0

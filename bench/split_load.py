@@ -38,7 +38,7 @@ from silotune.cli import quiet_libraries
 from silotune.config import Config
 from silotune.modeling.load import resolve_model
 from silotune.security.tls import create_dev_pki
-from silotune.split.client import MiddleLink, SplitError
+from silotune.split.link import MiddleLink, SplitError
 from split_overhead import bench_config, spawn_server, wait_for_port
 from split_scaling import replayed_step
 

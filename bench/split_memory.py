@@ -38,9 +38,9 @@ from silotune.cli import quiet_libraries
 from silotune.config import load_config
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
-from silotune.split.client import SplitCausalLM
+from silotune.split.adapters import add_segment_adapter
 from silotune.split.loading import load_segments
-from silotune.split.roles import add_segment_adapter
+from silotune.split.model import SplitCausalLM
 from silotune.split.segments import Middle, split_model
 from silotune.training.loop import train_steps
 

@@ -50,9 +50,10 @@ from silotune.config import Config, load_config
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
 from silotune.security.tls import create_dev_pki
-from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM
+from silotune.split.adapters import add_segment_adapter
+from silotune.split.link import MiddleLink, RemoteMiddle
 from silotune.split.loading import load_segments
-from silotune.split.roles import add_segment_adapter
+from silotune.split.model import SplitCausalLM
 from silotune.split.server import serve
 from silotune.split.trainers import build_trainer
 from silotune.training.loop import train_steps

@@ -40,9 +40,9 @@ from rich.table import Table
 from silotune.cli import quiet_libraries
 from silotune.config import Config
 from silotune.security.tls import create_dev_pki
-from silotune.split.client import MiddleLink
+from silotune.split.adapters import add_segment_adapter
+from silotune.split.link import MiddleLink
 from silotune.split.loading import load_segments
-from silotune.split.roles import add_segment_adapter
 from silotune.split.segments import Middle
 from split_overhead import bench_config, spawn_server, wait_for_port
 

@@ -8,13 +8,18 @@ from pathlib import Path
 import pytest
 
 from silotune.algorithms import ALGORITHMS
+from silotune.attacks.audit import ATTACKS
 from silotune.config import Algorithm, Config, Partitioner, PromptStyle, Strategy, load_config
+from silotune.config_sections import AttackKind, JudgeKind, SplitAdapter, SplitMode
 from silotune.data.partition import PARTITIONERS
 from silotune.data.prompts import PROMPT_STYLES
 from silotune.errors import ConfigError
+from silotune.evaluation.judge import JUDGES
 from silotune.federated.strategies import (
     STRATEGIES,
 )
+from silotune.split.adapters import SEGMENT_ADAPTERS
+from silotune.split.trainers import TRAINERS
 
 from .conftest import CONFIGS
 
@@ -106,15 +111,26 @@ def test_fingerprint_tracks_content() -> None:
     assert load_config(None, ["train.rounds=9"]).fingerprint() != a.fingerprint()
 
 
+# Each Literal choice type with the registry that builds its names (and its values that build
+# nothing: they turn the feature off).
+CHOICES = [
+    (Algorithm, ALGORITHMS, ()),
+    (Strategy, STRATEGIES, ()),
+    (PromptStyle, PROMPT_STYLES, ()),
+    (Partitioner, PARTITIONERS, ()),
+    (SplitMode, TRAINERS, ()),
+    (SplitAdapter, SEGMENT_ADAPTERS, ()),
+    (AttackKind, ATTACKS, ()),
+    (JudgeKind, JUDGES, ("none",)),
+]
+
+
 @pytest.mark.parametrize(
-    ("literal", "registry"),
-    [
-        (Algorithm, ALGORITHMS),
-        (Strategy, STRATEGIES),
-        (PromptStyle, PROMPT_STYLES),
-        (Partitioner, PARTITIONERS),
-    ],
+    ("literal", "registry", "off"), CHOICES, ids=[r.kind for _, r, _ in CHOICES]
 )
-def test_config_choices_match_registries(literal: object, registry: object) -> None:
+def test_config_choices_match_registries(
+    literal: object, registry: object, off: tuple[str, ...]
+) -> None:
     """Every choice a config accepts is registered, and every registered name is a choice."""
-    assert sorted(typing.get_args(literal)) == registry.names()  # type: ignore[attr-defined]
+    choices = sorted(set(typing.get_args(literal)) - set(off))
+    assert choices == registry.names()  # type: ignore[attr-defined]

@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 from silotune.config import Config, load_config
 from silotune.security.cipher import PlainFrames
 from silotune.security.tls import create_dev_pki
-from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM, SplitError
+from silotune.split.adapters import add_segment_adapter
+from silotune.split.link import MiddleLink, RemoteMiddle, SplitError
+from silotune.split.model import SplitCausalLM
 from silotune.split.protocol import Frame, Kind, decode, encode, run_id
-from silotune.split.roles import add_segment_adapter
 from silotune.split.segments import split_model
 from silotune.split.server import serve
 from silotune.split.trainers import adapter_state, build_trainer

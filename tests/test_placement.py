@@ -13,9 +13,9 @@ from silotune.config import Config, load_config
 from silotune.errors import ConfigError
 from silotune.modeling.load import resolve_model
 from silotune.modeling.placement import resolve_placement
-from silotune.split.client import SplitCausalLM
+from silotune.split.adapters import add_segment_adapter
 from silotune.split.loading import block_device_map, load_segments
-from silotune.split.roles import add_segment_adapter
+from silotune.split.model import SplitCausalLM
 from silotune.training.workbench import Workbench
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU machine")

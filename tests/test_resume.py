@@ -29,7 +29,8 @@ from silotune.checkpoint import (
 from silotune.config import Config, load_config
 from silotune.errors import UserError
 from silotune.jobs import AlgorithmResult, RoundLog
-from silotune.runner import plan_experiment, resume, run_experiment, work_folder
+from silotune.run_folder import work_folder
+from silotune.runner import plan_experiment, resume, run_experiment
 
 from .conftest import CONFIGS
 

@@ -22,12 +22,14 @@ from silotune.data.sft import IGNORE_INDEX
 from silotune.errors import ConfigError
 from silotune.modeling.adapters import peft_lora_config
 from silotune.security.tls import create_dev_pki
-from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM, SplitError
+from silotune.split.adapters import add_segment_adapter
+from silotune.split.link import MiddleLink, RemoteMiddle, SplitError
+from silotune.split.model import SplitCausalLM
 from silotune.split.protocol import Frame, Kind, encode
-from silotune.split.roles import add_segment_adapter
 from silotune.split.segments import Segments, split_model
 from silotune.split.server import serve
 from silotune.split.trainers import MiddleTrainer, adapter_state, build_trainer
+from silotune.split.trainers.state import load_training_state, save_training_state
 
 from .conftest import CONFIGS
 
@@ -253,6 +255,42 @@ def test_three_modes_train_two_clients(mode: str, expected_steps: int) -> None:
     assert all(math.isfinite(x) for run in losses for x in run)  # type: ignore[attr-defined]
     after = adapter_state(segments.middle)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the middle trained
+
+
+def assert_same_state(a: object, b: object) -> None:
+    """Nested dicts/lists of tensors and plain values, equal exactly (dtypes included)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key])
+    else:
+        assert type(a) is type(b) and a == b
+
+
+def test_server_checkpoint_restores_the_training_state_exactly(tmp_path: Path) -> None:
+    config = split_config(
+        "split.mode=per-client", "split.tls=false", "split.encrypt=false", "lora.dropout=0.1"
+    )
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_adapter(segments.middle, config, "middle")
+    with running_server(segments, config) as (port, trainer):
+        clients = [client_model(config, port, f"c{i}", i) for i in range(2)]
+        in_threads([lambda i=i: train_client(clients[i][0], 2, seed=i) for i in range(2)])
+        for _, link in clients:
+            link.close()
+        state = trainer.training_state()
+    save_training_state(state, tmp_path / "checkpoint.safetensors")
+    loaded = load_training_state(tmp_path / "checkpoint.safetensors")
+    assert_same_state(state, loaded)
+    fresh = split_model(tiny_llama(), 1, 1)
+    add_segment_adapter(fresh.middle, config, "middle")
+    restored = build_trainer(fresh.middle, config)
+    restored.restore(loaded)
+    for client in ("c0", "c1"):
+        restored.join(client)
+    assert_same_state(state, restored.training_state())
 
 
 @pytest.mark.parametrize("mode", ["serial", "batch"])

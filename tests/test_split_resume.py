@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from silotune.config import Config, load_config
 from silotune.data.load import load_records
 from silotune.errors import UserError
-from silotune.split.client import MiddleLink, SplitError
+from silotune.split.link import MiddleLink, SplitError
 from silotune.split.roles import run_client
+from silotune.split.trainers.state import load_training_state
 
 from .conftest import CONFIGS
 
@@ -108,7 +109,7 @@ def test_server_killed_mid_step_restarts_and_the_run_resumes_exactly(
         _client(config, target, data, tmp_path / "client")
     monkeypatch.undo()
     assert len((tmp_path / "client" / "rounds.jsonl").read_text().splitlines()) == 1
-    assert torch.load(tmp_path / "server" / "checkpoint.pt", weights_only=True)["round"] == 1
+    assert load_training_state(tmp_path / "server" / "checkpoint.safetensors")["round"] == 1
 
     # A client resumed against a fresh (not resumed) server is refused: their rounds differ.
     fresh, target = _server(config, tmp_path / "fresh-server")

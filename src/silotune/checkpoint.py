@@ -8,8 +8,8 @@ Layout inside the unfinished run folder (`OUT.incomplete/checkpoints/`):
                                  strategy state (e.g. FedAdam's moments), round logs, RNG state
 
 Each client keeps its own state on its own disk (`clients/client-N/state/round-R.safetensors`),
-never in the server's checkpoint. Every checkpoint is written to a temporary folder first and
-swapped in with renames, so a crash while saving leaves the previous checkpoint readable.
+never in the server's checkpoint. Every checkpoint is written whole or not at all
+(silotune.run_folder), so a crash while saving leaves the previous checkpoint readable.
 Tensors are stored as safetensors and everything else as JSON: a checkpoint never holds pickles.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,19 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from silotune.data.synthetic import SyntheticStats
 from silotune.evaluation.judge import JudgeResult
 from silotune.jobs import AlgorithmResult, RoundLog
 from silotune.modeling.adapters import StateDict
+from silotune.run_folder import (
+    client_state_dir,
+    read_folder,
+    write_atomic,
+    write_folder_atomic,
+    write_json,
+)
 
 _SEP = "::"  # joins a group name and a tensor name in one safetensors file
 _KEEP_CLIENT_ROUNDS = 2
@@ -67,14 +73,14 @@ def save_round(folder: Path, ckpt: RoundCheckpoint) -> None:
             "client_predictions": ckpt.client_predictions,
             "random_state": ckpt.random_state,
         }
-        _write_json(tmp / "state.json", state)
+        write_json(tmp / "state.json", state, indent=None)
 
-    _swap_in(folder, write)
+    write_folder_atomic(folder, write)
 
 
 def load_round(folder: Path) -> RoundCheckpoint | None:
     """The round checkpoint in `folder`, or None when there is none yet."""
-    found = _readable(folder)
+    found = read_folder(folder)
     if found is None:
         return None
     state = json.loads((found / "state.json").read_text(encoding="utf-8"))
@@ -119,14 +125,14 @@ def save_result(folder: Path, result: AlgorithmResult) -> None:
             "final_predictions": result.final_predictions,
             "judge": dataclasses.asdict(result.judge) if result.judge else None,
         }
-        _write_json(tmp / "result.json", data)
+        write_json(tmp / "result.json", data, indent=None)
 
-    _swap_in(folder, write)
+    write_folder_atomic(folder, write)
 
 
 def load_result(folder: Path) -> AlgorithmResult | None:
     """A finished algorithm's result kept by save_result, or None."""
-    found = _readable(folder)
+    found = read_folder(folder)
     if found is None:
         return None
     data = json.loads((found / "result.json").read_text(encoding="utf-8"))
@@ -147,18 +153,17 @@ def save_client_state(client_dir: Path, round_: int, store: dict[str, StateDict]
     """A client's own state after `round_`, on its own disk (the last two rounds are kept)."""
     if not store:
         return
-    folder = client_dir / "state"
+    folder = client_state_dir(client_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"round-{round_}.safetensors.tmp"
-    save_file(_join({k: _contiguous(v) for k, v in store.items()}), str(tmp))
-    tmp.replace(folder / f"round-{round_}.safetensors")
+    data = save(_join({k: _contiguous(v) for k, v in store.items()}))
+    write_atomic(folder / f"round-{round_}.safetensors", data)
     for old in sorted(_client_rounds(folder))[:-_KEEP_CLIENT_ROUNDS]:
         (folder / f"round-{old}.safetensors").unlink()
 
 
 def load_client_state(client_dir: Path, upto: int) -> dict[str, StateDict]:
     """The client's state saved after the latest round <= `upto`; empty if none."""
-    folder = client_dir / "state"
+    folder = client_state_dir(client_dir)
     rounds = [r for r in _client_rounds(folder) if r <= upto] if folder.is_dir() else []
     if not rounds:
         return {}
@@ -182,27 +187,6 @@ def _client_rounds(folder: Path) -> list[int]:
     ]
 
 
-def _swap_in(folder: Path, write: Any) -> None:
-    """Write into folder.tmp, then replace folder; folder.old bridges the two renames."""
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _readable(folder: Path) -> Path | None:
-    """`folder`, or its `.old` twin when a crash came between the two renames of _swap_in."""
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def _join(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         f"{group}{_SEP}{name}": t
@@ -221,7 +205,3 @@ def _split(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _contiguous(state: StateDict) -> StateDict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")

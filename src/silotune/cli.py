@@ -56,13 +56,13 @@ _AFTER_FULL_DISK = {"split-server": _SPLIT_GO_ON, "split-client": _SPLIT_GO_ON}
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     from silotune.config import load_config
+    from silotune.run_folder import work_folder
     from silotune.runner import (
         default_out,
         plan_experiment,
         resume,
         run_experiment,
         run_sweep,
-        work_folder,
     )
 
     if args.resume is not None:
@@ -112,7 +112,8 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 def _deploy(args: argparse.Namespace, console: Console) -> int:
     from silotune.config import load_config
     from silotune.deploy.local import deploy_local
-    from silotune.runner import default_out, work_folder
+    from silotune.run_folder import work_folder
+    from silotune.runner import default_out
 
     config = load_config(args.config, args.overrides)
     out = args.out or default_out(config)

@@ -223,12 +223,7 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError(
             "the inversion attack needs a colluding client: set partition.clients >= 2"
         )
-    if config.defence.dp == "server-fixed" and "fedpit" in config.experiment.algorithms:
-        raise ConfigError(
-            "defence.dp = 'server-fixed' cannot run FedPIT: Flower's server-side clipping fails "
-            "on a client that sends an unchanged global adapter (no synthetic data kept); use "
-            "defence.dp = 'client-fixed'"
-        )
+    _check_algorithms(config)
     if config.attack.prefix_fraction >= 1.0:
         raise ConfigError("attack.prefix_fraction must be below 1 (some response must be left)")
     if config.attack.rouge_threshold > 1.0:
@@ -285,6 +280,17 @@ def _check_combinations(config: Config) -> None:
         )
 
 
+def _check_algorithms(config: Config) -> None:
+    """Each chosen algorithm's own checks, from its registration."""
+    # The algorithms import this module, so their registry is read when a config is checked.
+    from silotune.algorithms import ALGORITHMS
+
+    for name in config.experiment.algorithms:
+        check = ALGORITHMS.get(name).check
+        if check is not None:
+            check(config)
+
+
 def _check_strategy(config: Config, sampled: int) -> None:
     """The federated strategy's own needs, and what it cannot be combined with."""
     fed = config.federated
@@ -311,15 +317,6 @@ def _check_strategy(config: Config, sampled: int) -> None:
         raise ConfigError(
             f"federated.multikrum_select = {fed.multikrum_select} but only {sampled} clients "
             f"train each round; lower it (0 picks clients - malicious_clients)"
-        )
-    per_round = config.synthetic.per_round
-    fedpit = "fedpit" in config.experiment.algorithms and config.defence.dp == "none"
-    if fedpit and per_round > fed.max_weight_ratio:
-        raise ConfigError(
-            f"FedPIT clients weigh their updates by the synthetic examples they keep (1 to "
-            f"synthetic.per_round = {per_round}), but federated.max_weight_ratio = "
-            f"{fed.max_weight_ratio:g} rejects a weight above that multiple of the median: "
-            f"set max_weight_ratio to at least {per_round}"
         )
     if fed.strategy == "fedtrimmedavg" and int(fed.trim_fraction * sampled) < 1:
         raise ConfigError(

@@ -53,7 +53,8 @@ Quantization = Literal["none", "4bit", "8bit"]
 DeviceMap = Literal["single", "auto"]
 
 # Which algorithms' results each attack applies to: extraction and membership need an adapter
-# every participant holds; inversion needs a split run's activations.
+# every participant holds; inversion needs a split run's activations. The algorithms import this
+# module, so these are spelled out; tests/test_registry.py checks them against their traits.
 SHARED_ADAPTER_ALGORITHMS: tuple[Algorithm, ...] = ("fedit", "fedpit", "cenit")
 ATTACK_TARGETS: dict[str, tuple[Algorithm, ...]] = {
     "extraction": SHARED_ADAPTER_ALGORITHMS,

@@ -14,6 +14,7 @@ from silotune.evaluation.evaluator import EvalSet
 from silotune.evaluation.judge import JudgeResult
 from silotune.modeling.adapters import StateDict
 from silotune.modeling.load import ModelSource
+from silotune.modeling.memory import WORKLOADS, Process
 from silotune.registry import Registry
 from silotune.training.loop import Examples
 from silotune.training.workbench import Workbench
@@ -109,24 +110,61 @@ class AlgorithmResult:
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """A registered algorithm: its mode, a one-line description and its entry point."""
+    """A registered algorithm with every trait the rest of silotune asks about."""
 
     name: str
     mode: Mode
     description: str
     run: Callable[[Job], AlgorithmResult]
+    # The processes it starts (or model copies it adds) and what each holds, for the memory plan.
+    processes: Callable[[Config], tuple[Process, ...]]
+    shared_adapter: bool = False  # every participant ends with the same adapter (attack target)
+    deployable: bool = False  # runs as a Flower app under the Deployment Engine
+    adapters: int = 1  # adapters each client trains (FedPIT: global + private)
+    # The largest weight one client sends, from the config and each client's example count:
+    # SecAgg+ must not scale an upload up before Flower's clip. None: the largest count.
+    weight_bound: Callable[[Config, list[int]], float] | None = None
+    check: Callable[[Config], None] | None = None  # refuses settings this algorithm cannot run
+
+    def max_weight(self, config: Config, client_examples: list[int]) -> float:
+        """The largest weight one client can send."""
+        if self.weight_bound is not None:
+            return self.weight_bound(config, client_examples)
+        return float(max(client_examples))
 
 
 ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
 
 
 def register(
-    name: str, mode: Mode, description: str
+    name: str,
+    mode: Mode,
+    description: str,
+    *,
+    processes: Callable[[Config], tuple[Process, ...]],
+    shared_adapter: bool = False,
+    deployable: bool = False,
+    adapters: int = 1,
+    weight_bound: Callable[[Config, list[int]], float] | None = None,
+    check: Callable[[Config], None] | None = None,
 ) -> Callable[[Callable[[Job], AlgorithmResult]], Callable[[Job], AlgorithmResult]]:
-    """Decorator registering `fn(job) -> AlgorithmResult` as algorithm `name`."""
+    """Decorator registering `fn(job) -> AlgorithmResult` as algorithm `name`, with its traits."""
 
     def add(fn: Callable[[Job], AlgorithmResult]) -> Callable[[Job], AlgorithmResult]:
-        ALGORITHMS.register(name)(AlgorithmSpec(name, mode, description, fn))
+        spec = AlgorithmSpec(
+            name,
+            mode,
+            description,
+            fn,
+            processes,
+            shared_adapter=shared_adapter,
+            deployable=deployable,
+            adapters=adapters,
+            weight_bound=weight_bound,
+            check=check,
+        )
+        ALGORITHMS.register(name)(spec)
+        WORKLOADS.register(name)(processes)  # the memory plan reads it without this module
         return fn
 
     return add

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import ArrayRecord, RecordDict
 
 from silotune.modeling.adapters import StateDict
 
@@ -43,16 +42,3 @@ def save_store(state: RecordDict, store: dict[str, StateDict]) -> None:
     """Write a client's adapters back into its Context.state."""
     for name, adapter in store.items():
         state[_STORE_PREFIX + name] = adapter_to_record(adapter)
-
-
-def average_adapters(states: list[StateDict], weights: list[float]) -> StateDict:
-    """Weighted average of adapters with Flower's own FedAvg aggregation."""
-    if not states:
-        raise ValueError("nothing to average")
-    records = [
-        RecordDict({"arrays": adapter_to_record(s), "metrics": MetricRecord({"weight": float(w)})})
-        for s, w in zip(states, weights, strict=True)
-    ]
-    dtypes = {k: v.dtype for k, v in states[0].items()}
-    averaged = record_to_adapter(aggregate_arrayrecords(records, "weight"))
-    return {k: v.to(dtypes[k]) for k, v in averaged.items()}

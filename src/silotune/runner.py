@@ -40,7 +40,6 @@ from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
 from silotune.evaluation.judge import Judge, JudgeResult, bilateral_win_rate, build_judge
-from silotune.federated.client_app import partition_file
 from silotune.jobs import AlgorithmResult, AlgorithmSpec, Job, RoundLog
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
@@ -48,8 +47,17 @@ from silotune.modeling.memory import model_config, plan_run
 from silotune.modeling.placement import resolve_placement
 from silotune.report.context import RunContext
 from silotune.report.markdown import METRICS
-from silotune.report.outputs import write_comparison, write_json, write_run
+from silotune.report.outputs import write_comparison, write_run
 from silotune.report.sweep import write_sweep_report
+from silotune.run_folder import (
+    RunFolder,
+    eval_file,
+    finished_folder,
+    partition_file,
+    refuse_leftover,
+    work_folder,
+    write_json,
+)
 from silotune.training.workbench import Workbench
 
 
@@ -63,35 +71,21 @@ class Experiment:
     resume: bool = False  # continue from the checkpoints in OUT.incomplete
 
 
-def work_folder(out: Path) -> Path:
-    """Where a run writes until it has finished."""
-    return out.with_name(out.name + ".incomplete")
-
-
-def refuse_leftover(out: Path) -> None:
-    """Never start over an interrupted run: its checkpoints may hold hours of rounds."""
-    work = work_folder(out)
-    if work.exists():
-        raise UserError(
-            f"{work} holds an interrupted run: continue it with `silotune run --resume {work}`, "
-            f"or discard it with `rm -r {work}` and run this command again"
-        )
-
-
 def resume(folder: Path, console: Console, verbose: bool = False) -> Path:
     """Continue the interrupted run whose output folder (or its .incomplete twin) is `folder`."""
-    out = folder.with_name(folder.name.removesuffix(".incomplete"))
+    out = finished_folder(folder)
     work = work_folder(out)
     if not work.is_dir():
         if out.is_dir():
             raise UserError(f"{out} has already finished; there is nothing to resume")
         raise UserError(f"no interrupted run at {folder} (expected a folder {work})")
-    if not (work / "config.json").is_file():
+    config_file = RunFolder(work).config
+    if not config_file.is_file():
         raise UserError(
-            f"{work} holds no config.json: the run stopped before it started training; "
+            f"{work} holds no {config_file.name}: the run stopped before it started training; "
             f"start it again with `silotune run`"
         )
-    config = load_config(work / "config.json")
+    config = load_config(config_file)
     console.print(f"resuming {config.experiment.name} in {work}")
     if config.sweep.key:
         return run_sweep(config, out, console, verbose, resuming=True)
@@ -130,23 +124,28 @@ def run_sweep(
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
     if not resuming:
         refuse_leftover(out)
-    work = work_folder(out)
+    work = RunFolder(work_folder(out))
     plans = [
-        (label, None if (work / label).is_dir() else plan_experiment(sub, work / label, resuming))
+        (
+            label,
+            None
+            if (work.root / label).is_dir()
+            else plan_experiment(sub, work.root / label, resuming),
+        )
         for label, sub in variants
     ]  # a resumed sweep skips the values that finished
     if not resuming:
-        work.mkdir(parents=True)
-        write_json(work / "config.json", config.to_dict())  # first: a resume reads it
+        work.root.mkdir(parents=True)
+        write_json(work.config, config.to_dict())  # first: a resume reads it
     done = []
     for (label, plan), value in zip(plans, config.sweep.values, strict=True):
         if plan is not None:
             console.rule(f"{config.sweep.key} = {value}")
             run_experiment(plan, console, verbose)
-        done.append((label, value, work / label))
-    write_sweep_report(work, config.sweep.key, done)
-    work.rename(out)
-    console.print(f"sweep finished; report: {out / 'report.md'}")
+        done.append((label, value, work.root / label))
+    write_sweep_report(work.root, config.sweep.key, done)
+    work.finish()
+    console.print(f"sweep finished; report: {RunFolder(out).report}")
     return out
 
 
@@ -163,26 +162,26 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     )
     console.print(_partition_table(split))
 
-    work = work_folder(exp.out)
+    work = RunFolder(work_folder(exp.out))
     if not exp.resume:
-        work.mkdir(parents=True)
+        work.root.mkdir(parents=True)
     try:
         rows = {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)}
         _run_in(work, exp, split, rows, console, verbose)
     except UserError:
         if not exp.resume:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work.root, ignore_errors=True)
         raise
     except BaseException:
         console.print(
-            f"[red]run stopped; partial output left in {work} (not a result); continue it with "
-            f"`silotune run --resume {work}`[/]"
+            f"[red]run stopped; partial output left in {work.root} (not a result); continue it "
+            f"with `silotune run --resume {work.root}`[/]"
         )
         raise
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    for state in (work / "clients").glob("client-*/state"):
+    shutil.rmtree(work.checkpoints, ignore_errors=True)
+    for state in work.client_states():
         shutil.rmtree(state, ignore_errors=True)
-    work.rename(exp.out)
+    work.finish()
     attacks = list(cfg.attack.kinds)
     if attacks:  # on the finished folder: a failing attack never costs the training results
         console.print(f"privacy attacks: {', '.join(attacks)}")
@@ -195,13 +194,13 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
             )
             raise
     console.print(
-        f"finished in {time.perf_counter() - started:.0f} s; report: {exp.out / 'report.md'}"
+        f"finished in {time.perf_counter() - started:.0f} s; report: {RunFolder(exp.out).report}"
     )
     return exp.out
 
 
 def _run_in(
-    work: Path,
+    work: RunFolder,
     exp: Experiment,
     split: Split,
     data_rows: dict[str, object],
@@ -210,7 +209,7 @@ def _run_in(
 ) -> None:
     """Everything after the data split, written into the work folder."""
     cfg = exp.config
-    checkpoints = work / "checkpoints"
+    checkpoints = work.checkpoints
     if exp.resume:
         _check_split(work, split)
     else:
@@ -232,7 +231,7 @@ def _run_in(
     if cfg.judge.kind != "none":
         with console.status(f"setting up the {cfg.judge.kind} judge ..."):
             judge = build_judge(cfg.judge)
-    base_file = checkpoints / "base.json"
+    base_file = work.base_metrics
     if base_file.is_file():
         base = json.loads(base_file.read_text(encoding="utf-8"))
     else:
@@ -265,11 +264,11 @@ def _run_in(
     )
     with progress:
         for spec in exp.specs:
-            folder = work if len(exp.specs) == 1 else work / spec.name
-            finished = load_result(checkpoints / spec.name / "result")
-            if finished is not None and (folder / "summary.json").is_file():
+            folder = work.result(spec.name, several=len(exp.specs) > 1)
+            finished = load_result(work.result_checkpoint(spec.name))
+            if finished is not None and folder.summary.is_file():
                 progress.console.print(f"  {spec.name}: finished before the interruption")
-                summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+                summary = json.loads(folder.summary.read_text(encoding="utf-8"))
                 runs.append((spec, finished, summary))
                 continue
             task = progress.add_task(f"{spec.name} rounds", total=cfg.train.rounds)
@@ -285,8 +284,8 @@ def _run_in(
                 client_examples=client_examples,
                 eval_set=eval_set,
                 workbench=bench,
-                partitions_dir=work / "partitions",
-                clients_dir=work / "clients",
+                partitions_dir=work.partitions,
+                clients_dir=work.clients,
                 checkpoints_dir=checkpoints,
                 client_resources=plan.client_resources(os.cpu_count() or 1),
                 on_round=on_round,
@@ -298,11 +297,13 @@ def _run_in(
                 progress.console.print(f"  {spec.name}: judging against the references ...")
                 result.judge = _judged(judge, cfg, eval_set, result.final_predictions)
                 result.rounds[-1].metrics["judge_win_rate"] = result.judge.win_rate
-            summary = write_run(folder, spec, result, ctx, bench.save, time.perf_counter() - t0)
-            save_result(checkpoints / spec.name / "result", result)
+            summary = write_run(
+                folder.root, spec, result, ctx, bench.save, time.perf_counter() - t0
+            )
+            save_result(work.result_checkpoint(spec.name), result)
             runs.append((spec, result, summary))
     if len(exp.specs) > 1:
-        write_comparison(work, runs, ctx)
+        write_comparison(work.root, runs, ctx)
     console.print(_results_table(runs, base))
 
 
@@ -323,18 +324,17 @@ def _judged(
     )
 
 
-def _write_split(work: Path, split: Split, cfg: Config) -> None:
+def _write_split(work: RunFolder, split: Split, cfg: Config) -> None:
     """Each client's records in its own file (what that client alone reads), plus the eval set."""
-    parts = work / "partitions"
-    write_partitions(parts, split)
-    write_json(parts / "stats.json", split.stats())
-    write_json(work / "config.json", cfg.to_dict())
+    write_partitions(work.partitions, split)
+    write_json(work.partition_stats, split.stats())
+    write_json(work.config, cfg.to_dict())
 
 
 def partition_bytes(split: Split) -> dict[str, bytes]:
     """Each client's records and the eval set as JSON Lines, by file name."""
     named = {partition_file(Path(), i).name: part for i, part in enumerate(split.clients)}
-    named["eval.jsonl"] = split.eval
+    named[eval_file(Path()).name] = split.eval
     files = {}
     for name, records in named.items():
         buffer = io.BytesIO()
@@ -349,14 +349,14 @@ def write_partitions(parts: Path, split: Split) -> None:
         write_private(parts / name, data)
 
 
-def _check_split(work: Path, split: Split) -> None:
+def _check_split(work: RunFolder, split: Split) -> None:
     """A resumed run must see the same split it started with (same data, same seed)."""
     for name, data in partition_bytes(split).items():
-        kept = work / "partitions" / name
+        kept = work.partitions / name
         if not kept.is_file() or kept.read_bytes() != data:
             raise UserError(
                 f"cannot resume: the data split differs from the one the run started with "
-                f"({kept.relative_to(work)}); restore the original data at data.path"
+                f"({kept.relative_to(work.root)}); restore the original data at data.path"
             )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, LocalRole
 from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
+from silotune.modeling.memory import Process
 from silotune.training.workbench import derive_seed
 
 
@@ -28,7 +29,14 @@ def fedit_round(req: LocalRequest) -> LocalReply:
 LOCAL_ROLES.register("fedit")(LocalRole(train=fedit_round))
 
 
-@register("fedit", "federated", "one shared LoRA adapter averaged across clients (Flower)")
+@register(
+    "fedit",
+    "federated",
+    "one shared LoRA adapter averaged across clients (Flower)",
+    processes=lambda _: (Process("fedit client", "client"),),
+    shared_adapter=True,
+    deployable=True,
+)
 def run_fedit(job: Job) -> AlgorithmResult:
     """Run FedIT on Flower's Simulation Engine, evaluating the global adapter after each round."""
     return run_federated(job, "fedit", weighs_examples=True)

@@ -13,14 +13,17 @@ so they evaluate themselves every round; the server also evaluates global alone.
 
 from __future__ import annotations
 
+from silotune.config import Config
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import self_generate
+from silotune.errors import ConfigError
 from silotune.evaluation.evaluator import EvalResult, EvalSet
 from silotune.evaluation.judge import filter_judge
 from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, LocalRole
 from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.adapters import GLOBAL, PRIVATE, mix_adapters, save_adapter
+from silotune.modeling.memory import Process
 from silotune.training.workbench import derive_seed
 
 
@@ -84,11 +87,36 @@ LOCAL_ROLES.register("fedpit")(
 )
 
 
+def check_fedpit(config: Config) -> None:
+    """Refuse the settings FedPIT cannot run with."""
+    if config.defence.dp == "server-fixed":
+        raise ConfigError(
+            "defence.dp = 'server-fixed' cannot run FedPIT: Flower's server-side clipping fails "
+            "on a client that sends an unchanged global adapter (no synthetic data kept); use "
+            "defence.dp = 'client-fixed'"
+        )
+    per_round, ratio = config.synthetic.per_round, config.federated.max_weight_ratio
+    if config.defence.dp == "none" and per_round > ratio:
+        raise ConfigError(
+            f"FedPIT clients weigh their updates by the synthetic examples they keep (1 to "
+            f"synthetic.per_round = {per_round}), but federated.max_weight_ratio = "
+            f"{ratio:g} rejects a weight above that multiple of the median: "
+            f"set max_weight_ratio to at least {per_round}"
+        )
+
+
 @register(
     "fedpit",
     "federated",
     "global adapter trained only on self-generated data and shared; private adapter on real data, "
     "never shared",
+    processes=lambda _: (Process("fedpit client", "client", adapters=2, generates=True),),
+    shared_adapter=True,
+    deployable=True,
+    adapters=len((GLOBAL, PRIVATE)),
+    # Clients weigh their uploads by the synthetic examples they keep: at most per_round.
+    weight_bound=lambda config, _: float(config.synthetic.per_round),
+    check=check_fedpit,
 )
 def run_fedpit(job: Job) -> AlgorithmResult:
     """Run FedPIT on Flower's Simulation Engine."""

@@ -16,11 +16,17 @@ from silotune.jobs import (
     register,
 )
 from silotune.modeling.adapters import GLOBAL, StateDict
+from silotune.modeling.memory import Process
 from silotune.training.loop import Examples
 from silotune.training.workbench import derive_seed
 
 
-@register("locit", "local", "each client tunes alone on its own data; no communication")
+@register(
+    "locit",
+    "local",
+    "each client tunes alone on its own data; no communication",
+    processes=lambda _: (Process("runner", "runner"),),
+)
 def run_locit(job: Job) -> AlgorithmResult:
     """Every client trains `local_steps` per round on its own data, as it would in FedIT."""
     return _run_alone(job, self_augment=False)
@@ -30,6 +36,7 @@ def run_locit(job: Job) -> AlgorithmResult:
     "locit-sa",
     "local",
     "each client tunes alone on its own data plus data it self-generates (no communication)",
+    processes=lambda _: (Process("runner", "runner", generates=True),),
 )
 def run_locit_sa(job: Job) -> AlgorithmResult:
     """LocIT with FedPIT's self-augmentation: each round, generate with the client's own model."""
@@ -103,7 +110,13 @@ def _self_generate(
     ), stats
 
 
-@register("cenit", "centralized", "one model tuned on all clients' data pooled; the ceiling")
+@register(
+    "cenit",
+    "centralized",
+    "one model tuned on all clients' data pooled; the ceiling",
+    processes=lambda _: (Process("runner", "runner"),),
+    shared_adapter=True,
+)
 def run_cenit(job: Job) -> AlgorithmResult:
     """Train on the pooled data with the same total number of steps as all clients in FedIT."""
     cfg, bench = job.config, job.workbench

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from silotune.config import Config
 from silotune.errors import UserError
-from silotune.federated.client_app import partition_file
 from silotune.jobs import (
     AlgorithmResult,
     Job,
@@ -24,8 +23,11 @@ from silotune.jobs import (
     mean_metrics,
     register,
 )
+from silotune.modeling.memory import Process
 from silotune.procs import Supervisor
+from silotune.run_folder import RunFolder, client_name
 from silotune.security.tls import create_dev_pki
+from silotune.split.rounds import ROUNDS_FILE, ClientRound, read_rounds
 
 _START_TIMEOUT_S = 600.0
 
@@ -34,23 +36,42 @@ class SplitRunError(UserError):
     """A split process failed; the message carries the end of its log."""
 
 
+def split_processes(config: Config) -> tuple[Process, ...]:
+    """The split server (the middle blocks) and the clients (the ends), all resident at once."""
+    split, clients = config.split, config.partition.clients
+    ends = split.front_blocks + split.back_blocks
+    # The server's mode decides what it multiplies by the clients: a middle adapter for each
+    # (per-client), or their batches stacked into one step (batch).
+    server = Process(
+        "split server",
+        "resident",
+        blocks_elsewhere=ends,
+        ends=False,
+        adapters=clients if split.mode == "per-client" else 1,
+        batches=clients if split.mode == "batch" else 1,
+    )
+    # Split clients never quantize their blocks.
+    client = Process("split client", "client", ends, quantized=False, concurrent=True)
+    return server, client
+
+
 @register(
     "split",
     "split",
     "FL-GLM split learning: clients keep embeddings + first/last blocks, a server the middle",
+    processes=split_processes,
 )
 def run_split(job: Job) -> AlgorithmResult:
     """Start the server and the clients as processes, follow them, collect their results."""
     cfg = job.config
-    folder = job.partitions_dir.parent / "split"
-    folder.mkdir(parents=True, exist_ok=True)
-    clients = [f"client-{i}" for i in range(len(job.client_examples))]
-    server_dir = folder / "server"
+    run = RunFolder(job.partitions_dir.parent)
+    run.split.mkdir(parents=True, exist_ok=True)
+    clients = [client_name(i) for i in range(len(job.client_examples))]
+    server_dir = run.split_server
     # A resumed run restarts split from its start: what the dead attempt left (its server's
     # port, its clients' progress) must not be read as this attempt's.
-    for stale in (server_dir / "port", *(folder / c / "rounds.jsonl" for c in clients)):
+    for stale in (server_dir / "port", *(run.split_process(c) / ROUNDS_FILE for c in clients)):
         stale.unlink(missing_ok=True)
-    config_file = job.partitions_dir.parent / "config.json"
     base = [sys.executable, "-m", "silotune.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs follow progress line by line
     with Supervisor() as procs:
@@ -65,7 +86,7 @@ def run_split(job: Job) -> AlgorithmResult:
             [
                 *base,
                 "split-server",
-                str(config_file),
+                str(run.config),
                 "--listen",
                 f"{cfg.split.host}:{cfg.split.port}",
                 "--clients",
@@ -74,10 +95,10 @@ def run_split(job: Job) -> AlgorithmResult:
                 str(server_dir),
                 *tls_args,
             ],
-            folder / "server.log",
+            run.split_log("server"),
             env,
         )
-        port = _wait_for_port(server_dir / "port", server, folder / "server.log")
+        port = _wait_for_port(server_dir / "port", server, run.split_log("server"))
         host = (
             "localhost"
             if cfg.split.host in ("127.0.0.1", "0.0.0.0", "localhost")
@@ -89,26 +110,27 @@ def run_split(job: Job) -> AlgorithmResult:
                 [
                     *base,
                     "split-client",
-                    str(config_file),
+                    str(run.config),
                     "--id",
                     client,
                     "--server",
                     f"{host}:{port}",
                     "--data",
-                    str(partition_file(job.partitions_dir, i)),
+                    str(run.partition(i)),
                     "--eval",
-                    str(job.partitions_dir / "eval.jsonl"),
+                    str(run.eval_file),
                     "--out",
-                    str(folder / client),
+                    str(run.split_process(client)),
                     *tls_args,
                 ],
-                folder / f"{client}.log",
+                run.split_log(client),
                 env,
             )
-        rounds = _follow(job, procs.processes, folder, clients)
-    for leftover in (folder / "server" / "checkpoint.pt", *folder.glob("client-*/checkpoint.*")):
-        leftover.unlink(missing_ok=True)  # resumable state: a finished run needs none
-    return _result(folder, clients, rounds)
+        rounds = _follow(job, procs.processes, run, clients)
+    for name in ("server", *clients):  # resumable state: a finished run needs none
+        for leftover in run.split_process(name).glob("checkpoint.*"):
+            leftover.unlink()
+    return _result(run, clients, rounds)
 
 
 def _tail(log: Path, lines: int = 15) -> str:
@@ -128,7 +150,7 @@ def _wait_for_port(port_file: Path, proc: subprocess.Popen[bytes], log: Path) ->
 
 
 def _follow(
-    job: Job, procs: dict[str, subprocess.Popen[bytes]], folder: Path, clients: list[str]
+    job: Job, procs: dict[str, subprocess.Popen[bytes]], run: RunFolder, clients: list[str]
 ) -> list[RoundLog]:
     """Report each round once every client finished it; fail fast if a process fails."""
     rounds: list[RoundLog] = []
@@ -138,20 +160,20 @@ def _follow(
             code = proc.poll()
             if code not in (None, 0):
                 raise SplitRunError(
-                    f"split {name} failed (exit code {code}):\n{_tail(folder / f'{name}.log')}"
+                    f"split {name} failed (exit code {code}):\n{_tail(run.split_log(name))}"
                 )
-        per_client = [_rounds_so_far(folder / c) for c in clients]
+        per_client = [read_rounds(run.split_process(c)) for c in clients]
         done = min(len(r) for r in per_client)
         while len(rounds) < done:
             rows = [r[len(rounds)] for r in per_client]
             log = RoundLog(
                 round=len(rounds) + 1,
-                metrics=mean_metrics([row["metrics"] for row in rows]),
-                train_loss=sum(row["train_loss"] for row in rows) / len(rows),
-                bytes_up=sum(row["bytes_up"] for row in rows),
-                bytes_down=sum(row["bytes_down"] for row in rows),
+                metrics=mean_metrics([row.metrics for row in rows]),
+                train_loss=sum(row.train_loss for row in rows) / len(rows),
+                bytes_up=sum(row.bytes_up for row in rows),
+                bytes_down=sum(row.bytes_down for row in rows),
                 wall_s=time.perf_counter() - last,
-                clients=[{"client": i, **row["metrics"]} for i, row in enumerate(rows)],
+                clients=[{"client": i, **row.metrics} for i, row in enumerate(rows)],
             )
             rounds.append(log)
             last = time.perf_counter()
@@ -161,17 +183,9 @@ def _follow(
         time.sleep(0.5)
 
 
-def _rounds_so_far(client_dir: Path) -> list[dict[str, Any]]:
-    path = client_dir / "rounds.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def _result(folder: Path, clients: list[str], rounds: list[RoundLog]) -> AlgorithmResult:
-    reports = [json.loads((folder / c / "result.json").read_text()) for c in clients]
-    server = json.loads((folder / "server" / "server.json").read_text())
+def _result(run: RunFolder, clients: list[str], rounds: list[RoundLog]) -> AlgorithmResult:
+    reports = [json.loads((run.split_process(c) / "result.json").read_text()) for c in clients]
+    server = json.loads((run.split_server / "server.json").read_text())
     # Traffic per round was reported cumulatively by each client: make it per round.
     for i in range(len(rounds) - 1, 0, -1):
         rounds[i].bytes_up -= rounds[i - 1].bytes_up
@@ -188,7 +202,7 @@ def _result(folder: Path, clients: list[str], rounds: list[RoundLog]) -> Algorit
     return AlgorithmResult(
         rounds=rounds,
         adapters={},
-        per_client_final=[r["rounds"][-1]["metrics"] for r in reports],
+        per_client_final=[ClientRound.from_json(r["rounds"][-1]).metrics for r in reports],
         samples=reports[0]["samples"],
         final_predictions=[r["predictions"] for r in reports],
         notes=[

@@ -13,9 +13,9 @@ import time
 from silotune.evaluation.evaluator import evaluate
 from silotune.jobs import AlgorithmResult, Job, RoundLog, register
 from silotune.modeling.generation import pad_id
-from silotune.split.client import SplitCausalLM
+from silotune.modeling.memory import Process
+from silotune.split.adapters import add_segment_adapter, build_split_model
 from silotune.split.loading import load_segments
-from silotune.split.roles import add_segment_adapter
 from silotune.training.loop import train_steps
 from silotune.training.workbench import derive_seed
 
@@ -24,19 +24,16 @@ from silotune.training.workbench import derive_seed
     "split-central",
     "centralized",
     "the split model with the same adapters trained on the pooled data, no wire; split's reference",
+    # A second copy of the model in the runner's process.
+    processes=lambda _: (Process("split-central", "resident"),),
 )
 def run_split_central(job: Job) -> AlgorithmResult:
     """Train front, middle and back together on the pooled data, as many steps as split takes."""
     cfg = job.config
     tokenizer = job.workbench.tokenizer
     segments = load_segments(cfg)
-    for role, segment in (
-        ("front", segments.front),
-        ("middle", segments.middle),
-        ("back", segments.back),
-    ):
-        add_segment_adapter(segment, cfg, role)
-    model = SplitCausalLM(segments.front, segments.back, segments.middle)
+    add_segment_adapter(segments.middle, cfg, "middle")
+    model = build_split_model(cfg, segments, segments.middle)
     pooled = [ex for examples in job.client_examples for ex in examples]
     steps = cfg.train.local_steps * len(job.client_examples)
     rounds: list[RoundLog] = []

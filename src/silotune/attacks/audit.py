@@ -34,8 +34,8 @@ from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_model, load_tokenizer, resolve_model
 from silotune.registry import Registry
 from silotune.report.privacy import write_privacy
+from silotune.split.adapters import build_split_model
 from silotune.split.loading import load_segments
-from silotune.split.roles import add_segment_adapter
 from silotune.split.segments import split_model
 from silotune.split.trainers import load_state
 
@@ -197,14 +197,10 @@ def _trained_front(run: RunUnderAttack, config: Config, client: int) -> Front:
     file = run.root / "split" / f"client-{client}" / "adapter.safetensors"
     if not file.is_file():
         raise UserError(f"{file} is missing; the split run did not finish for client {client}")
-    segments = load_segments(config, "client")
-    holder = nn.Module()
-    holder.front, holder.back = segments.front, segments.back
-    add_segment_adapter(segments.front, config, "front")
-    add_segment_adapter(segments.back, config, "back")
-    load_state(holder, load_file(str(file)))
-    holder.eval()
-    front = segments.front
+    model = build_split_model(config, load_segments(config, "client"), lambda hidden, mask: hidden)
+    load_state(model, load_file(str(file)))
+    model.eval()
+    front = model.front
     return lambda ids, mask: front(ids, mask)
 
 

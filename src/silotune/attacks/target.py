@@ -24,9 +24,9 @@ from silotune.config_sections import SHARED_ADAPTER_ALGORITHMS
 from silotune.data.load import as_records, load_partition_file, load_records
 from silotune.data.synthetic import Record
 from silotune.errors import UserError
-from silotune.federated.client_app import partition_file
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.load import resolve_model
+from silotune.run_folder import partition_file
 from silotune.training.workbench import Workbench
 
 

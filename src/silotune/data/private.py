@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from silotune.run_folder import write_atomic
 
 
 def write_private(target: Path, data: bytes) -> None:
@@ -15,7 +16,4 @@ def write_private(target: Path, data: bytes) -> None:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     # mkdir's mode is narrowed by the umask and ignored for a folder that already exists.
     folder.chmod(0o700)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
-        fh.write(data)
+    write_atomic(target, data, 0o600)

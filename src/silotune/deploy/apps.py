@@ -35,8 +35,8 @@ from silotune.federated.server import FederatedServer
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.report.context import RunContext
-from silotune.report.outputs import write_json, write_run
-from silotune.runner import work_folder
+from silotune.report.outputs import write_run
+from silotune.run_folder import work_folder, write_json
 from silotune.training.workbench import Workbench
 
 server_app = ServerApp()

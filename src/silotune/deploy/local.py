@@ -29,17 +29,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 
+from silotune.algorithms import ALGORITHMS
 from silotune.config import Config
 from silotune.data.load import load_records
 from silotune.data.partition import split_dataset
 from silotune.errors import ConfigError, UserError
-from silotune.federated.client_app import partition_file
 from silotune.procs import Supervisor
-from silotune.runner import refuse_leftover, work_folder, write_partitions
+from silotune.run_folder import RunFolder, eval_file, partition_file, refuse_leftover, work_folder
+from silotune.runner import write_partitions
 from silotune.security.tls import create_dev_pki
 
 _CONNECTION = "silotune-local"
-_DEPLOYABLE = ("fedit", "fedpit")
 
 
 class DeployError(UserError):
@@ -99,9 +99,10 @@ class _Federation:
 def check_deployable(config: Config) -> str:
     """The one federated algorithm a deployed run can take, or a ConfigError saying why not."""
     algorithms = config.experiment.algorithms
-    if len(algorithms) != 1 or algorithms[0] not in _DEPLOYABLE:
+    deployable = [name for name in ALGORITHMS if ALGORITHMS.get(name).deployable]
+    if len(algorithms) != 1 or algorithms[0] not in deployable:
         raise ConfigError(
-            f"a deployed run takes one federated algorithm ({' or '.join(_DEPLOYABLE)}); got "
+            f"a deployed run takes one federated algorithm ({' or '.join(deployable)}); got "
             f"experiment.algorithms = {list(algorithms)}; set e.g. "
             "--set experiment.algorithms='[\"fedit\"]'"
         )
@@ -129,20 +130,20 @@ def deploy_local(
     if out.exists():
         raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
     refuse_leftover(out)
-    work = work_folder(out)
+    work = RunFolder(work_folder(out))
     loaded = load_records(config.data)
     split = split_dataset(loaded.dataset, config.data, config.partition, config.experiment.seed)
-    parts = work / "partitions"
+    parts = work.partitions
     write_partitions(parts, split)
-    logs = work / "deploy-logs"
+    logs = work.deploy_logs
     logs.mkdir(exist_ok=True)
     with _federation(logs, len(split.clients)) as fed:
         console.print(f"SuperLink on 127.0.0.1:{fed.port} (TLS, SuperNode authentication)")
         for i in range(len(split.clients)):
-            _start_supernode(fed, i, parts, work / "clients")
+            _start_supernode(fed, i, parts, work.clients)
         _wait_online(fed, len(split.clients))
         console.print(f"{len(split.clients)} SuperNodes online; flwr run ...")
-        run_id = _flwr_run(fed, config, out.resolve(), (parts / "eval.jsonl").resolve())
+        run_id = _flwr_run(fed, config, out.resolve(), work.eval_file.resolve())
         while_running(fed)
         status = _wait_finished(fed, run_id, timeout_s, console)
     # The ServerApp wrote its results into the same folder and renamed it to OUT.
@@ -202,7 +203,7 @@ def _start_supernode(fed: _Federation, i: int, parts: Path, clients_dir: Path) -
     values = {
         "partition-id": i,
         "data-path": str(partition_file(parts, i).resolve()),
-        "eval-path": str((parts / "eval.jsonl").resolve()),
+        "eval-path": str(eval_file(parts).resolve()),
         "state-dir": str(clients_dir.resolve()),
     }
     node_config.write_text(_toml(values), encoding="utf-8")

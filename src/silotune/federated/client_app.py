@@ -35,6 +35,7 @@ from silotune.federated.metering import (
 )
 from silotune.modeling.load import ModelSource
 from silotune.records import adapter_to_record, load_store, record_to_adapter, save_store
+from silotune.run_folder import client_name, eval_file, partition_file
 from silotune.training.loop import Examples
 from silotune.training.workbench import Workbench
 
@@ -54,11 +55,6 @@ class ClientSpec:
     clients_dir: str
     data_path: str = ""
     eval_path: str = ""
-
-
-def partition_file(partitions_dir: str | Path, partition_id: int) -> Path:
-    """Where client `partition_id` finds its own records."""
-    return Path(partitions_dir) / f"client-{partition_id}.jsonl"
 
 
 @cache
@@ -82,7 +78,7 @@ def _local_data(spec: ClientSpec, partition_id: int) -> tuple[list[Record], Exam
 @cache
 def _eval_set(spec: ClientSpec) -> EvalSet:
     if not spec.data_path:
-        path = Path(spec.partitions_dir) / "eval.jsonl"
+        path = eval_file(spec.partitions_dir)
     elif spec.eval_path:
         path = Path(spec.eval_path)
     else:
@@ -97,7 +93,7 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
     records, examples = _local_data(spec, partition_id)
     round_ = _as_int(config["server-round"])
     _check_same_model(_workbench(spec), config, partition_id)
-    client_dir = Path(spec.clients_dir) / f"client-{partition_id}"
+    client_dir = Path(spec.clients_dir) / client_name(partition_id)
     # A fresh process (restarted client, resumed run) takes its state up from its own disk:
     # before training round R, as it was after round R - 1; when evaluating, after round R.
     upto = round_ - 1 if msg.metadata.message_type == MessageType.TRAIN else round_

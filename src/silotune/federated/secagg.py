@@ -58,6 +58,7 @@ from silotune.federated.metering import (
 from silotune.federated.strategies import (
     sampled_per_round,
 )
+from silotune.jobs import ALGORITHMS
 from silotune.modeling.adapters import StateDict
 from silotune.records import adapter_to_record, record_to_adapter
 
@@ -85,11 +86,9 @@ def from_ndarrays(arrays: list[NDArray[np.generic]], template: StateDict) -> Sta
 
 
 def max_weight(config: Config, algorithm: str, client_examples: list[int]) -> float:
-    """The largest weight one client can send (FedPIT weighs by kept synthetic examples, the
-    others by examples), so that no upload is scaled up before Flower's ±8 clip."""
-    if algorithm == "fedpit":
-        return float(config.synthetic.per_round)
-    return float(max(client_examples))
+    """The largest weight one client of `algorithm` can send (its registration says how it
+    weighs), so that no upload is scaled up before Flower's ±8 clip."""
+    return ALGORITHMS.get(algorithm).max_weight(config, client_examples)
 
 
 def describe(config: Config, clients: int, weight_bound: float) -> str:

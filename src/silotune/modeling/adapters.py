@@ -78,6 +78,20 @@ def mix_adapters(a: StateDict, b: StateDict, beta: float) -> StateDict:
     return {k: beta * a[k] + (1.0 - beta) * b[k] for k in a}
 
 
+def weighted_mean(states: list[StateDict], weights: list[float]) -> StateDict:
+    """`sum(w_i * s_i) / sum(w_i)` key by key, computed in float64 and cast back to each dtype."""
+    if not states:
+        raise ValueError("nothing to average")
+    total = sum(weights)
+    mean: StateDict = {}
+    for key, first in states[0].items():
+        acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+        for state, weight in zip(states, weights, strict=True):
+            acc.add_(state[key].to(torch.float64), alpha=weight / total)
+        mean[key] = acc.to(first.dtype)
+    return mean
+
+
 def get_adapter(model: PeftModel, name: str = GLOBAL) -> StateDict:
     """A detached CPU copy of the adapter's tensors, keyed as PEFT saves them."""
     state = get_peft_model_state_dict(model, adapter_name=name)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from transformers import (
 from silotune.config import ModelConfig
 from silotune.errors import ConfigError
 from silotune.modeling.placement import Placement
+from silotune.run_folder import write_folder_atomic
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
@@ -156,16 +155,10 @@ def _materialize_tiny(cfg: ModelConfig) -> ModelSource:
 def _save_atomically(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path
 ) -> None:
-    """Save to a temporary sibling, then rename, so a crash never leaves a half-written model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    """Save whole or not at all; a copy another process finished first is kept."""
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not another process winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder_atomic(target, write, replace=False)

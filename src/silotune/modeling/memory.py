@@ -24,8 +24,9 @@ against `torch.cuda.max_memory_allocated` on a GPU machine).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich.table import Table
@@ -36,6 +37,7 @@ from silotune.config import Config
 from silotune.errors import ConfigError
 from silotune.modeling.load import not_loadable
 from silotune.modeling.placement import Placement
+from silotune.registry import Registry
 
 GIB = 1024**3
 # The CUDA context, or the Python process with torch, transformers and datasets imported.
@@ -209,29 +211,53 @@ class MemoryPlan:
 
 
 @dataclass(frozen=True)
+class Process:
+    """One process an algorithm starts (or model copy it adds), as the plan sizes it; each
+    algorithm's registration describes its own, so this module names none."""
+
+    role: str  # the plan's row
+    # runner: trains in the runner's own process; resident: alive for the whole run beside it
+    # (a server, or a second model copy in the runner); client: one per client.
+    host: Literal["runner", "resident", "client"]
+    blocks: int | None = None  # transformer blocks it holds (None: all but blocks_elsewhere)
+    blocks_elsewhere: int = 0  # blocks other processes hold (a split model's ends)
+    ends: bool = True  # it holds the embeddings and the head
+    adapters: int = 1  # LoRA adapters it trains (0: it only evaluates)
+    batches: int = 1  # training batches stacked into one step (0: it trains nothing)
+    quantized: bool = True  # the base's quantization applies (else it keeps the compute dtype)
+    generates: bool = False  # it self-generates synthetic data with [synthetic]'s lengths
+    concurrent: bool = False  # a client that must be resident with all the others at once
+
+
+# Each algorithm's processes by name; `silotune.jobs.register` fills it with the algorithm.
+WORKLOADS: Registry[Callable[[Config], tuple[Process, ...]]] = Registry("algorithm")
+
+
+@dataclass(frozen=True)
 class Workload:
     """The sizes a step works on, from the config."""
 
-    batch: int
+    rows: int  # sequences in one training step (batches stacked)
     seq: int
     eval_batch: int
     gen_tokens: int
-    adapters: int  # adapters trained by one process (FedPIT: global + private)
+    adapters: int  # adapters trained by one process
 
 
-def workload(config: Config, algorithm: str) -> Workload:
+def workload(config: Config, process: Process) -> Workload:
+    """The sizes `process` works on under `config`."""
     eval_cfg, synth = config.eval, config.synthetic
     gen = eval_cfg.max_new_tokens if eval_cfg.generate else 0
     eval_batch = eval_cfg.batch_size
-    if algorithm in ("fedpit", "locit-sa"):
+    if process.generates:
         gen = max(gen, synth.instruction_max_new_tokens + synth.response_max_new_tokens)
         eval_batch = max(eval_batch, synth.batch_size)
     return Workload(
-        batch=config.train.batch_size,
+        rows=config.train.batch_size * process.batches,
         seq=config.data.max_length,
         eval_batch=eval_batch,
         gen_tokens=gen,
-        adapters=2 if algorithm == "fedpit" else 1,
+        adapters=process.adapters,
     )
 
 
@@ -242,14 +268,10 @@ def estimate(
     work: Workload,
     blocks: int,
     ends: bool,
-    adapters: int | None = None,
-    rows: int | None = None,
 ) -> Estimate:
-    """Peak of a process that holds `blocks` blocks and, with `ends`, the embeddings and head;
-    it trains `adapters` LoRA adapters on `rows` sequences at a time (default: the workload's)."""
+    """Peak of a process that holds `blocks` blocks and, with `ends`, the embeddings and head,
+    and trains the workload's adapters."""
     e = torch.finfo(placement.dtype).bits // 8
-    adapters = work.adapters if adapters is None else adapters
-    rows = work.batch if rows is None else rows
     if placement.quantized:
         per_linear = _NF4_BYTES if placement.quantization == "4bit" else _INT8_BYTES
         # PEFT's k-bit preparation keeps every unquantized weight in float32.
@@ -262,14 +284,14 @@ def estimate(
     else:
         weights = blocks * (shape.block_linear + shape.block_other) * e
         weights += (shape.embed + shape.head) * e if ends else 0
-    trainable = blocks * shape.lora_per_block * adapters
-    tokens = rows * work.seq
+    trainable = blocks * shape.lora_per_block * work.adapters
+    tokens = work.rows * work.seq
     # Kept for backward, per token and block: two RMS norms' float32 intermediates (6 d),
     # q, rotated q, attention output, o_proj input, residuals, down_proj output (~9 d), k, v,
     # rotated k (3 kv), the MLP's gate, up, activation and product (4 I); flash/memory-efficient
     # attention keeps no t x t scores. Plus LoRA's float32 inputs.
     per_block = e * (15 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate)
-    per_block += 4 * shape.lora_inputs * adapters
+    per_block += 4 * shape.lora_inputs * work.adapters
     if placement.gradient_checkpointing:
         kept = tokens * (blocks * e * shape.hidden + per_block)
     else:
@@ -301,56 +323,56 @@ def plan_run(
     lora = config.lora
     shape = architecture(hf_config, lora.target_modules, lora.r)
     capacity = device_capacity(placement.device) if capacity is None else capacity
-    algorithms = config.experiment.algorithms
     clients = config.partition.clients
-    whole = shape.layers
+    per_algorithm = [WORKLOADS.get(name)(config) for name in config.experiment.algorithms]
 
-    def process(role: str, algorithm: str, **kw: Any) -> Estimate:
-        return estimate(role, shape, placement, workload(config, algorithm), whole, True, **kw)
+    def sized(process: Process) -> Estimate:
+        place = placement if process.quantized else replace(placement, quantization="none")
+        blocks = process.blocks
+        if blocks is None:
+            blocks = shape.layers - process.blocks_elsewhere
+        work = workload(config, process)
+        return estimate(process.role, shape, place, work, blocks, process.ends)
 
-    # The runner's own process evaluates the base and the servers' adapters, and trains the
-    # algorithms that run in it; split-central builds a second copy of the model there.
-    in_process = [a for a in algorithms if a in ("locit", "locit-sa", "cenit")]
-    estimates = [
-        max((process("runner", a) for a in in_process), key=lambda e: e.total)
-        if in_process
-        else process("runner (evaluation)", "fedit", adapters=0, rows=0)
-    ]
-    if "split-central" in algorithms:
-        estimates.append(process("split-central", "split-central"))
-    shared = sum(e.total for e in estimates)
-    client: Estimate | None = None
+    # The runner's own process evaluates the base and the servers' adapters (training nothing),
+    # and trains the algorithms that run in it.
+    in_runner = [sized(p) for ps in per_algorithm for p in ps if p.host == "runner"]
+    evaluation = Process("runner (evaluation)", "runner", adapters=0, batches=0)
+    estimates = [max(in_runner, key=lambda e: e.total) if in_runner else sized(evaluation)]
+    shared = estimates[0].total
+    queued: list[Estimate] = []  # clients that may wait their turn
+    at_once: list[Estimate] = []  # clients that must all be resident together
+    # Algorithms whose clients may queue first, then those whose clients run all at once; each
+    # lists its resident processes before its clients, and of queued clients the largest.
+    for together in (False, True):
+        for processes in per_algorithm:
+            if any(p.concurrent for p in processes) != together:
+                continue
+            for process in (p for p in processes if p.host != "runner"):
+                e = sized(process)
+                if process.host == "resident":
+                    estimates.append(e)
+                    shared += e.total
+                elif process.concurrent:
+                    estimates.append(e)
+                    at_once.append(e)
+                else:
+                    queued.append(e)
+        if not together and queued:
+            estimates.append(max(queued, key=lambda e: e.total))
+    client = max(queued, key=lambda e: e.total) if queued else None
     concurrent = False
-    if federated := [a for a in algorithms if a in ("fedit", "fedpit")]:
-        client = max((process(f"{a} client", a) for a in federated), key=lambda e: e.total)
-        estimates.append(client)
-    if "split" in algorithms:
-        split, work = config.split, workload(config, "split")
-        server = estimate(
-            "split server",
-            shape,
-            placement,
-            work,
-            whole - split.front_blocks - split.back_blocks,
-            False,
-            adapters=clients if split.mode == "per-client" else 1,
-            rows=work.batch * (clients if split.mode == "batch" else 1),
-        )
-        unquantized = replace(placement, quantization="none")  # split clients never quantize
-        ends = split.front_blocks + split.back_blocks
-        split_client = estimate("split client", shape, unquantized, work, ends, True)
-        estimates += [server, split_client]
-        shared += server.total
-        if client is None or split_client.total * clients > client.total:
-            client, concurrent = split_client, True  # split clients all run at once
+    for e in at_once:
+        if client is None or e.total * clients > client.total:
+            client, concurrent = e, True
     plan = MemoryPlan(
         str(placement.device), capacity, estimates, shared, client, clients, concurrent
     )
-    plan.knobs = _knobs(config, placement)
+    plan.knobs = _knobs(config, placement, at_once)
     return plan
 
 
-def _knobs(config: Config, placement: Placement) -> list[str]:
+def _knobs(config: Config, placement: Placement, at_once: list[Estimate]) -> list[str]:
     """The settings that would lower the plan, in the order worth trying."""
     knobs = []
     if not placement.gradient_checkpointing:
@@ -361,8 +383,8 @@ def _knobs(config: Config, placement: Placement) -> list[str]:
         knobs.append("set model.dtype = 'bfloat16'")
     knobs.append(f"lower train.batch_size (now {config.train.batch_size})")
     knobs.append(f"lower data.max_length (now {config.data.max_length})")
-    if "split" in config.experiment.algorithms:
-        knobs.append(f"run fewer split clients (partition.clients, now {config.partition.clients})")
+    for e in at_once:
+        knobs.append(f"run fewer {e.role}s (partition.clients, now {config.partition.clients})")
     return knobs
 
 

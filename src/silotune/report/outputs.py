@@ -19,11 +19,7 @@ from silotune.jobs import AlgorithmResult, AlgorithmSpec
 from silotune.report.context import RunContext
 from silotune.report.markdown import comparison_markdown, run_markdown
 from silotune.report.plots import plot_curves
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Pretty JSON with a trailing newline."""
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+from silotune.run_folder import RunFolder, write_atomic, write_json
 
 
 def summarize(
@@ -67,21 +63,19 @@ def write_run(
     wall_s: float,
 ) -> dict[str, Any]:
     """Write one algorithm's run folder; `save_adapter(state, path)` writes PEFT folders."""
+    run = RunFolder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, state in result.adapters.items():
-        (folder / "adapters").mkdir(exist_ok=True)
-        save_adapter(state, folder / "adapters" / name)
-    with (folder / "metrics.jsonl").open("w", encoding="utf-8") as fh:
-        for log in result.rounds:
-            fh.write(json.dumps(log.to_json()) + "\n")
-    summary = summarize(spec, result, ctx, wall_s)
+        run.adapters.mkdir(exist_ok=True)
+        save_adapter(state, run.adapters / name)
     rows = [log.to_json() for log in result.rounds]
-    plots = plot_curves({spec.name: rows}, ctx.base, folder / "plots")
-    (folder / "report.md").write_text(
-        run_markdown(spec, result, summary, ctx.partition_stats, plots, folder), encoding="utf-8"
-    )
+    write_atomic(run.metrics, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
+    summary = summarize(spec, result, ctx, wall_s)
+    plots = plot_curves({spec.name: rows}, ctx.base, run.plots)
+    markdown = run_markdown(spec, result, summary, ctx.partition_stats, plots, folder)
+    write_atomic(run.report, markdown.encode("utf-8"))
     # Last: a summary.json marks the folder as a finished result.
-    write_json(folder / "summary.json", summary)
+    write_json(run.summary, summary)
     return summary
 
 
@@ -91,11 +85,11 @@ def write_comparison(
     ctx: RunContext,
 ) -> None:
     """Side-by-side report of several algorithms run on the same split and budget."""
+    run = RunFolder(folder)
     series = {spec.name: [log.to_json() for log in result.rounds] for spec, result, _ in runs}
-    plots = plot_curves(series, ctx.base, folder / "plots")
-    text = comparison_markdown(runs, ctx, plots, folder)
-    (folder / "report.md").write_text(text, encoding="utf-8")
+    plots = plot_curves(series, ctx.base, run.plots)
+    write_atomic(run.report, comparison_markdown(runs, ctx, plots, folder).encode("utf-8"))
     write_json(
-        folder / "comparison.json",
+        run.comparison,
         {"base": ctx.base, "runs": {spec.name: summary for spec, _, summary in runs}},
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from silotune.report.markdown import table
 from silotune.report.plots import plt, save_figure
+from silotune.run_folder import RunFolder, write_json
 
 BEGIN, END = "<!-- privacy:begin -->", "<!-- privacy:end -->"
 
@@ -41,7 +42,7 @@ def leakage_headlines(found: dict[str, Any]) -> dict[str, float]:
 
 def load_privacy(folder: Path) -> dict[str, Any]:
     """A folder's privacy.json, or {} when no attack has run on it."""
-    file = folder / "privacy.json"
+    file = RunFolder(folder).privacy
     data: dict[str, Any] = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     return data
 
@@ -53,9 +54,7 @@ def write_privacy(folder: Path, results: dict[str, Any], several: bool = False) 
     plots = _plots(folder, by_run)
     section = privacy_markdown(by_run, [p.relative_to(folder).as_posix() for p in plots])
     _put_section(folder / "report.md", section)
-    partial = folder / "privacy.json.partial"
-    partial.write_text(json.dumps(merged, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(folder / "privacy.json")
+    write_json(RunFolder(folder).privacy, merged)
     return merged
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from silotune.errors import ConfigError
+from silotune.run_folder import write_atomic
 
 _HOW = "create certificates with `silotune certs DIR --clients a,b,c`"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]+")
@@ -84,13 +83,13 @@ def create_dev_pki(
     for stem, (cert, key) in files.items():
         stem.parent.mkdir(parents=True, exist_ok=True)
         pem_path, key_path = _pair(stem)
-        _write_atomic(pem_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(pem_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_atomic(key_path, key_pem, 0o600)
+        write_atomic(key_path, key_pem, 0o600)
 
 
 def server_credentials(cert_dir: Path) -> grpc.ServerCredentials:
@@ -201,20 +200,6 @@ def _server_name(hosts: Sequence[str]) -> str:
 def _pair(stem: Path) -> tuple[Path, Path]:
     # Not with_suffix: a client id such as "site.a" already contains a dot.
     return stem.parent / f"{stem.name}.pem", stem.parent / f"{stem.name}.key"
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path) -> bytes:

@@ -10,57 +10,33 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import inject_adapter_in_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from silotune.config import Config
 from silotune.data.load import load_client_records
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import UserError
 from silotune.evaluation.evaluator import build_eval_set, evaluate
-from silotune.modeling.adapters import peft_lora_config
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_tokenizer, resolve_model
-from silotune.registry import Registry
-from silotune.split.client import MiddleLink, RemoteMiddle, SplitCausalLM, SplitError
+from silotune.run_folder import write_atomic
+from silotune.split.adapters import add_segment_adapter, build_split_model
+from silotune.split.link import MiddleLink, RemoteMiddle, SplitError
 from silotune.split.loading import load_segments
-from silotune.split.segments import Segment
+from silotune.split.model import SplitCausalLM
+from silotune.split.rounds import ClientRound
 from silotune.split.server import serve
 from silotune.split.trainers import adapter_state, build_trainer, load_state
+from silotune.split.trainers.state import load_training_state, save_training_state
 from silotune.training.loop import train_steps
 from silotune.training.workbench import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-def add_segment_adapter(segment: Segment, config: Config, role: str) -> None:
-    """Freeze the segment and give its blocks (if any) the configured PEFT adapter."""
-    for p in segment.parameters():
-        p.requires_grad = False
-    if not len(segment.layers):
-        return
-    with torch.random.fork_rng():
-        torch.manual_seed(derive_seed(config.experiment.seed, "split", role))
-        SEGMENT_ADAPTERS.get(config.split.adapter)(segment, config)
-
-
-SEGMENT_ADAPTERS: Registry[Callable[[Segment, Config], None]] = Registry("split adapter")
-
-
-@SEGMENT_ADAPTERS.register("lora")
-def _lora(segment: Segment, config: Config) -> None:
-    inject_adapter_in_model(peft_lora_config(config.lora), segment)
-
-
-@SEGMENT_ADAPTERS.register("prefix")
-def _prefix(segment: Segment, config: Config) -> None:
-    segment.add_prefix(config.split.prefix_tokens)
 
 
 def run_server(
@@ -78,7 +54,7 @@ def run_server(
     CERTS/clients, else (no such folder) any client the CA signed.
 
     With `out`, the server checkpoints its training state at every round's end (the clients'
-    adapter average is the barrier) into OUT/checkpoint.pt; `resume` starts from it.
+    adapter average is the barrier) into OUT/checkpoint.safetensors; `resume` starts from it.
     """
     segments = load_segments(config, "server")
     middle = segments.middle
@@ -87,20 +63,20 @@ def run_server(
     trainer = build_trainer(middle, config)
     # The middle's LoRA dropout draws from this process's RNG: seed it, so a run can be replayed.
     torch.manual_seed(derive_seed(config.experiment.seed, "split-server"))
-    checkpoint = out / "checkpoint.pt" if out is not None else None
+    checkpoint = out / "checkpoint.safetensors" if out is not None else None
     if resume:
         if checkpoint is None or not checkpoint.is_file():
-            raise UserError(f"nothing to resume: no checkpoint.pt in {out} (give the same --out)")
-        trainer.restore(torch.load(checkpoint, weights_only=True))
+            raise UserError(
+                f"nothing to resume: no checkpoint.safetensors in {out} (give the same --out)"
+            )
+        trainer.restore(load_training_state(checkpoint))
         log.info("resumed after round %d (%d steps)", trainer.rounds, trainer.steps)
     if checkpoint is not None:
         out_dir = checkpoint.parent
         out_dir.mkdir(parents=True, exist_ok=True)
 
         def save(_round: int) -> None:
-            partial = checkpoint.with_name(checkpoint.name + ".partial")
-            torch.save(trainer.training_state(), partial)
-            partial.replace(checkpoint)
+            save_training_state(trainer.training_state(), checkpoint)
 
         trainer.on_round_end = save
     if allowed is None and certs is not None and (certs / "clients").is_dir():
@@ -156,16 +132,12 @@ def _resume_client(model: SplitCausalLM, out: Path) -> list[dict[str, Any]]:
 
 def _save(state: dict[str, torch.Tensor], target: Path) -> None:
     """safetensors, written whole or not at all."""
-    partial = target.with_name(target.name + ".partial")
-    save_file(state, str(partial))
-    partial.replace(target)
+    write_atomic(target, save(state))
 
 
 def _write(target: Path, data: Any) -> None:
     """JSON, written whole or not at all."""
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2))
-    partial.replace(target)
+    write_atomic(target, json.dumps(data, indent=2).encode("utf-8"))
 
 
 def run_client(
@@ -190,16 +162,11 @@ def run_client(
         log.warning("%s: %s", data_file, loaded.describe_dropped())
     held_out = load_client_records(eval_file, config.data).dataset
     tokenizer = load_tokenizer(resolve_model(config.model))
-    segments = load_segments(config, "client")
-    front, back = segments.front, segments.back
-    del segments
-    add_segment_adapter(front, config, "front")
-    add_segment_adapter(back, config, "back")
+    model = build_split_model(config, load_segments(config, "client"), _NoMiddle())
     examples = tokenize_dataset(
         loaded.dataset, tokenizer, config.data.prompt_style, config.data.max_length
     )
     eval_set = build_eval_set(held_out, tokenizer, config.data)
-    model = SplitCausalLM(front, back, _NoMiddle())
     rounds: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -232,15 +199,15 @@ def run_client(
                 averaged = link.average(adapter_state(model), float(len(examples)))
                 load_state(model, averaged)
             result = evaluate(model, tokenizer, eval_set, config.eval)
-            row = {
-                "round": rnd,
-                "metrics": result.metrics(),
-                "train_loss": trained.loss,
-                "train_s": trained.seconds,
-                "wall_s": time.perf_counter() - start,
-                "bytes_up": link.stats.bytes_up,
-                "bytes_down": link.stats.bytes_down,
-            }
+            row = ClientRound(
+                round=rnd,
+                metrics=result.metrics(),
+                train_loss=trained.loss,
+                train_s=trained.seconds,
+                wall_s=time.perf_counter() - start,
+                bytes_up=link.stats.bytes_up,
+                bytes_down=link.stats.bytes_down,
+            ).to_json()
             rounds.append(row)
             with (out / "rounds.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")  # progress for whoever launched us

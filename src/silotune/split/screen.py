@@ -27,7 +27,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from silotune.config import Config
 from silotune.errors import FrameRejected
+from silotune.split.adapters import build_split_model
 from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, TensorSpec
+from silotune.split.segments import split_model
 
 Shape = tuple[int, ...]
 # A header of this size holds any legitimate frame's metadata (names of a few hundred tensors).
@@ -151,16 +153,11 @@ def client_adapter_layout(config: Config, model_config: PretrainedConfig) -> dic
 
     Built on `meta` from the model's config with the same adapter code the clients run, so it
     costs no memory and cannot drift from what a client actually holds."""
-    # Imported here: roles imports the server, which imports this module.
-    from silotune.split.client import SplitCausalLM
-    from silotune.split.roles import add_segment_adapter
-    from silotune.split.segments import split_model
+    # Imported here: the trainers import this module.
     from silotune.split.trainers import trainable
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]
     segments = split_model(model, config.split.front_blocks, config.split.back_blocks)
-    add_segment_adapter(segments.front, config, "front")
-    add_segment_adapter(segments.back, config, "back")
-    both = SplitCausalLM(segments.front, segments.back, lambda hidden, mask: hidden)
+    both = build_split_model(config, segments, lambda hidden, mask: hidden)
     return {name: tuple(p.shape) for name, p in trainable(both).items()}

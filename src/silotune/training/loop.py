@@ -17,6 +17,7 @@ from silotune.config import TrainConfig
 from silotune.data.sft import Batch, batch_stream
 from silotune.modeling.placement import device_of
 from silotune.training.guards import check_gradients
+from silotune.training.optim import clip_and_step, make_optimizer
 
 Examples = list[tuple[list[int], list[int]]]
 
@@ -49,7 +50,7 @@ def train_steps(
     params = list(named.values())
     # With FedProx, pull towards the parameters received at the start of the round.
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg)
     batches = batch_stream(examples, cfg.batch_size, pad_id, seed)
     start = time.perf_counter()
     # Dropout draws from the global RNG: seed it too, so a (state, data, seed) triple is replayable.
@@ -101,9 +102,7 @@ def _run(
                     for p, a in zip(params, anchors, strict=True):
                         assert p.grad is not None  # checked above
                         p.grad.add_(p - a, alpha=proximal_mu)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            clip_and_step(params, optimizer, cfg)
             value = float(out.loss.detach())
             # Free this step's logits before the next forward allocates its own.
             del out

@@ -22,13 +22,13 @@ from transformers import Cache
 
 from silotune.config import Config
 from silotune.errors import FrameRejected
-from silotune.modeling.adapters import StateDict
-from silotune.records import average_adapters
+from silotune.modeling.adapters import StateDict, weighted_mean
 from silotune.registry import Registry
 from silotune.split.rendezvous import Rendezvous
 from silotune.split.screen import check_finite
 from silotune.split.segments import Middle
 from silotune.training.guards import MissingGradientError, check_gradients
+from silotune.training.optim import clip_and_step, make_optimizer
 
 CacheUse = Literal["", "new", "next"]
 log = logging.getLogger(__name__)
@@ -139,10 +139,8 @@ class MiddleTrainer:
         self.restored = modules
 
     def optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        """AdamW over `module`'s adapter, as the local training loop uses."""
-        cfg = self.config.train
-        params = list(trainable(module).values())
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        """The training loop's optimizer over `module`'s adapter."""
+        return make_optimizer(trainable(module).values(), self.config.train)
 
     def step(self, module: nn.Module, optimizer: torch.optim.Optimizer, scale: float = 1.0) -> None:
         """Clip and apply the accumulated gradients, then clear them; a non-finite gradient is
@@ -162,9 +160,7 @@ class MiddleTrainer:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-        if self.config.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
-        optimizer.step()
+        clip_and_step(params, optimizer, self.config.train)
         optimizer.zero_grad(set_to_none=True)
         self.steps += 1
 
@@ -302,10 +298,6 @@ class MiddleTrainer:
         """SplitFed: average the clients' front/back adapters (weighted by their examples)."""
         return self.client_average.meet(client, (state, weight), self.participants)
 
-    def adapter(self) -> StateDict:
-        """The middle adapter to save at the end."""
-        return adapter_state(self.middle)
-
 
 def check_shape(grad: torch.Tensor, expected: torch.Size) -> None:
     """Refuse a client's gradient that does not match the output it answers."""
@@ -325,7 +317,7 @@ def _weighted_average(deposits: dict[str, tuple[StateDict, float]], max_ratio: f
             log.warning(
                 "client %s claims weight %g; capped at %g (median x %g)", client, w, cap, max_ratio
             )
-    return average_adapters([s for s, _ in deposits.values()], [min(w, cap) for w in weights])
+    return weighted_mean([s for s, _ in deposits.values()], [min(w, cap) for w in weights])
 
 
 TRAINERS: Registry[type[MiddleTrainer]] = Registry("split mode")

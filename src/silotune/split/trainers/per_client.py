@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from silotune.config import Config
-from silotune.modeling.adapters import StateDict
-from silotune.records import average_adapters
+from silotune.modeling.adapters import StateDict, weighted_mean
 from silotune.split.rendezvous import Rendezvous
 from silotune.split.segments import Middle
 from silotune.split.trainers.base import (
@@ -34,7 +33,7 @@ class PerClientTrainer(MiddleTrainer):
         self.replicas: dict[str, Replica] = {}
         self.pendings: dict[str, Pending] = {}
         self.middle_average: Rendezvous[StateDict, StateDict] = Rendezvous(
-            lambda d: average_adapters(list(d.values()), [1.0] * len(d)), self.timeout_s
+            lambda d: weighted_mean(list(d.values()), [1.0] * len(d)), self.timeout_s
         )
 
     def join(self, client: str) -> None:

@@ -1,0 +1,1 @@
+"""Privacy attacks that measure what a run leaks: extraction, membership inference, inversion."""
