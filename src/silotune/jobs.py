@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from silotune.config import Config
-from silotune.data.partition import Split
+from silotune.data.partition import Partitions
 from silotune.data.synthetic import SyntheticStats
 from silotune.evaluation.evaluator import EvalSet
 from silotune.evaluation.judge import JudgeResult
@@ -28,7 +28,7 @@ class Job:
 
     config: Config
     source: ModelSource
-    split: Split
+    split: Partitions
     client_examples: list[Examples]
     eval_set: EvalSet
     workbench: Workbench

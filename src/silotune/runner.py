@@ -34,7 +34,7 @@ from silotune.attacks.audit import audit
 from silotune.checkpoint import load_result, save_result
 from silotune.config import Config, load_config, sweep_variants
 from silotune.data.load import load_records
-from silotune.data.partition import Split, split_dataset
+from silotune.data.partition import Partitions, split_dataset
 from silotune.data.private import write_private
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
@@ -202,7 +202,7 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
 def _run_in(
     work: RunFolder,
     exp: Experiment,
-    split: Split,
+    split: Partitions,
     data_rows: dict[str, object],
     console: Console,
     verbose: bool,
@@ -324,14 +324,14 @@ def _judged(
     )
 
 
-def _write_split(work: RunFolder, split: Split, cfg: Config) -> None:
+def _write_split(work: RunFolder, split: Partitions, cfg: Config) -> None:
     """Each client's records in its own file (what that client alone reads), plus the eval set."""
     write_partitions(work.partitions, split)
     write_json(work.partition_stats, split.stats())
     write_json(work.config, cfg.to_dict())
 
 
-def partition_bytes(split: Split) -> dict[str, bytes]:
+def partition_bytes(split: Partitions) -> dict[str, bytes]:
     """Each client's records and the eval set as JSON Lines, by file name."""
     named = {partition_file(Path(), i).name: part for i, part in enumerate(split.clients)}
     named[eval_file(Path()).name] = split.eval
@@ -343,13 +343,13 @@ def partition_bytes(split: Split) -> dict[str, bytes]:
     return files
 
 
-def write_partitions(parts: Path, split: Split) -> None:
+def write_partitions(parts: Path, split: Partitions) -> None:
     """Each client's records in its own file (what that client alone reads), plus the eval set."""
     for name, data in partition_bytes(split).items():
         write_private(parts / name, data)
 
 
-def _check_split(work: RunFolder, split: Split) -> None:
+def _check_split(work: RunFolder, split: Partitions) -> None:
     """A resumed run must see the same split it started with (same data, same seed)."""
     for name, data in partition_bytes(split).items():
         kept = work.partitions / name
@@ -360,7 +360,7 @@ def _check_split(work: RunFolder, split: Split) -> None:
             )
 
 
-def _partition_table(split: Split) -> Table:
+def _partition_table(split: Partitions) -> Table:
     table = Table(title="clients")
     table.add_column("client", justify="right")
     table.add_column("records", justify="right")

@@ -39,7 +39,7 @@ def _dirichlet(cfg: PartitionConfig, seed: int) -> Partitioner:
 
 
 @dataclass(frozen=True)
-class Split:
+class Partitions:
     """The held-out eval set and one dataset per client."""
 
     eval: datasets.Dataset
@@ -60,7 +60,7 @@ class Split:
 
 def split_dataset(
     dataset: datasets.Dataset, data: DataConfig, cfg: PartitionConfig, seed: int
-) -> Split:
+) -> Partitions:
     """Hold out `data.eval_size` records, then partition the rest across `cfg.clients`."""
     needed = data.eval_size + cfg.clients
     if len(dataset) < needed:
@@ -92,4 +92,4 @@ def split_dataset(
                 f"client {i} received no records; use fewer clients, a larger partition.alpha, "
                 "or more data"
             )
-    return Split(eval=eval_set, clients=parts)
+    return Partitions(eval=eval_set, clients=parts)
