@@ -81,6 +81,8 @@ def header_attacks(rows: int, tokens: int, d: int) -> dict[str, Mutation]:
         "missing hidden": _drop_tensor("hidden"),
         "unknown kind": lambda head: head.__setitem__("kind", "shutdown"),
         "hello mid-session": lambda head: head.__setitem__("kind", "hello"),
+        "training flag as text": lambda head: head.__setitem__("train", "yes"),
+        "unknown cache instruction": lambda head: head.__setitem__("cache", "all"),
     }
 
 

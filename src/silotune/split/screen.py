@@ -35,6 +35,7 @@ Shape = tuple[int, ...]
 # A header of this size holds any legitimate frame's metadata (names of a few hundred tensors).
 _HEADER_BYTES = 1 << 20
 _FLOAT_DTYPES = {"float32", "bfloat16"}
+CACHE_USES = ("", "new", "next")  # no cache; start one (a prompt); continue it (new tokens)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ class Limits:
             _expect_names(kind, by_name, set())
         elif kind == Kind.ACTIVATIONS:
             _expect_names(kind, by_name, {"hidden", "mask"})
+            train, cache = meta.get("train", False), meta.get("cache", "")
+            if not isinstance(train, bool) or cache not in CACHE_USES or (train and cache):
+                raise FrameRejected(
+                    f"activations frame: train must be true or false and cache one of "
+                    f"{CACHE_USES} (only without training), got {train!r}, {cache!r}"
+                )
             hidden, mask = by_name["hidden"], by_name["mask"]
             rows, width = self._hidden(kind, hidden)
             if mask.dtype != "bool" or len(mask.shape) != 2 or mask.shape[0] != rows:
@@ -153,11 +160,8 @@ def client_adapter_layout(config: Config, model_config: PretrainedConfig) -> dic
 
     Built on `meta` from the model's config with the same adapter code the clients run, so it
     costs no memory and cannot drift from what a client actually holds."""
-    # Imported here: the trainers import this module.
-    from silotune.split.trainers import trainable
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]
     segments = split_model(model, config.split.front_blocks, config.split.back_blocks)
     both = build_split_model(config, segments, lambda hidden, mask: hidden)
-    return {name: tuple(p.shape) for name, p in trainable(both).items()}
+    return {name: tuple(p.shape) for name, p in both.named_parameters() if p.requires_grad}
