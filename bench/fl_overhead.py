@@ -20,8 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from silotune.cli import quiet_libraries
 from silotune.config import load_config
+from silotune.procs import quiet_libraries
 from silotune.runner import plan_experiment, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

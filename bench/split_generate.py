@@ -33,9 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from silotune.cli import quiet_libraries
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
+from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle

@@ -34,9 +34,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig
 
-from silotune.cli import quiet_libraries
 from silotune.config import Config
 from silotune.modeling.load import resolve_model
+from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.link import MiddleLink, SplitError
 from split_overhead import bench_config, spawn_server, wait_for_port

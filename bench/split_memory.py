@@ -34,10 +34,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from silotune.cli import quiet_libraries
 from silotune.config import load_config
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
+from silotune.procs import quiet_libraries
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.loading import load_segments
 from silotune.split.model import SplitCausalLM

@@ -45,10 +45,10 @@ from rich.progress import track
 from rich.table import Table
 from torch import nn
 
-from silotune.cli import quiet_libraries
 from silotune.config import Config, load_config
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
+from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle

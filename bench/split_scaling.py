@@ -37,8 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from silotune.cli import quiet_libraries
 from silotune.config import Config
+from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink

@@ -13,7 +13,8 @@ import torch
 from silotune.attacks.extraction import compare, extraction_attack, probes, score, versus_base
 from silotune.attacks.inversion import inversion_setting, record_tokens, score_recovery
 from silotune.attacks.membership import membership_attack, roc_summary
-from silotune.config import AttackConfig, Config, config_from_dict
+from silotune.config import Config, config_from_dict
+from silotune.config_federation import AttackConfig
 from silotune.data.load import as_records, load_records
 from silotune.data.sft import encode_prompt, tokenize_dataset
 from silotune.evaluation.metrics import bleu4

@@ -9,8 +9,9 @@ import pytest
 
 from silotune.algorithms import ALGORITHMS
 from silotune.attacks.audit import ATTACKS
-from silotune.config import Algorithm, Config, Partitioner, PromptStyle, Strategy, load_config
-from silotune.config_sections import AttackKind, JudgeKind, SplitAdapter, SplitMode
+from silotune.config import Config, load_config
+from silotune.config_federation import AttackKind, SplitAdapter, SplitMode, Strategy
+from silotune.config_sections import Algorithm, JudgeKind, Partitioner, PromptStyle
 from silotune.data.partition import PARTITIONERS
 from silotune.data.prompts import PROMPT_STYLES
 from silotune.errors import ConfigError

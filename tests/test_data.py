@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from silotune.config import DataConfig, PartitionConfig
+from silotune.config_sections import DataConfig, PartitionConfig
 from silotune.data.load import load_records
 from silotune.data.partition import split_dataset
 from silotune.errors import DataError

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from silotune.attacks.inversion import Tokens, observe
-from silotune.config import Config, DefenceConfig, load_config
+from silotune.config import Config, load_config
+from silotune.config_federation import DefenceConfig
 from silotune.defences.federated import describe, train_mods, with_dp
 from silotune.defences.split import WireNoise
 from silotune.errors import ConfigError

@@ -20,7 +20,8 @@ from flwr.clientapp import ClientApp
 from rich.console import Console
 from safetensors.torch import load_file
 
-from silotune.config import DefenceConfig, FederatedConfig, config_from_dict, load_config
+from silotune.config import config_from_dict, load_config
+from silotune.config_federation import DefenceConfig, FederatedConfig
 from silotune.defences.federated import EQUAL_WEIGHT, with_dp
 from silotune.errors import ConfigError
 from silotune.federated.metering import (

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from silotune.cli import main
-from silotune.config import DataConfig, load_config
+from silotune.config import load_config
+from silotune.config_sections import DataConfig
 from silotune.data.load import load_client_records, load_records
 from silotune.errors import DataError
 
@@ -197,9 +198,9 @@ def test_a_clients_own_file_is_mapped_and_screened_as_silotune_run_does(tmp_path
 
 
 def test_partitions_written_by_the_runner_are_read_as_they_are(tmp_path: Path) -> None:
-    from silotune.config import PartitionConfig
+    from silotune.config_sections import PartitionConfig
     from silotune.data.partition import split_dataset
-    from silotune.runner import write_partitions
+    from silotune.data.private import write_partitions
 
     # A cloze task: the runner's records were filled from a template and their outputs mapped,
     # so reading them through the template and the map again would fail.
@@ -261,7 +262,7 @@ def test_a_deployed_node_reads_its_own_columns(tmp_path: Path) -> None:
 
 def test_partition_files_are_owner_only(tmp_path: Path) -> None:
     from silotune.data.partition import split_dataset
-    from silotune.runner import write_partitions
+    from silotune.data.private import write_partitions
 
     cfg = load_config(TINY)
     split = split_dataset(load_records(cfg.data).dataset, cfg.data, cfg.partition, seed=0)

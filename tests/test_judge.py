@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from silotune.config import JudgeConfig, load_config
+from silotune.config import load_config
+from silotune.config_sections import JudgeConfig
 from silotune.errors import ConfigError
 from silotune.evaluation.judge import (
     LocalJudge,

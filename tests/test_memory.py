@@ -9,8 +9,9 @@ from transformers import LlamaConfig
 from silotune.cli import main
 from silotune.config import Config, load_config
 from silotune.errors import ConfigError
-from silotune.modeling.memory import GIB, architecture, plan_run
+from silotune.modeling.memory import GIB, plan_run
 from silotune.modeling.placement import Placement
+from silotune.modeling.shape import architecture
 
 from .conftest import CONFIGS
 

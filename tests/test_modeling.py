@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from silotune.config import ModelConfig
+from silotune.config_sections import ModelConfig
 from silotune.errors import ConfigError
 from silotune.modeling.load import load_tokenizer, resolve_model
 

@@ -6,7 +6,7 @@ import pytest
 
 from silotune.algorithms import ALGORITHMS
 from silotune.config import load_config
-from silotune.config_sections import ATTACK_TARGETS, SHARED_ADAPTER_ALGORITHMS
+from silotune.config_federation import ATTACK_TARGETS, SHARED_ADAPTER_ALGORITHMS
 from silotune.federated.local import LOCAL_ROLES
 from silotune.modeling.memory import WORKLOADS
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from silotune.config import DataConfig, EvalConfig, PartitionConfig, load_config
+from silotune.config import load_config
+from silotune.config_sections import DataConfig, EvalConfig, PartitionConfig
 from silotune.data.load import load_records
 from silotune.data.partition import split_dataset
 from silotune.errors import ConfigError, DataError

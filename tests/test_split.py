@@ -484,6 +484,11 @@ def test_split_run_with_real_processes(tmp_path: Path) -> None:
         if path.is_file() and path.suffix in (".key", ".pem", ".json", ".log", ".jsonl"):
             assert b"PRIVATE KEY" not in path.read_bytes(), path
     assert not list(out.rglob("checkpoint*")), "a finished run keeps no resumable state"
+    # Each client's whole trained model, as a PEFT adapter of the base model.
+    for client in ("client-0", "client-1", "client-2"):
+        folder = out / "split" / "adapters" / client
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and (folder / "adapter_model.safetensors").is_file()
 
 
 def prefixed_segments(config: Config) -> Segments:

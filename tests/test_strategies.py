@@ -9,7 +9,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from silotune.config import FederatedConfig, config_from_dict
+from silotune.config import config_from_dict
+from silotune.config_federation import FederatedConfig
 from silotune.federated.metering import (
     ARRAYS,
     METRICS,

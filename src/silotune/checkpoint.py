@@ -38,8 +38,8 @@ from silotune.run_folder import (
     write_folder_atomic,
     write_json,
 )
+from silotune.tensor_groups import contiguous, flatten, unflatten
 
-_SEP = "::"  # joins a group name and a tensor name in one safetensors file
 _KEEP_CLIENT_ROUNDS = 2
 
 
@@ -62,8 +62,8 @@ def save_round(folder: Path, ckpt: RoundCheckpoint) -> None:
     """Replace the round checkpoint in `folder` with `ckpt`."""
 
     def write(tmp: Path) -> None:
-        save_file(_contiguous(ckpt.arrays), str(tmp / "global.safetensors"))
-        save_numpy(_join(ckpt.strategy_state), str(tmp / "strategy.safetensors"))
+        save_file(contiguous(ckpt.arrays), str(tmp / "global.safetensors"))
+        save_numpy(flatten(ckpt.strategy_state), str(tmp / "strategy.safetensors"))
         state = {
             "round": ckpt.round,
             "rounds": [log.to_json() for log in ckpt.rounds],
@@ -88,7 +88,7 @@ def load_round(folder: Path) -> RoundCheckpoint | None:
         round=int(state["round"]),
         arrays=load_file(str(found / "global.safetensors")),
         rounds=[RoundLog.from_json(r) for r in state["rounds"]],
-        strategy_state=_split(load_numpy(str(found / "strategy.safetensors"))),
+        strategy_state=unflatten(load_numpy(str(found / "strategy.safetensors"))),
         samples=state["samples"],
         predictions=state["predictions"],
         client_evals=state["client_evals"],
@@ -114,8 +114,8 @@ def save_result(folder: Path, result: AlgorithmResult) -> None:
     """Keep a finished algorithm's result, so a resumed experiment does not run it again."""
 
     def write(tmp: Path) -> None:
-        adapters = {name: _contiguous(state) for name, state in result.adapters.items()}
-        save_file(_join(adapters), str(tmp / "adapters.safetensors"))
+        adapters = {name: contiguous(state) for name, state in result.adapters.items()}
+        save_file(flatten(adapters), str(tmp / "adapters.safetensors"))
         data = {
             "rounds": [log.to_json() for log in result.rounds],
             "per_client_final": result.per_client_final,
@@ -124,6 +124,7 @@ def save_result(folder: Path, result: AlgorithmResult) -> None:
             "synthetic": _synthetic_to_json(result.synthetic),
             "final_predictions": result.final_predictions,
             "judge": dataclasses.asdict(result.judge) if result.judge else None,
+            "adapter_config": result.adapter_config,
         }
         write_json(tmp / "result.json", data, indent=None)
 
@@ -139,13 +140,14 @@ def load_result(folder: Path) -> AlgorithmResult | None:
     synthetic = data["synthetic"]
     return AlgorithmResult(
         rounds=[RoundLog.from_json(r) for r in data["rounds"]],
-        adapters=_split(load_file(str(found / "adapters.safetensors"))),
+        adapters=unflatten(load_file(str(found / "adapters.safetensors"))),
         per_client_final=data["per_client_final"],
         samples=data["samples"],
         notes=data["notes"],
         synthetic=_synthetic_from_json(synthetic) if synthetic else None,
         final_predictions=data["final_predictions"],
         judge=JudgeResult(**data["judge"]) if data["judge"] else None,
+        adapter_config=data.get("adapter_config"),  # absent from results kept before it existed
     )
 
 
@@ -155,7 +157,7 @@ def save_client_state(client_dir: Path, round_: int, store: dict[str, StateDict]
         return
     folder = client_state_dir(client_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    data = save(_join({k: _contiguous(v) for k, v in store.items()}))
+    data = save(flatten({k: contiguous(v) for k, v in store.items()}))
     write_atomic(folder / f"round-{round_}.safetensors", data)
     for old in sorted(_client_rounds(folder))[:-_KEEP_CLIENT_ROUNDS]:
         (folder / f"round-{old}.safetensors").unlink()
@@ -167,7 +169,7 @@ def load_client_state(client_dir: Path, upto: int) -> dict[str, StateDict]:
     rounds = [r for r in _client_rounds(folder) if r <= upto] if folder.is_dir() else []
     if not rounds:
         return {}
-    return _split(load_file(str(folder / f"round-{max(rounds)}.safetensors")))
+    return unflatten(load_file(str(folder / f"round-{max(rounds)}.safetensors")))
 
 
 def _synthetic_to_json(stats: SyntheticStats | None) -> dict[str, Any] | None:
@@ -185,23 +187,3 @@ def _client_rounds(folder: Path) -> list[int]:
         int(p.name.removeprefix("round-").removesuffix(".safetensors"))
         for p in folder.glob("round-*.safetensors")
     ]
-
-
-def _join(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {
-        f"{group}{_SEP}{name}": t
-        for group, tensors in groups.items()
-        for name, t in tensors.items()
-    }
-
-
-def _split(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    groups: dict[str, dict[str, Any]] = {}
-    for key, tensor in flat.items():
-        group, _, name = key.partition(_SEP)
-        groups.setdefault(group, {})[name] = tensor
-    return groups
-
-
-def _contiguous(state: StateDict) -> StateDict:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 from rich.console import Console
-from rich.text import Text
 
 from silotune.cli_parser import build_parser
 from silotune.disk import check_writable, on_full_disk
 from silotune.errors import UserError
-from silotune.procs import Stopped, exit_code, signals_interrupt
+from silotune.procs import quiet_libraries, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,27 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=120)
     if not getattr(args, "verbose", False):
         quiet_libraries()
-    try:
-        handler = {
-            "run": _run,
-            "certs": _certs,
-            "split-server": _split_server,
-            "split-client": _split_client,
-            "attack": _attack,
-            "deploy": _deploy,
-            "plan": _plan,
-        }[args.command]
-        go_on = _AFTER_FULL_DISK.get(args.command, "free space and run the command again")
-        with signals_interrupt(), on_full_disk(go_on):  # SIGTERM and SIGHUP save as SIGINT does
-            return handler(args, console)
-    except UserError as exc:
-        message = Text.assemble(("error: ", "bold red"), str(exc))
-        Console(stderr=True).print(message, soft_wrap=True, highlight=False)
-        return 2
-    except KeyboardInterrupt as exc:
-        Console(stderr=True).print(f"stopped ({exc if isinstance(exc, Stopped) else 'SIGINT'})")
-        return exit_code(exc)
-    return 1
+    handler = {
+        "run": _run,
+        "certs": _certs,
+        "split-server": _split_server,
+        "split-client": _split_client,
+        "attack": _attack,
+        "deploy": _deploy,
+        "plan": _plan,
+    }[args.command]
+    go_on = _AFTER_FULL_DISK.get(args.command, "free space and run the command again")
+    return run_command(lambda: handler(args, console), go_on)
 
 
 # How to go on after the disk filled up (`run` names its own folder).
@@ -132,13 +119,14 @@ def _attack(args: argparse.Namespace, console: Console) -> int:
     from silotune.attacks.audit import audit
     from silotune.attacks.target import open_run, run_folders
     from silotune.config import load_config
+    from silotune.run_folder import RunFolder
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [o for o in args.overrides if not o.strip().startswith("attack.")]
     if bad:
         raise UserError(f"attack only takes --set attack.KEY=VALUE, got {bad[0]!r}")
     root = open_run(run_folders(args.run_dir)[0]).root
-    settings = load_config(root / "config.json", args.overrides).attack
+    settings = load_config(RunFolder(root).config, args.overrides).attack
     check_writable(args.run_dir, "run_dir")  # privacy.json and report.md are written into it
     found = audit(args.run_dir, kinds, settings, log=console.print)
     console.print(f"attacked {', '.join(found)}; see privacy.json and report.md in {args.run_dir}")
@@ -168,7 +156,7 @@ def _split_server(args: argparse.Namespace, console: Console) -> int:
     from silotune.split.roles import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, algorithm_checks=False)
     certs = _split_certs(args)
     if args.out is not None:
         check_writable(args.out, "--out")
@@ -184,7 +172,7 @@ def _split_server(args: argparse.Namespace, console: Console) -> int:
                 "run the same command with --resume"
             )
         raise
-    console.print(f"split server done: {summary['steps']} steps")
+    console.print(f"split server done: {summary.steps} steps")
     return 0
 
 
@@ -218,28 +206,9 @@ def _split_client(args: argparse.Namespace, console: Console) -> int:
             "(against a server resumed with --resume)"
         )
         raise
-    final = report["rounds"][-1]["metrics"] if report["rounds"] else {}
+    final = report.rounds[-1].metrics if report.rounds else {}
     console.print(f"split client {args.id} done: {final}; results in {out}")
     return 0
-
-
-def quiet_libraries() -> None:
-    """Keep library chatter (Flower, Ray, transformers, datasets) out of the results."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    import flwr.common.logger  # noqa: F401  (configures its logger on import; quiet it after)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

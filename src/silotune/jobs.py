@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from silotune.config import Config
@@ -16,6 +15,7 @@ from silotune.modeling.adapters import StateDict
 from silotune.modeling.load import ModelSource
 from silotune.modeling.memory import WORKLOADS, Process
 from silotune.registry import Registry
+from silotune.run_folder import RunFolder
 from silotune.training.loop import Examples
 from silotune.training.workbench import Workbench
 
@@ -32,9 +32,7 @@ class Job:
     client_examples: list[Examples]
     eval_set: EvalSet
     workbench: Workbench
-    partitions_dir: Path
-    clients_dir: Path  # each client's own disk (in simulation, a folder per client)
-    checkpoints_dir: Path | None = None  # where a resumable algorithm keeps its checkpoints
+    run: RunFolder  # partitions, clients' disks (in simulation), checkpoints, split processes
     # Flower simulation's per-client resources, from the memory plan (None: one at a time).
     client_resources: dict[str, float] | None = None
     on_round: Callable[[RoundLog], None] = lambda _: None
@@ -89,6 +87,9 @@ class AlgorithmResult:
 
     rounds: list[RoundLog]
     adapters: dict[str, StateDict]
+    # With it, `adapters` are named as PEFT saves them and form folders with this
+    # adapter_config.json; without, they are the run's own LoRA (written through its model).
+    adapter_config: dict[str, Any] | None = None
     per_client_final: list[dict[str, float]] = field(default_factory=list)
     samples: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -20,17 +20,24 @@ forking thread ends rather than the process) and does the same for its own tree.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
 
 import psutil
+from rich.console import Console
+from rich.text import Text
+
+from silotune.disk import on_full_disk
+from silotune.errors import UserError
 
 _POLL_S = 0.5  # how quickly an orphaned watchdog notices that its parent is gone
 _GRACE_S = 8.0  # SIGTERM to SIGKILL: a split server saves its adapter; all gone within 10 s
@@ -63,6 +70,42 @@ def signals_interrupt() -> Iterator[None]:
 def exit_code(exc: KeyboardInterrupt) -> int:
     """128 + the signal number, the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
     return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+
+
+def run_command(body: Callable[[], int], after_full_disk: str) -> int:
+    """A silotune process's main body, with its conventions: SIGTERM and SIGHUP stop it as
+    Ctrl-C does, a full disk says how to go on, a user's mistake is one line on stderr and exit
+    code 2, a stop exits with 128 + the signal's number."""
+    try:
+        with signals_interrupt(), on_full_disk(after_full_disk):
+            return body()
+    except UserError as exc:
+        message = Text.assemble(("error: ", "bold red"), str(exc))
+        Console(stderr=True).print(message, soft_wrap=True, highlight=False)
+        return 2
+    except KeyboardInterrupt as exc:
+        Console(stderr=True).print(f"stopped ({exc if isinstance(exc, Stopped) else 'SIGINT'})")
+        return exit_code(exc)
+
+
+def quiet_libraries(flower: bool = True) -> None:
+    """Keep library chatter (transformers, datasets, and Flower and Ray) out of the results."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    if flower:  # a process that never runs Flower need not load it
+        import flwr.common.logger  # noqa: F401  (configures its logger on import; quiet it after)
+
+        logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 class Supervisor:

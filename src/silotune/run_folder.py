@@ -6,7 +6,7 @@ An experiment's folder (written as OUT.incomplete, renamed to OUT once everythin
     partitions/                  client-N.jsonl and eval.jsonl (0600 in a 0700 folder), stats.json
     checkpoints/                 resumable state (see silotune.checkpoint); deleted at the end
     clients/client-N/            each simulated client's own disk (its state/ deleted at the end)
-    split/                       a split run: server/ and client-N/ outputs, one log per process
+    split/                       a split run: server/ and client-N/ (see SplitOutputs), one log each
     deploy-logs/                 the processes of `silotune deploy local`
     summary.json, metrics.jsonl, adapters/<name>/, report.md, plots/    an algorithm's result
     privacy.json                 what `silotune attack` found
@@ -73,6 +73,11 @@ def client_state_dir(client_dir: Path) -> Path:
     return client_dir / "state"
 
 
+def client_adapter_dir(client_dir: Path, name: str) -> Path:
+    """The PEFT folder of a client's own adapter `name`, on its own disk."""
+    return client_dir / "adapters" / name
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The paths inside one run folder (an experiment's, or one algorithm's result in it)."""
@@ -107,6 +112,10 @@ class RunFolder:
         """The base model's held-out metrics, evaluated once per run."""
         return self.checkpoints / "base.json"
 
+    def round_checkpoint(self, algorithm: str) -> Path:
+        """A federated algorithm's last finished round (see silotune.checkpoint.save_round)."""
+        return self.checkpoints / algorithm / "round"
+
     def result_checkpoint(self, algorithm: str) -> Path:
         """A finished algorithm's kept result (see silotune.checkpoint.save_result)."""
         return self.checkpoints / algorithm / "result"
@@ -130,6 +139,10 @@ class RunFolder:
     def split_process(self, name: str) -> Path:
         """The output folder of split process `name` (`server` or a client's name)."""
         return self.split / name
+
+    def split_outputs(self, name: str) -> SplitOutputs:
+        """The files split process `name` writes in its output folder."""
+        return SplitOutputs(self.split_process(name))
 
     def split_log(self, name: str) -> Path:
         return self.split / f"{name}.log"
@@ -177,6 +190,61 @@ class RunFolder:
         out = finished_folder(self.root)
         self.root.rename(out)
         return out
+
+
+@dataclass(frozen=True)
+class SplitOutputs:
+    """What a split process writes in its `--out` folder (a server's or a client's)."""
+
+    root: Path
+
+    @property
+    def port(self) -> Path:
+        """The server's listening port, for a launcher on the same machine."""
+        return self.root / "port"
+
+    @property
+    def rounds(self) -> Path:
+        """A client's finished rounds, one JSON line each (see split.records.ClientRound)."""
+        return self.root / "rounds.jsonl"
+
+    @property
+    def report(self) -> Path:
+        """A client's final report (split.records.ClientReport)."""
+        return self.root / "result.json"
+
+    @property
+    def summary(self) -> Path:
+        """The server's summary (split.records.ServerSummary)."""
+        return self.root / "server.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        """Resumable training state, rewritten every round."""
+        return self.root / "checkpoint.safetensors"
+
+    @property
+    def checkpoint_round(self) -> Path:
+        """The round a client's checkpoint holds."""
+        return self.root / "checkpoint.json"
+
+    def checkpoints(self) -> list[Path]:
+        """The resumable state files present (a finished run needs none)."""
+        return [p for p in (self.checkpoint, self.checkpoint_round) if p.exists()]
+
+    @property
+    def adapter(self) -> Path:
+        """A client's trained front + back adapters (segment names)."""
+        return self.root / "adapter.safetensors"
+
+    @property
+    def middle_adapter(self) -> Path:
+        """The server's middle adapter (the clients' shared one)."""
+        return self.root / "middle-adapter.safetensors"
+
+    def client_middle_adapter(self, client: str) -> Path:
+        """The middle adapter `client` ended with, when the server kept one per client."""
+        return self.root / f"middle-adapter-{client}.safetensors"
 
 
 def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:

@@ -9,7 +9,6 @@ federated one goes on from its last finished round). A new run never deletes an 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from silotune.checkpoint import load_result, save_result
 from silotune.config import Config, load_config, sweep_variants
 from silotune.data.load import load_records
 from silotune.data.partition import Partitions, split_dataset
-from silotune.data.private import write_private
+from silotune.data.private import check_partitions, write_partitions
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
@@ -51,9 +50,7 @@ from silotune.report.outputs import write_comparison, write_run
 from silotune.report.sweep import write_sweep_report
 from silotune.run_folder import (
     RunFolder,
-    eval_file,
     finished_folder,
-    partition_file,
     refuse_leftover,
     work_folder,
     write_json,
@@ -211,7 +208,7 @@ def _run_in(
     cfg = exp.config
     checkpoints = work.checkpoints
     if exp.resume:
-        _check_split(work, split)
+        check_partitions(work.partitions, split)
     else:
         _write_split(work, split, cfg)
     with console.status(f"planning memory for {cfg.model.name} ..."):
@@ -284,9 +281,7 @@ def _run_in(
                 client_examples=client_examples,
                 eval_set=eval_set,
                 workbench=bench,
-                partitions_dir=work.partitions,
-                clients_dir=work.clients,
-                checkpoints_dir=checkpoints,
+                run=work,
                 client_resources=plan.client_resources(os.cpu_count() or 1),
                 on_round=on_round,
                 verbose=verbose,
@@ -329,35 +324,6 @@ def _write_split(work: RunFolder, split: Partitions, cfg: Config) -> None:
     write_partitions(work.partitions, split)
     write_json(work.partition_stats, split.stats())
     write_json(work.config, cfg.to_dict())
-
-
-def partition_bytes(split: Partitions) -> dict[str, bytes]:
-    """Each client's records and the eval set as JSON Lines, by file name."""
-    named = {partition_file(Path(), i).name: part for i, part in enumerate(split.clients)}
-    named[eval_file(Path()).name] = split.eval
-    files = {}
-    for name, records in named.items():
-        buffer = io.BytesIO()
-        records.to_json(buffer, lines=True, force_ascii=False)
-        files[name] = buffer.getvalue()
-    return files
-
-
-def write_partitions(parts: Path, split: Partitions) -> None:
-    """Each client's records in its own file (what that client alone reads), plus the eval set."""
-    for name, data in partition_bytes(split).items():
-        write_private(parts / name, data)
-
-
-def _check_split(work: RunFolder, split: Partitions) -> None:
-    """A resumed run must see the same split it started with (same data, same seed)."""
-    for name, data in partition_bytes(split).items():
-        kept = work.partitions / name
-        if not kept.is_file() or kept.read_bytes() != data:
-            raise UserError(
-                f"cannot resume: the data split differs from the one the run started with "
-                f"({kept.relative_to(work.root)}); restore the original data at data.path"
-            )
 
 
 def _partition_table(split: Partitions) -> Table:

@@ -24,6 +24,7 @@ from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.adapters import GLOBAL, PRIVATE, mix_adapters, save_adapter
 from silotune.modeling.memory import Process
+from silotune.run_folder import client_adapter_dir
 from silotune.training.workbench import derive_seed
 
 
@@ -64,7 +65,7 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     new_global, new_private = bench.take(GLOBAL), bench.take(PRIVATE)
     req.store[PRIVATE] = new_private
     # The client's own disk keeps its private adapter as a stock PEFT folder.
-    target = req.client_dir / "adapters" / PRIVATE
+    target = client_adapter_dir(req.client_dir, PRIVATE)
     target.parent.mkdir(parents=True, exist_ok=True)
     save_adapter(bench.model, new_private, target, PRIVATE)
     return LocalReply(

@@ -1,18 +1,18 @@
 """`split` in a config's algorithms: FL-GLM split learning with real processes on this machine.
 
-The run starts one `silotune split-server` and one `silotune split-client` per client (each a
+The run starts one split server and one split client per client (`split.process`, each a
 separate process, talking gRPC over loopback with mutual TLS and sealed frames, certificates
 made for the run), follows their progress, and gathers their results into the report.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 from silotune.config import Config
 from silotune.errors import UserError
@@ -27,7 +27,9 @@ from silotune.modeling.memory import Process
 from silotune.procs import Supervisor
 from silotune.run_folder import RunFolder, client_name
 from silotune.security.tls import create_dev_pki
-from silotune.split.rounds import ROUNDS_FILE, ClientRound, read_rounds
+from silotune.split.adapters import whole_model_adapter
+from silotune.split.process import ClientArgs, ServerArgs, command
+from silotune.split.records import ClientReport, ServerSummary, read_rounds
 
 _START_TIMEOUT_S = 600.0
 
@@ -64,73 +66,46 @@ def split_processes(config: Config) -> tuple[Process, ...]:
 def run_split(job: Job) -> AlgorithmResult:
     """Start the server and the clients as processes, follow them, collect their results."""
     cfg = job.config
-    run = RunFolder(job.partitions_dir.parent)
+    run = job.run
     run.split.mkdir(parents=True, exist_ok=True)
     clients = [client_name(i) for i in range(len(job.client_examples))]
-    server_dir = run.split_server
+    server_out = run.split_outputs("server")
     # A resumed run restarts split from its start: what the dead attempt left (its server's
     # port, its clients' progress) must not be read as this attempt's.
-    for stale in (server_dir / "port", *(run.split_process(c) / ROUNDS_FILE for c in clients)):
+    for stale in (server_out.port, *(run.split_outputs(c).rounds for c in clients)):
         stale.unlink(missing_ok=True)
-    base = [sys.executable, "-m", "silotune.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs follow progress line by line
     with Supervisor() as procs:
-        tls_args = ["--insecure"]
+        certs = None
         if cfg.split.tls:  # keys live outside the run folder and are deleted with the run
             certs = procs.temp_dir("silotune-split-pki-")
             hosts = sorted({"localhost", "127.0.0.1", cfg.split.host} - {"0.0.0.0"})
             create_dev_pki(certs, clients, hosts, overwrite=True)
-            tls_args = ["--certs", str(certs)]
-        server = procs.start(
-            "server",
-            [
-                *base,
-                "split-server",
-                str(run.config),
-                "--listen",
-                f"{cfg.split.host}:{cfg.split.port}",
-                "--clients",
-                str(len(clients)),
-                "--out",
-                str(server_dir),
-                *tls_args,
-            ],
-            run.split_log("server"),
-            env,
-        )
-        port = _wait_for_port(server_dir / "port", server, run.split_log("server"))
+        listen = f"{cfg.split.host}:{cfg.split.port}"
+        server_args = ServerArgs(run.config, listen, len(clients), server_out.root, certs)
+        server = procs.start("server", command(server_args), run.split_log("server"), env)
+        port = _wait_for_port(server_out.port, server, run.split_log("server"))
         host = (
             "localhost"
             if cfg.split.host in ("127.0.0.1", "0.0.0.0", "localhost")
             else cfg.split.host
         )
         for i, client in enumerate(clients):
-            procs.start(
-                client,
-                [
-                    *base,
-                    "split-client",
-                    str(run.config),
-                    "--id",
-                    client,
-                    "--server",
-                    f"{host}:{port}",
-                    "--data",
-                    str(run.partition(i)),
-                    "--eval",
-                    str(run.eval_file),
-                    "--out",
-                    str(run.split_process(client)),
-                    *tls_args,
-                ],
-                run.split_log(client),
-                env,
+            client_args = ClientArgs(
+                config=run.config,
+                client=client,
+                server=f"{host}:{port}",
+                data=run.partition(i),
+                eval_file=run.eval_file,
+                out=run.split_process(client),
+                certs=certs,
             )
+            procs.start(client, command(client_args), run.split_log(client), env)
         rounds = _follow(job, procs.processes, run, clients)
     for name in ("server", *clients):  # resumable state: a finished run needs none
-        for leftover in run.split_process(name).glob("checkpoint.*"):
+        for leftover in run.split_outputs(name).checkpoints():
             leftover.unlink()
-    return _result(run, clients, rounds)
+    return _result(job, run, clients, rounds)
 
 
 def _tail(log: Path, lines: int = 15) -> str:
@@ -162,7 +137,7 @@ def _follow(
                 raise SplitRunError(
                     f"split {name} failed (exit code {code}):\n{_tail(run.split_log(name))}"
                 )
-        per_client = [read_rounds(run.split_process(c)) for c in clients]
+        per_client = [read_rounds(run.split_outputs(c)) for c in clients]
         done = min(len(r) for r in per_client)
         while len(rounds) < done:
             rows = [r[len(rounds)] for r in per_client]
@@ -183,35 +158,49 @@ def _follow(
         time.sleep(0.5)
 
 
-def _result(run: RunFolder, clients: list[str], rounds: list[RoundLog]) -> AlgorithmResult:
-    reports = [json.loads((run.split_process(c) / "result.json").read_text()) for c in clients]
-    server = json.loads((run.split_server / "server.json").read_text())
-    # Traffic per round was reported cumulatively by each client: make it per round.
-    for i in range(len(rounds) - 1, 0, -1):
-        rounds[i].bytes_up -= rounds[i - 1].bytes_up
-        rounds[i].bytes_down -= rounds[i - 1].bytes_down
-    links = [r["link"] for r in reports]
-    steps = max(server["steps"], 1)
+def _result(
+    job: Job, run: RunFolder, clients: list[str], rounds: list[RoundLog]
+) -> AlgorithmResult:
+    reports = [ClientReport.read(run.split_outputs(c)) for c in clients]
+    server_out = run.split_outputs("server")
+    server = ServerSummary.read(server_out)
+    links = [r.link for r in reports]
+    steps = max(server.steps, 1)
     breakdown = {
-        "server_compute_s_per_step": server["compute_s"] / steps,
-        "serialize_s_per_frame": sum(lk["serialize_s"] for lk in links)
-        / max(sum(lk["frames"] for lk in links), 1),
-        "crypto_s_total": sum(lk["crypto_s"] for lk in links),
-        "transport_s_total": sum(lk["wait_s"] - lk["server_s"] for lk in links),
+        "server_compute_s_per_step": server.compute_s / steps,
+        "serialize_s_per_frame": sum(lk.serialize_s for lk in links)
+        / max(sum(lk.frames for lk in links), 1),
+        "crypto_s_total": sum(lk.crypto_s for lk in links),
+        "transport_s_total": sum(lk.wait_s - lk.server_s for lk in links),
     }
+    # Each client's trained model is its front and back around the middle it trained with.
+    adapters, adapter_config = {}, None
+    for client in clients:
+        middle = server_out.client_middle_adapter(client)
+        if not middle.is_file():  # one middle shared by every client
+            middle = server_out.middle_adapter
+        state = {
+            **load_file(str(run.split_outputs(client).adapter)),
+            **{f"middle.{k}": v for k, v in load_file(str(middle)).items()},
+        }
+        model_config = job.workbench.model.config
+        adapters[client], adapter_config = whole_model_adapter(job.config, model_config, state)
     return AlgorithmResult(
         rounds=rounds,
-        adapters={},
-        per_client_final=[ClientRound.from_json(r["rounds"][-1]).metrics for r in reports],
-        samples=reports[0]["samples"],
-        final_predictions=[r["predictions"] for r in reports],
+        adapters=adapters,
+        adapter_config=adapter_config,
+        per_client_final=[r.rounds[-1].metrics for r in reports],
+        samples=reports[0].samples,
+        final_predictions=[r.predictions for r in reports],
         notes=[
-            f"Split learning, mode {server['mode']}: {server['steps']} server steps; "
+            f"Split learning, mode {server.mode}: {server.steps} server steps; "
             f"{len(clients)} client processes and one server process over gRPC (mutual TLS + "
             "AEAD frames unless turned off). Metrics are the mean over the clients' models.",
             "Cost breakdown: "
             + ", ".join(f"{k} {v:.4f}" for k, v in breakdown.items())
-            + ". Adapters: split/<client>/adapter.safetensors (front + back) and "
-            "split/server/middle-adapter.safetensors; logs: split/*.log.",
+            + ". Adapters: adapters/client-N is client N's whole model (its front and back "
+            "around the middle it trained with) as one PEFT adapter of the base model; the "
+            "processes' own: split/<client>/adapter.safetensors (front + back) and "
+            "split/server/middle-adapter*.safetensors; logs: split/*.log.",
         ],
     )

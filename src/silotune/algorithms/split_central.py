@@ -12,10 +12,12 @@ import time
 
 from silotune.evaluation.evaluator import evaluate
 from silotune.jobs import AlgorithmResult, Job, RoundLog, register
+from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.generation import pad_id
 from silotune.modeling.memory import Process
-from silotune.split.adapters import add_segment_adapter, build_split_model
+from silotune.split.adapters import add_segment_adapter, build_split_model, whole_model_adapter
 from silotune.split.loading import load_segments
+from silotune.split.trainers import adapter_state
 from silotune.training.loop import train_steps
 from silotune.training.workbench import derive_seed
 
@@ -52,14 +54,17 @@ def run_split_central(job: Job) -> AlgorithmResult:
         rounds.append(log)
         job.on_round(log)
     assert result is not None
+    state, adapter_config = whole_model_adapter(cfg, model.back.config, adapter_state(model))
     return AlgorithmResult(
         rounds=rounds,
-        adapters={},
+        adapters={GLOBAL: state},
+        adapter_config=adapter_config,
         samples=result.samples,
         final_predictions=[result.predictions],
         notes=[
             f"The split model ({cfg.split.adapter} adapters on every segment) trained in one "
             f"process: {steps} steps per round on {len(pooled)} pooled records, as many as all "
-            "split clients take together in a round."
+            "split clients take together in a round. adapters/global: the trained segments as "
+            "one PEFT adapter of the base model."
         ],
     )

@@ -26,14 +26,15 @@ from silotune.attacks.target import (
     sample,
     sample_members,
 )
-from silotune.config import AttackConfig, Config
-from silotune.config_sections import ATTACK_TARGETS, SHARED_ADAPTER_ALGORITHMS
+from silotune.config import Config
+from silotune.config_federation import ATTACK_TARGETS, SHARED_ADAPTER_ALGORITHMS, AttackConfig
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_model, load_tokenizer, resolve_model
 from silotune.registry import Registry
 from silotune.report.privacy import write_privacy
+from silotune.run_folder import RunFolder, client_name
 from silotune.split.adapters import build_split_model
 from silotune.split.loading import load_segments
 from silotune.split.segments import split_model
@@ -194,7 +195,7 @@ def _trained_front(run: RunUnderAttack, config: Config, client: int) -> Front:
     """Client `client`'s front with the adapter it finished the run with."""
     # The split algorithm keeps its processes' folders in <experiment>/split/, whether or not
     # the experiment ran other algorithms too.
-    file = run.root / "split" / f"client-{client}" / "adapter.safetensors"
+    file = RunFolder(run.root).split_outputs(client_name(client)).adapter
     if not file.is_file():
         raise UserError(f"{file} is missing; the split run did not finish for client {client}")
     model = build_split_model(config, load_segments(config, "client"), lambda hidden, mask: hidden)

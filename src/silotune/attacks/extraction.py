@@ -21,7 +21,8 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config import AttackConfig, DataConfig
+from silotune.config_federation import AttackConfig
+from silotune.config_sections import DataConfig
 from silotune.data.sft import IGNORE_INDEX, encode_example
 from silotune.data.synthetic import Record
 from silotune.evaluation.metrics import rouge_scores

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config import AttackConfig, DataConfig
+from silotune.config_federation import AttackConfig
+from silotune.config_sections import DataConfig
 from silotune.data.prompts import build_prompt
 from silotune.data.sft import IGNORE_INDEX, encode_example
 from silotune.data.synthetic import Record

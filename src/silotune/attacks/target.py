@@ -20,13 +20,13 @@ from typing import Any
 from safetensors.torch import load_file
 
 from silotune.config import Config, load_config
-from silotune.config_sections import SHARED_ADAPTER_ALGORITHMS
+from silotune.config_federation import SHARED_ADAPTER_ALGORITHMS
 from silotune.data.load import as_records, load_partition_file, load_records
 from silotune.data.synthetic import Record
 from silotune.errors import UserError
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.load import resolve_model
-from silotune.run_folder import partition_file
+from silotune.run_folder import RunFolder
 from silotune.training.workbench import Workbench
 
 
@@ -47,7 +47,7 @@ class RunUnderAttack:
 
     def members(self, client: int) -> list[Record]:
         """Client `client`'s training records, as it read them."""
-        path = partition_file(self.root / "partitions", client)
+        path = RunFolder(self.root).partition(client)
         if not path.is_file():
             raise UserError(f"{path} is missing; the run folder {self.root} is incomplete")
         return as_records(load_partition_file(path))
@@ -61,7 +61,7 @@ class RunUnderAttack:
         any whose instruction or response equals a member's (it would be a member in disguise)."""
         members = self.all_members()
         taken = {r["instruction"].strip() for r in members} | {r["output"].strip() for r in members}
-        held_out = as_records(load_partition_file(self.root / "partitions" / "eval.jsonl"))
+        held_out = as_records(load_partition_file(RunFolder(self.root).eval_file))
         pool = held_out + as_records(load_records(self.config.data).dataset)
         out, kept = [], set()
         for r in pool:
@@ -80,7 +80,7 @@ class RunUnderAttack:
                 f"extraction and membership attack {', '.join(SHARED_ADAPTER_ALGORITHMS)} runs "
                 "(split runs: use the inversion attack)"
             )
-        folder = self.run_dir / "adapters" / GLOBAL
+        folder = RunFolder(self.run_dir).adapters / GLOBAL
         if not (folder / "adapter_model.safetensors").is_file():
             raise UserError(f"{folder} holds no adapter_model.safetensors; is the run finished?")
         return folder
@@ -88,20 +88,20 @@ class RunUnderAttack:
 
 def open_run(run_dir: Path) -> RunUnderAttack:
     """Read a finished run folder (one with `summary.json`)."""
-    summary_file = run_dir / "summary.json"
+    summary_file = RunFolder(run_dir).summary
     if not summary_file.is_file():
         raise UserError(
             f"{run_dir} is not a finished run folder (no summary.json); pass the folder of one "
             "algorithm's result, or an experiment folder holding several"
         )
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
-    root = run_dir if (run_dir / "partitions").is_dir() else run_dir.parent
-    if not (root / "config.json").is_file():
+    root = run_dir if RunFolder(run_dir).partitions.is_dir() else run_dir.parent
+    if not RunFolder(root).config.is_file():
         raise UserError(f"{root} has no config.json; it is not a silotune run folder")
     return RunUnderAttack(
         run_dir=run_dir,
         root=root,
-        config=load_config(root / "config.json"),
+        config=load_config(RunFolder(root).config),
         algorithm=str(summary["algorithm"]),
         summary=summary,
     )

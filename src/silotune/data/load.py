@@ -25,7 +25,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
-from silotune.config import DataConfig
+from silotune.config_sections import DataConfig
 from silotune.data.bundled_data import BUNDLED_PREFIX, bundled_path
 from silotune.data.private import write_private
 from silotune.errors import DataError

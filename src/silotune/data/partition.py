@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import datasets
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from silotune.config import DataConfig, PartitionConfig
+from silotune.config_sections import DataConfig, PartitionConfig
 from silotune.errors import DataError
 from silotune.registry import Registry
 

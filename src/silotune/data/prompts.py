@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config import PromptStyle
+from silotune.config_sections import PromptStyle
 from silotune.registry import Registry
 
 PromptFn = Callable[[PreTrainedTokenizerBase, str, str], str]

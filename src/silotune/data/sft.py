@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config import PromptStyle
+from silotune.config_sections import PromptStyle
 from silotune.data.prompts import build_prompt
 
 IGNORE_INDEX = -100

@@ -21,7 +21,7 @@ from rouge_score import rouge_scorer
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config import DataConfig, SyntheticConfig
+from silotune.config_sections import DataConfig, SyntheticConfig
 from silotune.data.sft import encode_prompt
 from silotune.modeling.generation import DecodeConfig, Generation, generate
 

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from silotune.config import DefenceConfig
+from silotune.config_federation import DefenceConfig
 
 # The metric every client sends when DP is on, so that FedAvg weighs the updates equally.
 EQUAL_WEIGHT = "dp-weight"

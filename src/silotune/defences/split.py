@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from silotune.config import DefenceConfig
+from silotune.config_federation import DefenceConfig
 
 
 class WireNoise:

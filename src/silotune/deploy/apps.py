@@ -36,7 +36,7 @@ from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.report.context import RunContext
 from silotune.report.outputs import write_run
-from silotune.run_folder import work_folder, write_json
+from silotune.run_folder import RunFolder, work_folder, write_json
 from silotune.training.workbench import Workbench
 
 server_app = ServerApp()
@@ -53,16 +53,16 @@ def _serve(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     cfg, out, eval_path = run_config(context)
     (algorithm,) = cfg.experiment.algorithms
-    work = work_folder(out)
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "config.json", cfg.to_dict())
+    work = RunFolder(work_folder(out))
+    work.root.mkdir(parents=True, exist_ok=True)
+    write_json(work.config, cfg.to_dict())
     source = resolve_model(cfg.model)
     bench = Workbench(source, cfg)
     held_out = load_client_records(eval_path, cfg.data).dataset  # the coordinator's own file
     eval_set = build_eval_set(held_out, bench.tokenizer, cfg.data)
     base = bench.evaluate_base(eval_set).metrics()
     server = FederatedServer(
-        cfg, bench, eval_set, algorithm, cfg.partition.clients, work / "checkpoints"
+        cfg, bench, eval_set, algorithm, cfg.partition.clients, work.round_checkpoint(algorithm)
     )
     if server.remaining:
         server.start(grid)
@@ -75,9 +75,9 @@ def _serve(grid: Grid, context: Context) -> None:
         adapter_bytes=adapter_nbytes(bench.initial),
     )
     spec = ALGORITHMS.get(algorithm)
-    write_run(work, spec, result, ctx, bench.save, time.perf_counter() - started)
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    work.rename(out)
+    write_run(work.root, spec, result, ctx, bench.save, time.perf_counter() - started)
+    shutil.rmtree(work.checkpoints, ignore_errors=True)
+    work.finish()
 
 
 def _clients_seen(clients: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -33,10 +33,10 @@ from silotune.algorithms import ALGORITHMS
 from silotune.config import Config
 from silotune.data.load import load_records
 from silotune.data.partition import split_dataset
+from silotune.data.private import write_partitions
 from silotune.errors import ConfigError, UserError
 from silotune.procs import Supervisor
 from silotune.run_folder import RunFolder, eval_file, partition_file, refuse_leftover, work_folder
-from silotune.runner import write_partitions
 from silotune.security.tls import create_dev_pki
 
 _CONNECTION = "silotune-local"

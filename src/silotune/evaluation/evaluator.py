@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config import DataConfig, EvalConfig
+from silotune.config_sections import DataConfig, EvalConfig
 from silotune.data.sft import IGNORE_INDEX, collate, encode_example, encode_prompt
 from silotune.errors import DataError
 from silotune.evaluation.metrics import accuracy, rouge_l

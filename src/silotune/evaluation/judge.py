@@ -19,7 +19,8 @@ from typing import Literal, Protocol
 
 import torch
 
-from silotune.config import Config, JudgeConfig, ModelConfig
+from silotune.config import Config
+from silotune.config_sections import JudgeConfig, ModelConfig
 from silotune.errors import ConfigError
 from silotune.registry import Registry
 

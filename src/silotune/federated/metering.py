@@ -1,7 +1,8 @@
-"""The mixin that meters, screens and numbers the rounds of any Flower strategy.
+"""The wrapper that meters, screens and numbers the rounds of any Flower strategy.
 
-The mixin counts the bytes of adapter records each round sends and receives (as serialised in
-Flower records, and as raw tensor data), times the round, and keeps each client's reply metrics.
+`Metered` holds a Flower strategy and delegates to it, as Flower's DP wrappers do. It counts the
+bytes of adapter records each round sends and receives (as serialised in Flower records, and as
+raw tensor data), times the round, and keeps each client's reply metrics.
 It also guards the aggregate: replies that fail screening (see silotune.federated.screening:
 records, metric keys, weight, adapter) are left out and recorded, clients that errored or never
 replied are recorded as dropped, a round with fewer valid updates than the quorum stops the run
@@ -21,9 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from silotune.federated.screening import Expected, Layout, screen_round
 from silotune.records import tensor_bytes
@@ -43,7 +42,7 @@ class FederationError(RuntimeError):
 
 @dataclass
 class RoundTraffic:
-    """What the metering mixin saw in one training round."""
+    """What the metering wrapper saw in one training round."""
 
     started: float
     bytes_down: int
@@ -61,28 +60,42 @@ class RoundTraffic:
 
 
 class Metered(Strategy):
-    """Mixin placed before a Flower strategy class: meters, screens and numbers rounds."""
+    """Wraps a Flower strategy (FedAvg or one built on it): meters, screens and numbers its
+    rounds."""
 
-    traffic: dict[int, RoundTraffic]
-    round_offset: int = 0  # rounds done before this run started (a resumed run)
-    quorum: int = 1  # fewest valid updates a round aggregates
-    expected_clients: int = 1  # the first round waits for all clients; later ones for the quorum
-    per_round: int = 1  # clients sampled to train each round
-    max_weight_ratio: float = 10.0  # federated.max_weight_ratio
-    known_weights: Mapping[int, float] = {}  # the weight each client must report, where known
+    def __init__(self, strategy: FedAvg) -> None:
+        self.strategy = strategy  # first: __setattr__ below routes by what it holds
+        self.traffic: dict[int, RoundTraffic] = {}
+        self.round_offset = 0  # rounds done before this run started (a resumed run)
+        self.quorum = 1  # fewest valid updates a round aggregates
+        self.expected_clients = 1  # the first round waits for all clients; later ones the quorum
+        self.per_round = 1  # clients sampled to train each round
+        self.max_weight_ratio = 10.0  # federated.max_weight_ratio
+        self.known_weights: Mapping[int, float] = {}  # each client's weight, where known
+
+    # A metered FedAdam reads and writes as the FedAdam it wraps: its settings and its server
+    # optimiser state (what a checkpoint keeps) pass through to the wrapped strategy.
+    def __getattr__(self, name: str) -> Any:
+        if name == "strategy":  # not set yet (e.g. a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        inner = self.__dict__.get("strategy")
+        if name not in self.__dict__ and inner is not None and hasattr(inner, name):
+            setattr(inner, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample and configure as the strategy does; count the bytes sent down."""
         server_round += self.round_offset
-        self._wait_for(first=not getattr(self, "traffic", None))
+        self._wait_for(first=not self.traffic)
         started = time.perf_counter()
-        # The mixin always precedes a concrete strategy, so super() is never the abstract one.
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[safe-super]
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         sent = [r for m in messages if (r := m.content.array_records.get(ARRAYS)) is not None]
-        if not hasattr(self, "traffic"):
-            self.traffic = {}
         self.traffic[server_round] = RoundTraffic(
             started=started,
             bytes_down=sum(r.count_bytes() for r in sent),
@@ -118,13 +131,14 @@ class Metered(Strategy):
         traffic.clients = [
             dict(metrics) for m in ok if (metrics := m.content.metric_records.get(METRICS))
         ]
-        state = {name: getattr(self, name) for name in _OPTIMISER_STATE if hasattr(self, name)}
-        arrays, metrics = super().aggregate_train(server_round, ok)  # type: ignore[safe-super]
+        inner = self.strategy
+        state = {name: getattr(inner, name) for name in _OPTIMISER_STATE if hasattr(inner, name)}
+        arrays, metrics = inner.aggregate_train(server_round, ok)
         if arrays is not None and (bad := _non_finite(arrays)):
             # Overflow in the average or the server optimiser: keep the last good state, so
             # nothing poisoned is evaluated, checkpointed or sent out next round.
             for name, value in state.items():
-                setattr(self, name, value)
+                setattr(inner, name, value)
             traffic.failures.append(
                 f"aggregate dropped: {bad} holds NaN or Inf; the previous global adapter is kept"
             )
@@ -148,23 +162,24 @@ class Metered(Strategy):
         return kept
 
     def _expected(self, layout: Layout | None) -> Expected:
-        weight = getattr(self, "weighted_by_key", "num-examples")
+        weight = self.strategy.weighted_by_key
         return Expected(ARRAYS, METRICS, weight, layout, self.max_weight_ratio, self.known_weights)
 
     def _wait_for(self, first: bool) -> None:
         """What Flower's sampling waits for: every client in the first round of a run, then only
         the quorum, so a client that dropped out does not hold the next rounds up."""
-        self.min_available_nodes = self.expected_clients if first else self.quorum
-        self.min_train_nodes = self.per_round if first else self.quorum
-        if getattr(self, "min_evaluate_nodes", 0):
-            self.min_evaluate_nodes = self.min_available_nodes
+        inner = self.strategy
+        inner.min_available_nodes = self.expected_clients if first else self.quorum
+        inner.min_train_nodes = self.per_round if first else self.quorum
+        if inner.min_evaluate_nodes:
+            inner.min_evaluate_nodes = inner.min_available_nodes
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Configure client evaluation as the strategy does, in the run's round numbering."""
         server_round += self.round_offset
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[safe-super]
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -183,7 +198,11 @@ class Metered(Strategy):
             if (record := m.content.config_records.get(PREDICTIONS))
             and isinstance(texts := record.get("text", []), list)
         ]
-        return super().aggregate_evaluate(server_round, replies)  # type: ignore[safe-super]
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """As the wrapped strategy."""
+        self.strategy.summary()
 
 
 def _non_finite(arrays: ArrayRecord) -> str | None:

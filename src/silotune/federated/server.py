@@ -62,7 +62,7 @@ class FederatedServer:
         eval_set: EvalSet,
         algorithm: str,
         clients: int,
-        checkpoints: Path | None,
+        checkpoint: Path | None,  # the folder of its last round's checkpoint; None: none kept
         on_round: Callable[[RoundLog], None] = lambda _: None,
         client_examples: Sequence[int] = (),
     ) -> None:
@@ -80,7 +80,7 @@ class FederatedServer:
             weight=EQUAL_WEIGHT if dp else "num-examples",
             known_weights=dict(enumerate(weights)),
         )
-        self.folder = checkpoints / algorithm / "round" if checkpoints else None
+        self.folder = checkpoint
         self.resumed = load_round(self.folder) if self.folder else None
         self.done = self.resumed.round if self.resumed else 0
         self.rounds: list[RoundLog] = self.resumed.rounds if self.resumed else []
@@ -179,7 +179,7 @@ class FederatedServer:
         client_predictions = (
             last.client_predictions if last else resumed.client_predictions if resumed else []
         )
-        name = type(self.strategy).__name__.removeprefix("Metered")
+        name = type(self.strategy.strategy).__name__
         return AlgorithmResult(
             rounds=self.rounds,
             adapters={"global": final},
@@ -196,7 +196,7 @@ def strategy_state(strategy: Metered) -> dict[str, dict[str, np.ndarray]]:
     """The server optimiser state a round checkpoint keeps, as named arrays."""
     state = {}
     for name in _STRATEGY_STATE:
-        value = getattr(strategy, name, None)
+        value = getattr(strategy.strategy, name, None)
         if isinstance(value, list):
             value = {f"{i:06d}": array for i, array in enumerate(value)}
         if isinstance(value, dict) and value:
@@ -208,7 +208,8 @@ def restore_strategy_state(strategy: Metered, state: dict[str, dict[str, np.ndar
     """Put checkpointed server optimiser state (see strategy_state) back into `strategy`."""
     for name, value in state.items():
         listed = name == "momentum_vector"
-        setattr(strategy, name, [value[k] for k in sorted(value)] if listed else dict(value))
+        restored = [value[k] for k in sorted(value)] if listed else dict(value)
+        setattr(strategy.strategy, name, restored)
 
 
 def _round_log(

@@ -20,10 +20,10 @@ def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> Al
     cfg = job.config
     clients = len(job.client_examples)
     # SecAgg+ runs Flower's legacy workflow, which cannot start at a later round.
-    checkpoints = None if cfg.defence.secagg else job.checkpoints_dir
+    checkpoint = None if cfg.defence.secagg else job.run.round_checkpoint(algorithm)
     examples = [len(e) for e in job.client_examples] if weighs_examples else []
     server = FederatedServer(
-        cfg, job.workbench, job.eval_set, algorithm, clients, checkpoints, job.on_round, examples
+        cfg, job.workbench, job.eval_set, algorithm, clients, checkpoint, job.on_round, examples
     )
     if server.remaining:
         if cfg.defence.secagg:
@@ -37,7 +37,7 @@ def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> Al
             server.notes.append(secagg.describe(cfg, clients, bound))
         else:
             server_app = make_server_app(server.start)
-        spec = ClientSpec(cfg, job.source, str(job.partitions_dir), algorithm, str(job.clients_dir))
+        spec = ClientSpec(cfg, job.source, str(job.run.partitions), algorithm, str(job.run.clients))
         simulate(make_client_app(spec), server_app, clients, job.verbose, job.client_resources)
     return server.result()
 

@@ -1,4 +1,4 @@
-"""Flower's own strategies, each extended by the metering mixin (`metering.Metered`), registered
+"""Flower's own strategies, each wrapped by the metering wrapper (`metering.Metered`), registered
 by name: the plain ones (FedAvg, FedProx, FedAdam, FedAvgM, FedYogi, FedAdagrad) and the robust
 ones for federations that do not trust every member (FedMedian, FedTrimmedAvg, Krum, MultiKrum,
 Bulyan).
@@ -23,52 +23,53 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from silotune.config import FederatedConfig
+from silotune.config_federation import FederatedConfig
 from silotune.federated.metering import Metered
 from silotune.registry import Registry
 
 
-class MeteredFedAvg(Metered, FedAvg):
+# One named wrapper per strategy: the run's log and a type check name the strategy inside.
+class MeteredFedAvg(Metered):
     """FedAvg, metered."""
 
 
-class MeteredFedProx(Metered, FedProx):
+class MeteredFedProx(Metered):
     """FedProx (sends `proximal-mu` to clients), metered."""
 
 
-class MeteredFedAdam(Metered, FedAdam):
+class MeteredFedAdam(Metered):
     """FedAdam (server-side Adam on the averaged update), metered."""
 
 
-class MeteredFedAvgM(Metered, FedAvgM):
+class MeteredFedAvgM(Metered):
     """FedAvgM (server-side SGD with momentum on the averaged update), metered."""
 
 
-class MeteredFedYogi(Metered, FedYogi):
+class MeteredFedYogi(Metered):
     """FedYogi (server-side Yogi on the averaged update), metered."""
 
 
-class MeteredFedAdagrad(Metered, FedAdagrad):
+class MeteredFedAdagrad(Metered):
     """FedAdagrad (server-side Adagrad on the averaged update), metered."""
 
 
-class MeteredFedMedian(Metered, FedMedian):
+class MeteredFedMedian(Metered):
     """FedMedian (coordinate-wise median of the updates), metered."""
 
 
-class MeteredFedTrimmedAvg(Metered, FedTrimmedAvg):
+class MeteredFedTrimmedAvg(Metered):
     """FedTrimmedAvg (coordinate-wise mean without each tail's extremes), metered."""
 
 
-class MeteredKrum(Metered, Krum):
+class MeteredKrum(Metered):
     """Krum (the one update closest to its neighbours), metered."""
 
 
-class MeteredMultiKrum(Metered, MultiKrum):
+class MeteredMultiKrum(Metered):
     """MultiKrum (the average of the updates closest to their neighbours), metered."""
 
 
-class MeteredBulyan(Metered, Bulyan):
+class MeteredBulyan(Metered):
     """Bulyan (Krum selection, then a trimmed coordinate-wise mean), metered."""
 
 
@@ -97,88 +98,91 @@ def _sampling(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str
 
 @STRATEGIES.register("fedavg")
 def _fedavg(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
-    return MeteredFedAvg(**_sampling(cfg, clients, client_eval, weight))
+    return MeteredFedAvg(FedAvg(**_sampling(cfg, clients, client_eval, weight)))
 
 
 @STRATEGIES.register("fedprox")
 def _fedprox(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
-    return MeteredFedProx(
-        **_sampling(cfg, clients, client_eval, weight), proximal_mu=cfg.proximal_mu
-    )
+    sampling = _sampling(cfg, clients, client_eval, weight)
+    return MeteredFedProx(FedProx(**sampling, proximal_mu=cfg.proximal_mu))
 
 
 @STRATEGIES.register("fedadam")
 def _fedadam(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
     return MeteredFedAdam(
-        **_sampling(cfg, clients, client_eval, weight),
-        eta=cfg.server_lr,
-        tau=cfg.server_tau,
-        beta_1=cfg.server_beta_1,
-        beta_2=cfg.server_beta_2,
+        FedAdam(
+            **_sampling(cfg, clients, client_eval, weight),
+            eta=cfg.server_lr,
+            tau=cfg.server_tau,
+            beta_1=cfg.server_beta_1,
+            beta_2=cfg.server_beta_2,
+        )
     )
 
 
 @STRATEGIES.register("fedyogi")
 def _fedyogi(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
     return MeteredFedYogi(
-        **_sampling(cfg, clients, client_eval, weight),
-        eta=cfg.server_lr,
-        tau=cfg.server_tau,
-        beta_1=cfg.server_beta_1,
-        beta_2=cfg.server_beta_2,
+        FedYogi(
+            **_sampling(cfg, clients, client_eval, weight),
+            eta=cfg.server_lr,
+            tau=cfg.server_tau,
+            beta_1=cfg.server_beta_1,
+            beta_2=cfg.server_beta_2,
+        )
     )
 
 
 @STRATEGIES.register("fedadagrad")
 def _fedadagrad(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
-    return MeteredFedAdagrad(
-        **_sampling(cfg, clients, client_eval, weight), eta=cfg.server_lr, tau=cfg.server_tau
-    )
+    sampling = _sampling(cfg, clients, client_eval, weight)
+    return MeteredFedAdagrad(FedAdagrad(**sampling, eta=cfg.server_lr, tau=cfg.server_tau))
 
 
 @STRATEGIES.register("fedavgm")
 def _fedavgm(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
     return MeteredFedAvgM(
-        **_sampling(cfg, clients, client_eval, weight),
-        server_learning_rate=cfg.momentum_lr,
-        server_momentum=cfg.server_momentum,
+        FedAvgM(
+            **_sampling(cfg, clients, client_eval, weight),
+            server_learning_rate=cfg.momentum_lr,
+            server_momentum=cfg.server_momentum,
+        )
     )
 
 
 @STRATEGIES.register("fedmedian")
 def _fedmedian(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
-    return MeteredFedMedian(**_sampling(cfg, clients, client_eval, weight))
+    return MeteredFedMedian(FedMedian(**_sampling(cfg, clients, client_eval, weight)))
 
 
 @STRATEGIES.register("fedtrimmedavg")
 def _fedtrimmedavg(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
-    return MeteredFedTrimmedAvg(
-        **_sampling(cfg, clients, client_eval, weight), beta=cfg.trim_fraction
-    )
+    sampling = _sampling(cfg, clients, client_eval, weight)
+    return MeteredFedTrimmedAvg(FedTrimmedAvg(**sampling, beta=cfg.trim_fraction))
 
 
 @STRATEGIES.register("krum")
 def _krum(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
-    return MeteredKrum(
-        **_sampling(cfg, clients, client_eval, weight), num_malicious_nodes=cfg.malicious_clients
-    )
+    sampling = _sampling(cfg, clients, client_eval, weight)
+    return MeteredKrum(Krum(**sampling, num_malicious_nodes=cfg.malicious_clients))
 
 
 @STRATEGIES.register("multikrum")
 def _multikrum(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
     select = cfg.multikrum_select or sampled_per_round(cfg, clients) - cfg.malicious_clients
     return MeteredMultiKrum(
-        **_sampling(cfg, clients, client_eval, weight),
-        num_malicious_nodes=cfg.malicious_clients,
-        num_nodes_to_select=max(1, select),
+        MultiKrum(
+            **_sampling(cfg, clients, client_eval, weight),
+            num_malicious_nodes=cfg.malicious_clients,
+            num_nodes_to_select=max(1, select),
+        )
     )
 
 
 @STRATEGIES.register("bulyan")
 def _bulyan(cfg: FederatedConfig, clients: int, client_eval: bool, weight: str) -> Metered:
-    return MeteredBulyan(
-        **_sampling(cfg, clients, client_eval, weight), num_malicious_nodes=cfg.malicious_clients
-    )
+    sampling = _sampling(cfg, clients, client_eval, weight)
+    return MeteredBulyan(Bulyan(**sampling, num_malicious_nodes=cfg.malicious_clients))
 
 
 def build_strategy(

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from silotune.config import LoraConfig
+from silotune.config_sections import LoraConfig
+from silotune.run_folder import write_folder_atomic
 
 GLOBAL = "global"
 PRIVATE = "private"
@@ -126,3 +130,14 @@ def save_adapter(model: PeftModel, state: StateDict, target: Path, name: str = G
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(saved), target)
+
+
+def write_peft_folder(target: Path, state: StateDict, adapter_config: dict[str, Any]) -> None:
+    """A PEFT adapter folder from tensors already named as PEFT saves them and their config."""
+
+    def write(tmp: Path) -> None:
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+
+    write_folder_atomic(target, write)

@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from silotune.config import ModelConfig
+from silotune.config_sections import ModelConfig
 from silotune.errors import ConfigError
 from silotune.modeling.placement import Placement
 from silotune.run_folder import write_folder_atomic

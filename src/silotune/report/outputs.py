@@ -16,6 +16,7 @@ from typing import Any
 
 from silotune import __version__
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
+from silotune.modeling.adapters import write_peft_folder
 from silotune.report.context import RunContext
 from silotune.report.markdown import comparison_markdown, run_markdown
 from silotune.report.plots import plot_curves
@@ -67,7 +68,10 @@ def write_run(
     folder.mkdir(parents=True, exist_ok=True)
     for name, state in result.adapters.items():
         run.adapters.mkdir(exist_ok=True)
-        save_adapter(state, run.adapters / name)
+        if result.adapter_config is not None:
+            write_peft_folder(run.adapters / name, state, result.adapter_config)
+        else:
+            save_adapter(state, run.adapters / name)
     rows = [log.to_json() for log in result.rounds]
     write_atomic(run.metrics, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
     summary = summarize(spec, result, ctx, wall_s)

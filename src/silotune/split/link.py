@@ -11,7 +11,6 @@ import hashlib
 import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,12 @@ from silotune.errors import FrameRejected, UserError
 from silotune.modeling.adapters import StateDict
 from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
 from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, decode, encode, run_id
+from silotune.split.records import LinkStats
 from silotune.split.transport import TimedSealer, open_channel, stream_method
 
 
 class SplitError(UserError):
     """The split server refused a request or the connection failed; the message says why."""
-
-
-@dataclass
-class LinkStats:
-    """What the link cost this client: bytes, and where the seconds went."""
-
-    bytes_up: int = 0
-    bytes_down: int = 0
-    frames: int = 0
-    serialize_s: float = 0.0  # framing + (de)serialisation, crypto excluded
-    wait_s: float = 0.0  # from request sent to reply received
-    server_s: float = 0.0  # of which the server computed
 
 
 class MiddleLink:

@@ -35,23 +35,35 @@ class PrefixKV:
         return torch.cat([k, key], dim=2), torch.cat([v, value], dim=2)
 
 
+def _kv_shape(config: Any) -> tuple[int, int]:
+    """Key/value heads and the size of each, from a transformers model config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def prefix_tuning_config(config: Any, blocks: int, tokens: int) -> PrefixTuningConfig:
+    """PEFT's p-tuning v2 config for `blocks` blocks of a model with transformers `config`:
+    one key/value prefix of `tokens` positions per block, one per key/value head group."""
+    kv_heads, head_dim = _kv_shape(config)
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=tokens,
+        token_dim=kv_heads * head_dim,
+        num_layers=blocks,
+        num_attention_heads=kv_heads,
+        num_transformer_submodules=1,
+    )
+
+
 class SegmentPrefix(nn.Module):
     """Prefixes for `blocks` consecutive blocks, from one PEFT PrefixEncoder."""
 
     def __init__(self, config: Any, blocks: int, tokens: int) -> None:
         super().__init__()
-        heads = int(config.num_attention_heads)
-        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.kv_heads, self.head_dim = _kv_shape(config)
         self.blocks, self.tokens = blocks, tokens
-        peft_config = PrefixTuningConfig(
-            task_type="CAUSAL_LM",
-            num_virtual_tokens=tokens,
-            token_dim=self.kv_heads * self.head_dim,
-            num_layers=blocks,
-            num_attention_heads=self.kv_heads,
-            num_transformer_submodules=1,
-        )
+        peft_config = prefix_tuning_config(config, blocks, tokens)
         self.encoder = PrefixEncoder(peft_config)  # type: ignore[no-untyped-call]
 
     def forward(self, batch: int) -> list[KV]:

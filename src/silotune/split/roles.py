@@ -7,12 +7,11 @@ adapter (PEFT LoRA, or p-tuning v2 prefixes from PEFT's PrefixEncoder). `silotun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
@@ -24,12 +23,18 @@ from silotune.errors import UserError
 from silotune.evaluation.evaluator import build_eval_set, evaluate
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_tokenizer, resolve_model
-from silotune.run_folder import write_atomic
+from silotune.run_folder import SplitOutputs, write_atomic, write_json
 from silotune.split.adapters import add_segment_adapter, build_split_model
 from silotune.split.link import MiddleLink, RemoteMiddle, SplitError
 from silotune.split.loading import load_segments
 from silotune.split.model import SplitCausalLM
-from silotune.split.rounds import ClientRound
+from silotune.split.records import (
+    ClientReport,
+    ClientRound,
+    ServerSummary,
+    append_round,
+    read_rounds,
+)
 from silotune.split.server import serve
 from silotune.split.trainers import adapter_state, build_trainer, load_state
 from silotune.split.trainers.state import load_training_state, save_training_state
@@ -47,7 +52,7 @@ def run_server(
     out: Path | None,
     resume: bool = False,
     allowed: set[str] | None = None,
-) -> dict[str, Any]:
+) -> ServerSummary:
     """Serve the middle until `expected` clients have ended their sessions (0: until killed).
 
     Only the `allowed` client ids get a session; by default those with a certificate in
@@ -63,17 +68,17 @@ def run_server(
     trainer = build_trainer(middle, config)
     # The middle's LoRA dropout draws from this process's RNG: seed it, so a run can be replayed.
     torch.manual_seed(derive_seed(config.experiment.seed, "split-server"))
-    checkpoint = out / "checkpoint.safetensors" if out is not None else None
+    outputs = SplitOutputs(out) if out is not None else None
     if resume:
-        if checkpoint is None or not checkpoint.is_file():
+        if outputs is None or not outputs.checkpoint.is_file():
             raise UserError(
                 f"nothing to resume: no checkpoint.safetensors in {out} (give the same --out)"
             )
-        trainer.restore(load_training_state(checkpoint))
+        trainer.restore(load_training_state(outputs.checkpoint))
         log.info("resumed after round %d (%d steps)", trainer.rounds, trainer.steps)
-    if checkpoint is not None:
-        out_dir = checkpoint.parent
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if outputs is not None:
+        outputs.root.mkdir(parents=True, exist_ok=True)
+        checkpoint = outputs.checkpoint
 
         def save(_round: int) -> None:
             save_training_state(trainer.training_state(), checkpoint)
@@ -83,9 +88,8 @@ def run_server(
         allowed = {pem.stem for pem in (certs / "clients").glob("*.pem")} or None
     server, port, service = serve(trainer, config, listen, certs, expected, allowed)
     log.info("split server (%s) listening on port %d", config.split.mode, port)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "port").write_text(str(port))  # how a launcher on this machine finds us
+    if outputs is not None:
+        outputs.port.write_text(str(port))  # how a launcher on this machine finds us
     start = time.perf_counter()
     stopped: KeyboardInterrupt | None = None
     try:
@@ -96,16 +100,18 @@ def run_server(
         stopped = exc
     finally:
         server.stop(grace=2.0)
-    summary = {
-        "mode": config.split.mode,
-        "steps": trainer.steps,
-        "compute_s": trainer.compute_s,
-        "wall_s": time.perf_counter() - start,
-        "clients": {c: asdict(s) for c, s in service.state.stats.items()},
-    }
-    if out is not None:
-        _save(adapter_state(trainer.middle), out / "middle-adapter.safetensors")
-        _write(out / "server.json", summary)
+    summary = ServerSummary(
+        mode=config.split.mode,
+        steps=trainer.steps,
+        compute_s=trainer.compute_s,
+        wall_s=time.perf_counter() - start,
+        clients=dict(service.state.stats),
+    )
+    if outputs is not None:
+        _save(adapter_state(trainer.middle), outputs.middle_adapter)
+        for client, module in trainer.client_middles().items():
+            _save(adapter_state(module), outputs.client_middle_adapter(client))
+        summary.write(outputs)
     if stopped is not None:  # saved; the command still ends as interrupted
         raise stopped
     return summary
@@ -118,26 +124,22 @@ class _NoMiddle:
         raise SplitError("no split server connected")
 
 
-def _resume_client(model: SplitCausalLM, out: Path) -> list[dict[str, Any]]:
-    """Load the adapters of the last finished round; the rounds.jsonl rows up to it."""
-    marker = out / "checkpoint.json"
-    if not marker.is_file():
-        raise UserError(f"nothing to resume: no checkpoint in {out} (give the same --out)")
-    done = int(json.loads(marker.read_text())["round"])
-    load_state(model, load_file(str(out / "checkpoint.safetensors")))
-    rows = (out / "rounds.jsonl").read_text().splitlines()[:done]
-    (out / "rounds.jsonl").write_text("".join(line + "\n" for line in rows))
-    return [json.loads(line) for line in rows]
+def _resume_client(model: SplitCausalLM, outputs: SplitOutputs) -> list[ClientRound]:
+    """Load the adapters of the last finished round; the rounds up to it."""
+    if not outputs.checkpoint_round.is_file():
+        raise UserError(f"nothing to resume: no checkpoint in {outputs.root} (give the same --out)")
+    done = int(json.loads(outputs.checkpoint_round.read_text())["round"])
+    load_state(model, load_file(str(outputs.checkpoint)))
+    rounds = read_rounds(outputs)[:done]
+    outputs.rounds.write_text("")
+    for row in rounds:
+        append_round(outputs, row)
+    return rounds
 
 
 def _save(state: dict[str, torch.Tensor], target: Path) -> None:
     """safetensors, written whole or not at all."""
     write_atomic(target, save(state))
-
-
-def _write(target: Path, data: Any) -> None:
-    """JSON, written whole or not at all."""
-    write_atomic(target, json.dumps(data, indent=2).encode("utf-8"))
 
 
 def run_client(
@@ -149,7 +151,7 @@ def run_client(
     eval_file: Path,
     out: Path,
     resume: bool = False,
-) -> dict[str, Any]:
+) -> ClientReport:
     """Train front/back with the server's middle for `train.rounds` rounds; evaluate each round.
 
     After every round the client keeps its adapters in OUT/checkpoint.safetensors; `resume`
@@ -167,12 +169,13 @@ def run_client(
         loaded.dataset, tokenizer, config.data.prompt_style, config.data.max_length
     )
     eval_set = build_eval_set(held_out, tokenizer, config.data)
-    rounds: list[dict[str, Any]] = []
+    outputs = SplitOutputs(out)
     out.mkdir(parents=True, exist_ok=True)
+    rounds: list[ClientRound] = []
     if resume:
-        rounds = _resume_client(model, out)
+        rounds = _resume_client(model, outputs)
     else:
-        (out / "rounds.jsonl").write_text("")
+        outputs.rounds.write_text("")
     link = MiddleLink(config, client_id, target, certs)
     model.middle = RemoteMiddle(link)
     # A fresh client may join a fresh server late (the others' rounds went on without it);
@@ -189,6 +192,7 @@ def run_client(
         link.close()
         raise UserError(f"{out} holds all {config.train.rounds} rounds: nothing left to resume")
     try:
+        sent = (0, 0)  # traffic up to the previous round
         for rnd in range(len(rounds) + 1, config.train.rounds + 1):
             start = time.perf_counter()
             seed = derive_seed(config.experiment.seed, "split-client", client_id, rnd)
@@ -205,14 +209,14 @@ def run_client(
                 train_loss=trained.loss,
                 train_s=trained.seconds,
                 wall_s=time.perf_counter() - start,
-                bytes_up=link.stats.bytes_up,
-                bytes_down=link.stats.bytes_down,
-            ).to_json()
+                bytes_up=link.stats.bytes_up - sent[0],
+                bytes_down=link.stats.bytes_down - sent[1],
+            )
+            sent = (link.stats.bytes_up, link.stats.bytes_down)
             rounds.append(row)
-            with (out / "rounds.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")  # progress for whoever launched us
-            _save(adapter_state(model), out / "checkpoint.safetensors")
-            _write(out / "checkpoint.json", {"round": rnd})
+            append_round(outputs, row)  # progress for whoever launched us
+            _save(adapter_state(model), outputs.checkpoint)
+            write_json(outputs.checkpoint_round, {"round": rnd})
     except SplitError as exc:
         raise SplitError(
             f"{exc}; rounds 1-{len(rounds)} are saved in {out}: once the server runs again "
@@ -220,15 +224,16 @@ def run_client(
         ) from None
     finally:
         link.close()
-    report = {
-        "client": client_id,
-        "examples": len(examples),
-        "data": {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)},
-        "rounds": rounds,
-        "predictions": result.predictions,
-        "samples": result.samples,
-        "link": {**asdict(link.stats), "crypto_s": link.sealer.seconds},
-    }
-    _save(adapter_state(model), out / "adapter.safetensors")
-    _write(out / "result.json", report)
+    report = ClientReport(
+        client=client_id,
+        examples=len(examples),
+        source_rows=loaded.source_rows,
+        dropped=dict(loaded.dropped),
+        rounds=rounds,
+        predictions=result.predictions,
+        samples=result.samples,
+        link=dataclasses.replace(link.stats, crypto_s=link.sealer.seconds),
+    )
+    _save(adapter_state(model), outputs.adapter)
+    report.write(outputs)
     return report

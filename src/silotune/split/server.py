@@ -37,6 +37,7 @@ from silotune.split.protocol import (
     encode,
     run_id,
 )
+from silotune.split.records import ClientStats
 from silotune.split.screen import Limits, check_values
 from silotune.split.trainers import MiddleTrainer, StepDropped
 from silotune.split.transport import TimedSealer, start_server
@@ -44,18 +45,6 @@ from silotune.split.transport import TimedSealer, start_server
 log = logging.getLogger(__name__)
 _SESSION_KINDS = (Kind.ACTIVATIONS, Kind.GRAD, Kind.AVERAGE, Kind.BYE)  # after READY
 HANDSHAKE_S = 30.0  # a client sends its hello and key at once; a stream that does not is closed
-
-
-@dataclass
-class ClientStats:
-    """What one client's session cost the server."""
-
-    frames_in: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    crypto_s: float = 0.0
-    rejected: int = 0
-    finished: bool = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from silotune.config import TrainConfig
+from silotune.config_sections import TrainConfig
 from silotune.data.sft import Batch, batch_stream
 from silotune.modeling.placement import device_of
 from silotune.training.guards import check_gradients

@@ -110,6 +110,10 @@ class MiddleTrainer:
         """Every module whose adapter the server trains, with its optimizer."""
         return {"middle": (self.middle, getattr(self, "opt", None))}
 
+    def client_middles(self) -> dict[str, nn.Module]:
+        """Each client's own middle, where it has one (per-client mode); else none."""
+        return {}
+
     def training_state(self) -> dict[str, Any]:
         """What a restarted server needs to go on exactly: adapters, optimizers, counters, RNG."""
         return {

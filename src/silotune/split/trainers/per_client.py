@@ -58,6 +58,9 @@ class PerClientTrainer(MiddleTrainer):
         replicas = {f"replica/{c}": (r.module, r.optimizer) for c, r in self.replicas.items()}
         return {"middle": (self.middle, None), **replicas}
 
+    def client_middles(self) -> dict[str, torch.nn.Module]:
+        return {c: r.module for c, r in self.replicas.items()}
+
     def training_state(self) -> dict[str, Any]:
         state = super().training_state()
         for client, replica in self.replicas.items():

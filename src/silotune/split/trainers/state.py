@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from silotune.run_folder import write_atomic
+from silotune.tensor_groups import contiguous, group, key
 
-_SEP = "::"  # joins a module name, a part and a tensor name in one safetensors key
 _META = "state"
 
 
@@ -27,39 +27,38 @@ def save_training_state(state: dict[str, Any], target: Path) -> None:
     tensors = {"rng": state["rng"]}
     modules: dict[str, Any] = {}
     for name, saved in state["modules"].items():
-        for key, tensor in saved["adapter"].items():
-            tensors[_SEP.join((name, "adapter", key))] = tensor
+        for tensor_name, tensor in saved["adapter"].items():
+            tensors[key(name, "adapter", tensor_name)] = tensor
         info: dict[str, Any] = {k: v for k, v in saved.items() if k not in ("adapter", "optimizer")}
         if optimizer := saved["optimizer"]:
             rest: dict[str, dict[str, Any]] = {}
             for index, values in optimizer["state"].items():
                 rest[str(index)] = {}
-                for key, value in values.items():
+                for field, value in values.items():
                     if isinstance(value, torch.Tensor):
-                        tensors[_SEP.join((name, "optimizer", str(index), key))] = value
+                        tensors[key(name, "optimizer", str(index), field)] = value
                     else:
-                        rest[str(index)][key] = value
+                        rest[str(index)][field] = value
             info["optimizer"] = {"param_groups": optimizer["param_groups"], "state": rest}
         modules[name] = info
     meta = {"round": state["round"], "steps": state["steps"], "modules": modules}
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(target, save(contiguous, metadata={_META: json.dumps(meta)}))
+    write_atomic(target, save(contiguous(tensors), metadata={_META: json.dumps(meta)}))
 
 
 def load_training_state(source: Path) -> dict[str, Any]:
     """Inverse of save_training_state: the dict MiddleTrainer.restore takes."""
     with safe_open(str(source), framework="pt") as fh:
         meta = json.loads(fh.metadata()[_META])
-        tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (not iterable)
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not iterable)
     modules: dict[str, Any] = {}
     for name, info in meta["modules"].items():
         saved = {k: v for k, v in info.items() if k != "optimizer"}
-        saved["adapter"] = _group(tensors, (name, "adapter"))
+        saved["adapter"] = group(tensors, name, "adapter")
         saved["optimizer"] = {}
         if optimizer := info.get("optimizer"):
             saved["optimizer"] = {
                 "state": {
-                    int(index): {**values, **_group(tensors, (name, "optimizer", index))}
+                    int(index): {**values, **group(tensors, name, "optimizer", index)}
                     for index, values in optimizer["state"].items()
                 },
                 # JSON has no tuples; torch's param groups keep their pairs (betas) as tuples.
@@ -75,9 +74,3 @@ def load_training_state(source: Path) -> dict[str, Any]:
         "rng": tensors["rng"],
         "modules": modules,
     }
-
-
-def _group(tensors: dict[str, torch.Tensor], prefix: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The tensors whose key starts with `prefix`, keyed by the rest of their key."""
-    head = _SEP.join(prefix) + _SEP
-    return {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}

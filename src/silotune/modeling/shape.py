@@ -1,0 +1,68 @@
+"""What the memory plan needs to know about a model's architecture: its parameters by part and
+its widths, counted on a meta skeleton built from its config (no weights, no memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the planner needs to know about the architecture (counted on a meta skeleton)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int  # key/value heads x head dim
+    vocab: int
+    block_linear: int  # parameters in one block's linear layers (quantizable)
+    block_other: int  # parameters in one block besides those (norms, biases)
+    embed: int
+    head: int  # 0 when tied to the embeddings
+    lora_per_block: int  # LoRA parameters one adapter adds to one block
+    lora_inputs: int  # summed input features of one block's LoRA targets
+
+    @property
+    def params(self) -> int:
+        return self.layers * (self.block_linear + self.block_other) + self.embed + self.head
+
+
+def architecture(hf_config: PretrainedConfig, targets: tuple[str, ...], r: int) -> Shape:
+    """Count a model's parameters by part on a meta skeleton (no memory, any architecture)."""
+    with torch.device("meta"):
+        model: nn.Module = AutoModelForCausalLM.from_config(hf_config)  # type: ignore[no-untyped-call]
+    inner = model.get_submodule("model")
+    layers = list(inner.get_submodule("layers").children())
+    block = layers[0]
+    linear = other = lora = lora_inputs = 0
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            linear += module.weight.numel()
+            other += module.bias.numel() if module.bias is not None else 0
+            if name.split(".")[-1] in targets:
+                lora += r * (module.in_features + module.out_features)
+                lora_inputs += module.in_features
+    other += sum(p.numel() for p in block.parameters()) - linear - other
+    embed: torch.Tensor = inner.get_submodule("embed_tokens").weight  # type: ignore[assignment]
+    head: torch.Tensor = model.get_submodule("lm_head").weight  # type: ignore[assignment]
+    heads = int(hf_config.num_attention_heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads)
+    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    return Shape(
+        layers=len(layers),
+        hidden=int(hf_config.hidden_size),
+        intermediate=int(getattr(hf_config, "intermediate_size", 4 * hf_config.hidden_size)),
+        kv_dim=kv_heads * head_dim,
+        vocab=int(hf_config.vocab_size),
+        block_linear=linear,
+        block_other=other,
+        embed=embed.numel(),
+        head=0 if head is embed else head.numel(),
+        lora_per_block=lora,
+        lora_inputs=lora_inputs,
+    )

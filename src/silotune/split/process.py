@@ -1,0 +1,87 @@
+"""The split processes a run starts on this machine: `python -m silotune.split.process ARGS`.
+
+The launcher describes each process with typed arguments (`ServerArgs`, `ClientArgs`), passed
+as one JSON argument; the process reads the run's checked config.json and runs its role. People
+start split processes on their own machines with `silotune split-server` / `split-client`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from silotune.procs import quiet_libraries, run_command
+
+_MODULE = "silotune.split.process"
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """A split server: serves `clients` clients on `listen`, writes into `out`."""
+
+    config: Path  # the run's config.json
+    listen: str  # host:port (port 0: any free port, written to OUT/port)
+    clients: int
+    out: Path
+    certs: Path | None  # the run's PKI (mutual TLS); None: no TLS
+
+
+@dataclass(frozen=True)
+class ClientArgs:
+    """A split client `client` of the server at `server`, on its own data, writing into `out`."""
+
+    config: Path
+    client: str
+    server: str  # host:port
+    data: Path
+    eval_file: Path
+    out: Path
+    certs: Path | None
+
+
+def command(args: ServerArgs | ClientArgs) -> list[str]:
+    """The command line that starts the process `args` describes."""
+    role = "server" if isinstance(args, ServerArgs) else "client"
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
+    return [sys.executable, "-m", _MODULE, role, json.dumps(fields)]
+
+
+def parse(argv: list[str]) -> ServerArgs | ClientArgs:
+    """Inverse of `command` (without the interpreter and module)."""
+    role, payload = argv
+    data: dict[str, Any] = json.loads(payload)
+    paths = {"config", "out", "certs", "data", "eval_file"}
+    values: dict[str, Any] = {
+        k: Path(v) if k in paths and v is not None else v for k, v in data.items()
+    }
+    return ServerArgs(**values) if role == "server" else ClientArgs(**values)
+
+
+def _run(args: ServerArgs | ClientArgs) -> int:
+    from silotune.config import load_config
+    from silotune.split.roles import run_client, run_server
+
+    config = load_config(args.config, algorithm_checks=False)  # runs none of them
+    if isinstance(args, ServerArgs):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        run_server(config, args.listen, args.certs, args.clients, args.out)
+    else:
+        run_client(
+            config, args.client, args.server, args.certs, args.data, args.eval_file, args.out
+        )
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Run the process `argv` (from `command`) describes; its exit code."""
+    args = parse(argv)
+    quiet_libraries(flower=False)
+    return run_command(lambda: _run(args), "free space, then resume the run with --resume")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
