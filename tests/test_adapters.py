@@ -15,7 +15,8 @@ from silotune.data.sft import collate, tokenize_dataset
 from silotune.modeling.adapters import adapter_nbytes, get_adapter, set_adapter
 from silotune.modeling.load import resolve_model
 from silotune.records import adapter_to_record, record_to_adapter, tensor_bytes
-from silotune.training.workbench import Workbench, derive_seed
+from silotune.seeds import derive_seed
+from silotune.training.workbench import Workbench
 
 
 def _trained(bench: Workbench, config: Config, steps: int = 3) -> dict[str, torch.Tensor]:

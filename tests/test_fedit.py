@@ -24,7 +24,8 @@ from silotune.data.sft import tokenize_dataset
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.runner import plan_experiment, run_experiment
-from silotune.training.workbench import Workbench, derive_seed
+from silotune.seeds import derive_seed
+from silotune.training.workbench import Workbench
 
 from .conftest import CONFIGS
 

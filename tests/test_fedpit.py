@@ -29,7 +29,8 @@ from silotune.modeling.adapters import GLOBAL, PRIVATE, StateDict
 from silotune.modeling.load import resolve_model
 from silotune.records import adapter_to_record, load_store, record_to_adapter
 from silotune.runner import plan_experiment, run_experiment
-from silotune.training.workbench import Workbench, derive_seed
+from silotune.seeds import derive_seed
+from silotune.training.workbench import Workbench
 
 from .conftest import CONFIGS
 

@@ -6,7 +6,7 @@ from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, Loca
 from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.memory import Process
-from silotune.training.workbench import derive_seed
+from silotune.seeds import derive_seed
 
 
 def fedit_round(req: LocalRequest) -> LocalReply:

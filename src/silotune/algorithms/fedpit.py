@@ -25,7 +25,7 @@ from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.adapters import GLOBAL, PRIVATE, mix_adapters, save_adapter
 from silotune.modeling.memory import Process
 from silotune.run_folder import client_adapter_dir
-from silotune.training.workbench import derive_seed
+from silotune.seeds import derive_seed
 
 
 def fedpit_round(req: LocalRequest) -> LocalReply:

@@ -17,8 +17,8 @@ from silotune.jobs import (
 )
 from silotune.modeling.adapters import GLOBAL, StateDict
 from silotune.modeling.memory import Process
+from silotune.seeds import derive_seed
 from silotune.training.loop import Examples
-from silotune.training.workbench import derive_seed
 
 
 @register(

@@ -15,11 +15,11 @@ from silotune.jobs import AlgorithmResult, Job, RoundLog, register
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.generation import pad_id
 from silotune.modeling.memory import Process
+from silotune.seeds import derive_seed
 from silotune.split.adapters import add_segment_adapter, build_split_model, whole_model_adapter
 from silotune.split.loading import load_segments
 from silotune.split.trainers import adapter_state
 from silotune.training.loop import train_steps
-from silotune.training.workbench import derive_seed
 
 
 @register(

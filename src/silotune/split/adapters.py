@@ -14,10 +14,10 @@ from peft import inject_adapter_in_model
 from silotune.config import Config
 from silotune.modeling.adapters import StateDict, peft_lora_config
 from silotune.registry import Registry
+from silotune.seeds import derive_seed
 from silotune.split.model import MiddleFn, SplitCausalLM
 from silotune.split.prefix import prefix_tuning_config
 from silotune.split.segments import Segment, Segments, SplitPoints
-from silotune.training.workbench import derive_seed
 
 
 def add_segment_adapter(segment: Segment, config: Config, role: str) -> None:

@@ -7,7 +7,6 @@ a callable middle whose autograd function sends activations forward and gradient
 from __future__ import annotations
 
 import base64
-import hashlib
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from silotune.defences.split import WireNoise
 from silotune.errors import FrameRejected, UserError
 from silotune.modeling.adapters import StateDict
 from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
+from silotune.seeds import derive_seed
 from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, decode, encode, run_id
 from silotune.split.records import LinkStats
 from silotune.split.transport import TimedSealer, open_channel, stream_method
@@ -45,7 +45,9 @@ class MiddleLink:
         self.server_resumed = False  # the server started from a checkpoint
         self.broken = False  # the stream failed: no goodbye is possible
         # The configured defences: noise on everything this client lets the server see.
-        self.noise = WireNoise(config.defence, _seed(config.experiment.seed, client_id))
+        self.noise = WireNoise(
+            config.defence, derive_seed(config.experiment.seed, "wire-noise", client_id)
+        )
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._channel = open_channel(target, certs, client_id)
         timeout = config.split.connect_timeout_s
@@ -175,11 +177,6 @@ class MiddleLink:
         finally:
             self._outbox.put(None)
             self._channel.close()
-
-
-def _seed(seed: int, client_id: str) -> int:
-    digest = hashlib.sha256(f"{seed}/wire-noise/{client_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def _rpc_message(exc: grpc.RpcError, target: str) -> str:

@@ -24,6 +24,7 @@ from silotune.evaluation.evaluator import build_eval_set, evaluate
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_tokenizer, resolve_model
 from silotune.run_folder import SplitOutputs, write_atomic, write_json
+from silotune.seeds import derive_seed
 from silotune.split.adapters import add_segment_adapter, build_split_model
 from silotune.split.link import MiddleLink, RemoteMiddle, SplitError
 from silotune.split.loading import load_segments
@@ -39,7 +40,6 @@ from silotune.split.server import serve
 from silotune.split.trainers import adapter_state, build_trainer, load_state
 from silotune.split.trainers.state import load_training_state, save_training_state
 from silotune.training.loop import train_steps
-from silotune.training.workbench import derive_seed
 
 log = logging.getLogger(__name__)
 

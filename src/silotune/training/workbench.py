@@ -28,13 +28,8 @@ from silotune.modeling.adapters import (
 )
 from silotune.modeling.load import ModelSource, load_model, load_tokenizer
 from silotune.modeling.placement import prepare_for_training, resolve_placement
+from silotune.seeds import derive_seed
 from silotune.training.loop import Examples, TrainResult, train_steps
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 31-bit seed from any mix of ints and names (same on every machine)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 class Workbench:
