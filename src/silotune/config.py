@@ -25,6 +25,7 @@ from silotune.config_federation import (
     FederatedConfig,
     SplitConfig,
 )
+from silotune.config_privacy import PRIVACY_MINIMUMS, PrivacyConfig
 from silotune.config_sections import (
     MINIMUMS,
     DataConfig,
@@ -42,7 +43,7 @@ from silotune.errors import ConfigError
 from silotune.typed_values import build_section, reject_unknown
 
 # Numeric lower bounds of every section: (section, key) -> (minimum, inclusive?)
-_MINIMUMS = {**MINIMUMS, **FEDERATION_MINIMUMS}
+_MINIMUMS = {**MINIMUMS, **FEDERATION_MINIMUMS, **PRIVACY_MINIMUMS}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:

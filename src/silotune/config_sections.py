@@ -57,6 +57,9 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # FFA-LoRA: A stays at its random initialisation and only B trains (half the parameters
+    # under DP noise, and no noise product A·B).
+    freeze_a: bool = False
 
 
 @dataclass(frozen=True)

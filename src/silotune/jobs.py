@@ -14,6 +14,7 @@ from silotune.evaluation.judge import JudgeResult
 from silotune.modeling.adapters import StateDict
 from silotune.modeling.load import ModelSource
 from silotune.modeling.memory import WORKLOADS, Process
+from silotune.privacy.mechanisms import Releases
 from silotune.registry import Registry
 from silotune.run_folder import RunFolder
 from silotune.training.loop import Examples
@@ -119,6 +120,9 @@ class AlgorithmSpec:
     run: Callable[[Job], AlgorithmResult]
     # The processes it starts (or model copies it adds) and what each holds, for the memory plan.
     processes: Callable[[Config], tuple[Process, ...]]
+    # What leaves its clients derived from their records, for the privacy ledger: per mechanism,
+    # None (accounted from the clients' reports) or why it has no DP guarantee.
+    releases: Callable[[Config], Releases]
     shared_adapter: bool = False  # every participant ends with the same adapter (attack target)
     deployable: bool = False  # runs as a Flower app under the Deployment Engine
     adapters: int = 1  # adapters each client trains (FedPIT: global + private)
@@ -143,6 +147,7 @@ def register(
     description: str,
     *,
     processes: Callable[[Config], tuple[Process, ...]],
+    releases: Callable[[Config], Releases],
     shared_adapter: bool = False,
     deployable: bool = False,
     adapters: int = 1,
@@ -158,6 +163,7 @@ def register(
             description,
             fn,
             processes,
+            releases,
             shared_adapter=shared_adapter,
             deployable=deployable,
             adapters=adapters,

@@ -6,6 +6,7 @@ from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, Loca
 from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.memory import Process
+from silotune.privacy.accounting import central_releases, dp_sgd_release
 from silotune.seeds import derive_seed
 
 
@@ -22,7 +23,11 @@ def fedit_round(req: LocalRequest) -> LocalReply:
     return LocalReply(
         upload=state,
         weight=result.examples,
-        metrics={"train_loss": result.loss, "train_s": result.seconds},
+        metrics={
+            "train_loss": result.loss,
+            "train_s": result.seconds,
+            **(result.privacy.metrics("adapter") if result.privacy else {}),
+        },
     )
 
 
@@ -34,6 +39,10 @@ LOCAL_ROLES.register("fedit")(LocalRole(train=fedit_round))
     "federated",
     "one shared LoRA adapter averaged across clients (Flower)",
     processes=lambda _: (Process("fedit client", "client"),),
+    releases=lambda config: {
+        "adapter": dp_sgd_release(config, "the uploaded adapter"),
+        **central_releases(config),
+    },
     shared_adapter=True,
     deployable=True,
 )

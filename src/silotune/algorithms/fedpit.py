@@ -24,6 +24,8 @@ from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.adapters import GLOBAL, PRIVATE, mix_adapters, save_adapter
 from silotune.modeling.memory import Process
+from silotune.privacy.accounting import central_releases
+from silotune.privacy.mechanisms import Releases
 from silotune.run_folder import client_adapter_dir
 from silotune.seeds import derive_seed
 
@@ -106,12 +108,27 @@ def check_fedpit(config: Config) -> None:
         )
 
 
+def fedpit_releases(config: Config) -> Releases:
+    """The shared adapter learns from synthetic data prompted with real records; with beta < 1
+    the upload also mixes in the private adapter, trained on real records."""
+    releases: Releases = {
+        "synthetic": "the shared global adapter trains on synthetic data whose generator was "
+        "prompted with real records (no private generator yet)"
+    }
+    if config.synthetic.beta < 1.0:
+        releases["adapter"] = (
+            "the upload mixes in the private adapter (synthetic.beta < 1), trained on real records"
+        )
+    return {**releases, **central_releases(config)}
+
+
 @register(
     "fedpit",
     "federated",
     "global adapter trained only on self-generated data and shared; private adapter on real data, "
     "never shared",
     processes=lambda _: (Process("fedpit client", "client", adapters=2, generates=True),),
+    releases=fedpit_releases,
     shared_adapter=True,
     deployable=True,
     adapters=len((GLOBAL, PRIVATE)),

@@ -7,6 +7,7 @@ import time
 from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record, SyntheticStats, self_generate
+from silotune.evaluation.evaluator import EvalResult
 from silotune.evaluation.judge import filter_judge
 from silotune.jobs import (
     AlgorithmResult,
@@ -17,6 +18,8 @@ from silotune.jobs import (
 )
 from silotune.modeling.adapters import GLOBAL, StateDict
 from silotune.modeling.memory import Process
+from silotune.privacy import budget
+from silotune.privacy.accounting import dp_sgd_release
 from silotune.seeds import derive_seed
 from silotune.training.loop import Examples
 
@@ -26,6 +29,9 @@ from silotune.training.loop import Examples
     "local",
     "each client tunes alone on its own data; no communication",
     processes=lambda _: (Process("runner", "runner"),),
+    releases=lambda config: {
+        "adapter": dp_sgd_release(config, "each client's own adapter (adapters/client-N)")
+    },
 )
 def run_locit(job: Job) -> AlgorithmResult:
     """Every client trains `local_steps` per round on its own data, as it would in FedIT."""
@@ -37,6 +43,10 @@ def run_locit(job: Job) -> AlgorithmResult:
     "local",
     "each client tunes alone on its own data plus data it self-generates (no communication)",
     processes=lambda _: (Process("runner", "runner", generates=True),),
+    releases=lambda _: {
+        "adapter": "each client's own adapter trains on synthetic data whose generator was "
+        "prompted with its real records"
+    },
 )
 def run_locit_sa(job: Job) -> AlgorithmResult:
     """LocIT with FedPIT's self-augmentation: each round, generate with the client's own model."""
@@ -49,12 +59,23 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
     records = [as_records(part) for part in job.split.clients]
     synthetic_total = SyntheticStats()
     rounds: list[RoundLog] = []
-    last_results = []
+    last_results: list[EvalResult] = []
+    stores: list[dict[str, StateDict]] = [{} for _ in job.client_examples]  # DP spent, per client
     for rnd in range(1, cfg.train.rounds + 1):
         start = time.perf_counter()
-        clients, evals, losses = [], [], []
+        clients: list[dict[str, object]] = []
+        evals, losses = [], []
         for cid, examples in enumerate(job.client_examples):
             seed = derive_seed(cfg.experiment.seed, "client", cid, rnd)
+            try:
+                budget.check_round(cfg, stores[cid], len(examples))
+            except budget.BudgetSpent:  # it trains no more: its model stays as it is
+                result = (
+                    last_results[cid] if last_results else bench.evaluate(states[cid], job.eval_set)
+                )
+                evals.append(result)
+                clients.append({"client": cid, budget.DECLINED: 1, **result.metrics()})
+                continue
             extra: dict[str, object] = {}
             if self_augment:
                 synthetic, stats = _self_generate(job, states[cid], records[cid], seed)
@@ -62,6 +83,9 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
                 synthetic_total.add(stats)
                 extra = dict(stats.to_metrics())
             states[cid], trained = bench.train(states[cid], examples, cfg.train.local_steps, seed)
+            if trained.privacy is not None:
+                budget.record(stores[cid], trained.privacy)
+                extra.update(trained.privacy.metrics("adapter"))
             result = bench.evaluate(states[cid], job.eval_set)
             evals.append(result)
             losses.append(trained.loss)
@@ -78,7 +102,7 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
         log = RoundLog(
             round=rnd,
             metrics=mean_metrics([e.metrics() for e in evals]),
-            train_loss=sum(losses) / len(losses),
+            train_loss=sum(losses) / len(losses) if losses else float("nan"),
             wall_s=time.perf_counter() - start,
             clients=clients,
         )
@@ -115,6 +139,7 @@ def _self_generate(
     "centralized",
     "one model tuned on all clients' data pooled; the ceiling",
     processes=lambda _: (Process("runner", "runner"),),
+    releases=lambda _: {"records": "the raw records are pooled in one place"},
     shared_adapter=True,
 )
 def run_cenit(job: Job) -> AlgorithmResult:

@@ -24,6 +24,7 @@ from silotune.jobs import (
     register,
 )
 from silotune.modeling.memory import Process
+from silotune.privacy.mechanisms import Releases
 from silotune.procs import Supervisor
 from silotune.run_folder import RunFolder, client_name
 from silotune.security.tls import create_dev_pki
@@ -57,11 +58,28 @@ def split_processes(config: Config) -> tuple[Process, ...]:
     return server, client
 
 
+def split_releases(config: Config) -> Releases:
+    """What a split client sends: activations and gradients every step, adapters to average."""
+    defence = config.defence
+    releases: Releases = {
+        "activations": "noised by activation_noise x RMS, not clipped: no calibrated DP"
+        if defence.activation_noise > 0
+        else "sent without noise",
+        "gradients": "clipped and noised per example, not yet accounted"
+        if defence.gradient_clip > 0 and defence.gradient_noise > 0
+        else "sent without calibrated noise",
+    }
+    if config.split.average_clients:
+        releases["adapter"] = "front and back adapters averaged without DP"
+    return releases
+
+
 @register(
     "split",
     "split",
     "FL-GLM split learning: clients keep embeddings + first/last blocks, a server the middle",
     processes=split_processes,
+    releases=split_releases,
 )
 def run_split(job: Job) -> AlgorithmResult:
     """Start the server and the clients as processes, follow them, collect their results."""

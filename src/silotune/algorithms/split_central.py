@@ -28,6 +28,7 @@ from silotune.training.loop import train_steps
     "the split model with the same adapters trained on the pooled data, no wire; split's reference",
     # A second copy of the model in the runner's process.
     processes=lambda _: (Process("split-central", "resident"),),
+    releases=lambda _: {"records": "the raw records are pooled in one place"},
 )
 def run_split_central(job: Job) -> AlgorithmResult:
     """Train front, middle and back together on the pooled data, as many steps as split takes."""

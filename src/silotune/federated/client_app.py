@@ -34,6 +34,8 @@ from silotune.federated.metering import (
     PREDICTIONS,
 )
 from silotune.modeling.load import ModelSource
+from silotune.privacy import budget
+from silotune.privacy.mechanisms import GaussianUse
 from silotune.records import adapter_to_record, load_store, record_to_adapter, save_store
 from silotune.run_folder import client_name, eval_file, partition_file
 from silotune.training.loop import Examples
@@ -135,7 +137,14 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
         spec = spec_of(context)
         role = LOCAL_ROLES.get(spec.algorithm)
         req = _request(spec, msg, context)
+        try:
+            budget.check_round(spec.config, req.store, len(req.examples))
+        except budget.BudgetSpent:  # released nothing: the server records the decline
+            declined = MetricRecord({"client": req.client, budget.DECLINED: 1})
+            return Message(content=RecordDict({METRICS: declined}), reply_to=msg)
         reply = role.train(req)
+        if (use := GaussianUse.reported("adapter", reply.metrics)) is not None:
+            budget.record(req.store, use)
         save_store(context.state, req.store)
         save_client_state(req.client_dir, req.round, req.store)
         metrics = MetricRecord(

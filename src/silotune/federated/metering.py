@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from silotune.federated.screening import Expected, Layout, screen_round
+from silotune.privacy.budget import DECLINED
 from silotune.records import tensor_bytes
 
 ARRAYS = "arrays"
@@ -38,6 +39,10 @@ _OPTIMISER_STATE = ("m_t", "v_t", "momentum_vector", "current_arrays")
 
 class FederationError(RuntimeError):
     """A round could not produce an update (fewer valid client updates than the quorum)."""
+
+
+class BudgetsSpent(FederationError):
+    """Too few clients have privacy budget left for a round: the run ends with the last one."""
 
 
 @dataclass
@@ -57,6 +62,7 @@ class RoundTraffic:
     rejected: set[int] = field(default_factory=set)  # node ids whose reply failed screening
     client_evals: list[dict[str, Any]] = field(default_factory=list)
     client_predictions: list[list[str]] = field(default_factory=list)
+    declined: set[int] = field(default_factory=set)  # node ids whose privacy budget is spent
 
 
 class Metered(Strategy):
@@ -116,11 +122,16 @@ class Metered(Strategy):
             f"{_sender(m)} failed: {m.error.reason}" for m in replies if m.has_error()
         ]
         ok = [m for m in replies if not m.has_error()]
-        replied = {m.metadata.src_node_id for m in replies} | traffic.rejected
+        replied = {m.metadata.src_node_id for m in replies} | traffic.rejected | traffic.declined
         silent = traffic.sampled - replied
         traffic.failures += [f"node {n} dropped: no reply" for n in sorted(silent)]
         if len(ok) < self.quorum:
             reasons = "; ".join(traffic.failures) or "no client replied"
+            if traffic.declined:
+                raise BudgetsSpent(
+                    f"round {server_round}: {len(ok)} client(s) with privacy budget left, fewer "
+                    f"than the quorum of {self.quorum} (federated.quorum): {reasons}"
+                )
             raise FederationError(
                 f"round {server_round}: {len(ok)} valid update(s), fewer than the quorum of "
                 f"{self.quorum} (federated.quorum): {reasons}"
@@ -146,10 +157,18 @@ class Metered(Strategy):
         traffic.wall_s = time.perf_counter() - traffic.started
         return arrays, metrics
 
-    def screen_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """`replies` less those that fail screening, which the round records (errors pass)."""
-        replies = list(replies)
+    def screen_replies(self, server_round: int, replies_in: Iterable[Message]) -> list[Message]:
+        """The replies less the clients' declines (their privacy budget is spent) and those that
+        fail screening, both of which the round records (errors pass)."""
         traffic = self.traffic[server_round + self.round_offset]
+        replies = []
+        for m in replies_in:
+            metrics = None if m.has_error() else m.content.metric_records.get(METRICS)
+            if metrics is not None and DECLINED in metrics:
+                traffic.failures.append(f"{_sender(m)} declined: its privacy budget is spent")
+                traffic.declined.add(m.metadata.src_node_id)
+            else:
+                replies.append(m)
         answered = [m.content for m in replies if not m.has_error()]
         verdicts = iter(screen_round(answered, self._expected(traffic.layout)))
         kept = []

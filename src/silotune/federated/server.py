@@ -27,11 +27,13 @@ from silotune.checkpoint import (
 from silotune.config import Config
 from silotune.data.synthetic import SyntheticStats
 from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
+from silotune.errors import UserError
 from silotune.evaluation.evaluator import EvalSet
 from silotune.federated.local import LOCAL_ROLES
 from silotune.federated.metering import (
     BASE_FINGERPRINT,
     BASE_MODEL,
+    BudgetsSpent,
     FederationError,
     Metered,
     RoundTraffic,
@@ -89,6 +91,8 @@ class FederatedServer:
         self.initial: StateDict = self.resumed.arrays if self.resumed else bench.initial
         self.results: list[Result] = []
         self.notes: list[str] = []
+        self.latest = self.initial  # the last evaluated global adapter
+        self.ended_early = False  # too few clients had privacy budget left
         if self.resumed:
             self.strategy.round_offset = self.done
             restore_strategy_state(self.strategy, self.resumed.strategy_state)
@@ -109,8 +113,8 @@ class FederatedServer:
         if strategy is not self.strategy:
             # Flower's DP wrappers clip each reply before the strategy sees it: screen first.
             strategy = ScreenFirst(strategy, self.strategy)
-        self.results.append(
-            strategy.start(
+        try:
+            result = strategy.start(
                 grid=grid,
                 initial_arrays=adapter_to_record(self.initial),
                 num_rounds=self.remaining,
@@ -121,7 +125,19 @@ class FederatedServer:
                 ),
                 evaluate_fn=self.evaluate_fn,
             )
-        )
+        except BudgetsSpent as exc:
+            if not self.rounds:
+                raise UserError(
+                    f"no round could run: {exc}. Raise privacy.max_epsilon, or lower the noise's "
+                    "cost per round (privacy.noise_multiplier, train.local_steps)"
+                ) from None
+            self.ended_early = True
+            self.notes.append(
+                f"The run ended after round {self.rounds[-1].round} of {cfg.train.rounds}: "
+                "too few clients had privacy budget left for another round."
+            )
+            return
+        self.results.append(result)
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's central evaluation hook: evaluate, log and checkpoint the round."""
@@ -135,6 +151,7 @@ class FederatedServer:
                 f"round {server_round}: the global adapter's {bad[0]} holds NaN or Inf; the run "
                 "stops with the last finite round's checkpoint"
             )
+        self.latest = state
         evaluated = self.bench.evaluate(state, self.eval_set)
         traffic = self.strategy.traffic[server_round]
         log = _round_log(server_round, traffic, evaluated.metrics())
@@ -160,8 +177,8 @@ class FederatedServer:
     def result(self) -> AlgorithmResult:
         """The finished algorithm's result (after start, or straight from a final checkpoint)."""
         cfg, resumed = self.config, self.resumed
-        final = record_to_adapter(self.results[0].arrays) if self.results else self.initial
-        if len(self.rounds) != cfg.train.rounds:
+        final = record_to_adapter(self.results[0].arrays) if self.results else self.latest
+        if len(self.rounds) != cfg.train.rounds and not self.ended_early:
             raise RuntimeError("the Flower run ended before all rounds completed")
         if not final:
             raise FederationError(
@@ -174,7 +191,7 @@ class FederatedServer:
                 if "failed" not in client:
                     synthetic.add(SyntheticStats.from_metrics(client))
         traffic = getattr(self.strategy, "traffic", {})
-        last = traffic.get(cfg.train.rounds)
+        last = traffic.get(self.rounds[-1].round) if self.rounds else None
         client_evals = last.client_evals if last else resumed.client_evals if resumed else []
         client_predictions = (
             last.client_predictions if last else resumed.client_predictions if resumed else []

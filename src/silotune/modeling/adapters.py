@@ -20,6 +20,9 @@ from silotune.run_folder import write_folder_atomic
 GLOBAL = "global"
 PRIVATE = "private"
 StateDict = dict[str, torch.Tensor]
+# The model attribute naming its adapters created with lora.freeze_a (FFA-LoRA): their A stays
+# frozen whatever `use_adapters` later makes trainable.
+_FROZEN_A = "silotune_frozen_a"
 
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
@@ -42,6 +45,8 @@ def add_lora(
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_lora_config(cfg), adapter_name=name)
     assert isinstance(peft_model, PeftModel)
+    if cfg.freeze_a:
+        _freeze_a(peft_model, name)
     return peft_model
 
 
@@ -50,6 +55,22 @@ def add_named_lora(model: PeftModel, cfg: LoraConfig, name: str, seed: int = 0) 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model.add_adapter(name, peft_lora_config(cfg))
+    if cfg.freeze_a:
+        _freeze_a(model, name)
+
+
+def _freeze_a(model: PeftModel, name: str) -> None:
+    """FFA-LoRA: adapter `name`'s A matrices keep their initial values; only B trains."""
+    setattr(model, _FROZEN_A, frozen_a(model) | {name})
+    for param_name, param in model.named_parameters():
+        if _is_frozen_a(param_name, {name}):
+            param.requires_grad = False
+
+
+def frozen_a(model: PeftModel) -> frozenset[str]:
+    """The adapters of `model` whose LoRA A is frozen (created with lora.freeze_a)."""
+    names: frozenset[str] = getattr(model, _FROZEN_A, frozenset())
+    return names
 
 
 def use_adapters(model: PeftModel, active: list[str], trainable: list[str]) -> None:
@@ -58,10 +79,11 @@ def use_adapters(model: PeftModel, active: list[str], trainable: list[str]) -> N
         raise ValueError(f"trainable adapters {trainable} must be active ({active})")
     # PeftModel.set_adapter takes one name; the tuner underneath takes several.
     model.base_model.set_adapter(active)  # type: ignore[operator]
+    frozen = frozen_a(model)
     for name, param in model.named_parameters():
         owner = _adapter_of(name)
         if owner is not None:
-            param.requires_grad = owner in trainable
+            param.requires_grad = owner in trainable and not _is_frozen_a(name, frozen)
 
 
 def _adapter_of(param_name: str) -> str | None:
@@ -71,6 +93,12 @@ def _adapter_of(param_name: str) -> str | None:
         if part.startswith("lora_"):
             return parts[i + 1]
     return None
+
+
+def _is_frozen_a(param_name: str, frozen: frozenset[str] | set[str]) -> bool:
+    """Whether `param_name` is a LoRA A matrix of one of the `frozen` adapters."""
+    owner = _adapter_of(param_name)
+    return owner in frozen and f".lora_A.{owner}." in param_name
 
 
 def mix_adapters(a: StateDict, b: StateDict, beta: float) -> StateDict:

@@ -47,6 +47,53 @@ def synthetic_line(synthetic: dict[str, Any]) -> str:
     )
 
 
+_LEVELS = {
+    "record": "record-level: protects each record inside its client",
+    "user": "user-level: protects a whole client's data (Flower's central DP)",
+}
+
+
+def ledger_markdown(privacy: dict[str, Any]) -> list[str]:
+    """The "Privacy ledger" section from summary.json's "privacy"."""
+    rows = []
+    for client, entry in privacy["clients"].items():
+        for mechanism, m in entry["mechanisms"].items():
+            rows.append(
+                [
+                    client,
+                    mechanism,
+                    m["level"],
+                    _epsilon(m["epsilon"]),
+                    "–" if m["delta"] is None else f"{m['delta']:.2g}",
+                    m["rounds"],
+                    "yes" if m["guarantee"] else f"no: {m['reason']}",
+                ]
+            )
+    totals = ", ".join(
+        f"client {c}: {_epsilon(e['epsilon'])}" for c, e in privacy["clients"].items()
+    )
+    return [
+        "## Privacy ledger",
+        "",
+        f"What left each client derived from its records, and its (ε, δ) by the "
+        f"{privacy['accountant'].upper()} accountant. ε = ∞ means no guarantee.",
+        "",
+        table(["client", "mechanism", "level", "ε", "δ", "rounds", "DP guarantee"], rows),
+        "",
+        f"Record-level ε per client, every record-level mechanism composed: {totals}.",
+        *(f"- {_LEVELS[level]}" for level in sorted(_levels(privacy))),
+        "",
+    ]
+
+
+def _epsilon(value: float | str) -> str:
+    return "∞" if isinstance(value, str) else f"{value:.3g}"
+
+
+def _levels(privacy: dict[str, Any]) -> set[str]:
+    return {m["level"] for e in privacy["clients"].values() for m in e["mechanisms"].values()}
+
+
 def partition_table(stats: list[dict[str, Any]]) -> str:
     """Client sizes and label mixes."""
     rows = [
@@ -139,6 +186,7 @@ def run_markdown(
         ]
     if "synthetic" in summary:
         lines += ["## Self-generated data", "", synthetic_line(summary["synthetic"]), ""]
+    lines += ledger_markdown(summary["privacy"])
     lines += ["## Data split", "", partition_table(partition_stats), ""]
     lines += [*(f"- {n}" for n in result.notes), ""] if result.notes else []
     lines += ["## Curves", "", *_plots(plots, folder), ""]

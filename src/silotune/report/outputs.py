@@ -17,14 +17,16 @@ from typing import Any
 from silotune import __version__
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
 from silotune.modeling.adapters import write_peft_folder
+from silotune.privacy.accounting import run_ledger
+from silotune.privacy.ledger import Ledger
 from silotune.report.context import RunContext
 from silotune.report.markdown import comparison_markdown, run_markdown
-from silotune.report.plots import plot_curves
+from silotune.report.plots import plot_curves, plot_epsilon
 from silotune.run_folder import RunFolder, write_atomic, write_json
 
 
 def summarize(
-    spec: AlgorithmSpec, result: AlgorithmResult, ctx: RunContext, wall_s: float
+    spec: AlgorithmSpec, result: AlgorithmResult, ctx: RunContext, ledger: Ledger, wall_s: float
 ) -> dict[str, Any]:
     """The summary.json of one algorithm's run."""
     return {
@@ -46,6 +48,7 @@ def summarize(
             ],
         },
         "timing": {"wall_s": round(wall_s, 2)},
+        "privacy": ledger.summary(),
         **({"synthetic": result.synthetic.to_json()} if result.synthetic else {}),
         **({"judge": dataclasses.asdict(result.judge)} if result.judge else {}),
         "model": ctx.model,
@@ -72,10 +75,14 @@ def write_run(
             write_peft_folder(run.adapters / name, state, result.adapter_config)
         else:
             save_adapter(state, run.adapters / name)
+    records = {int(s["client"]): int(s["size"]) for s in ctx.partition_stats}
+    ledger = run_ledger(ctx.config, spec.releases(ctx.config), result.rounds, records)
     rows = [log.to_json() for log in result.rounds]
-    write_atomic(run.metrics, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
-    summary = summarize(spec, result, ctx, wall_s)
+    lines = [{**row, "privacy": ledger.rows(row["round"])} for row in rows]
+    write_atomic(run.metrics, "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8"))
+    summary = summarize(spec, result, ctx, ledger, wall_s)
     plots = plot_curves({spec.name: rows}, ctx.base, run.plots)
+    plots += plot_epsilon(ledger.rows(), run.plots)
     markdown = run_markdown(spec, result, summary, ctx.partition_stats, plots, folder)
     write_atomic(run.report, markdown.encode("utf-8"))
     # Last: a summary.json marks the folder as a finished result.

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["CURVES", "plot_curves", "plt", "save_figure"]
+__all__ = ["CURVES", "plot_curves", "plot_epsilon", "plt", "save_figure"]
 
 # Metric key -> axis label
 CURVES = {"eval_loss": "held-out loss", "rouge_l": "ROUGE-L F", "accuracy": "accuracy"}
@@ -42,6 +42,27 @@ def plot_curves(
         ax.legend()
         written.append(save_figure(fig, folder / f"{key}.png"))
     return written
+
+
+def plot_epsilon(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Each client's record-level ε after every round (none if no ε is finite)."""
+    series: dict[int, list[tuple[int, float]]] = {}
+    for row in rows:
+        total = row.get("client_epsilon")
+        if isinstance(total, int | float):
+            series.setdefault(int(row["client"]), []).append((int(row["round"]), float(total)))
+    if not series:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for client, points in sorted(series.items()):
+        ax.plot(*zip(*sorted(set(points)), strict=True), marker="o", label=f"client {client}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("record-level ε")
+    ax.set_title("privacy spent per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return [save_figure(fig, folder / "epsilon.png")]
 
 
 def save_figure(fig: Any, path: Path) -> Path:

@@ -1,7 +1,8 @@
 """One local training loop for every algorithm (FedIT clients, LocIT, CenIT): a fair comparison.
 
 It trains whatever parameters require gradients (the active LoRA adapter) for a fixed number of
-optimizer steps with AdamW, gradient clipping and an optional FedProx proximal term.
+optimizer steps with AdamW, gradient clipping and an optional FedProx proximal term; with
+`privacy.mode = "dp-sgd"` the same steps run as DP-SGD (training/dp.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from silotune.config_privacy import PrivacyConfig
 from silotune.config_sections import TrainConfig
 from silotune.data.sft import Batch, batch_stream
 from silotune.modeling.placement import device_of
+from silotune.privacy.mechanisms import GaussianUse
+from silotune.training.dp import train_dp
 from silotune.training.guards import check_gradients
 from silotune.training.optim import clip_and_step, make_optimizer
 
@@ -30,6 +34,8 @@ class TrainResult:
     steps: int
     examples: int  # distinct examples available to this trainer (FedAvg weights by it)
     seconds: float
+    # The DP-SGD mechanism these steps ran, for the privacy ledger (None: not private).
+    privacy: GaussianUse | None = None
 
 
 def train_steps(
@@ -41,8 +47,13 @@ def train_steps(
     seed: int,
     proximal_mu: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> TrainResult:
-    """Run `steps` optimizer steps on `examples`; the model is left in eval mode."""
+    """Run `steps` optimizer steps on `examples`; the model is left in eval mode.
+
+    With `privacy.mode = "dp-sgd"` they are DP-SGD steps on Poisson-sampled batches (the loss is
+    the mean over steps that drew examples) and the result carries the GaussianUse they ran.
+    """
     # Only the adapter being trained requires grad (FedPIT freezes the other active one).
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
@@ -51,6 +62,31 @@ def train_steps(
     # With FedProx, pull towards the parameters received at the start of the round.
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = make_optimizer(params, cfg)
+    if privacy is not None and privacy.mode == "dp-sgd":
+        start = time.perf_counter()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            run = train_dp(
+                model,
+                named,
+                anchors,
+                optimizer,
+                examples,
+                cfg,
+                privacy,
+                steps,
+                pad_id,
+                seed,
+                proximal_mu,
+                on_step,
+            )
+        return TrainResult(
+            loss=run.loss,
+            steps=steps,
+            examples=len(examples),
+            seconds=time.perf_counter() - start,
+            privacy=run.use,
+        )
     batches = batch_stream(examples, cfg.batch_size, pad_id, seed)
     start = time.perf_counter()
     # Dropout draws from the global RNG: seed it too, so a (state, data, seed) triple is replayable.

@@ -111,6 +111,7 @@ class Workbench:
             self.pad_id,
             seed,
             proximal_mu=proximal_mu,
+            privacy=self.config.privacy,
         )
 
     def train(

@@ -1,0 +1,70 @@
+"""The privacy ledger of a finished algorithm, built from what its rounds record.
+
+An algorithm declares what leaves its clients (`AlgorithmSpec.releases`): per mechanism either
+None (its clients train it with DP and report each use in their round metrics, see
+`GaussianUse.metrics`) or the reason it has no guarantee. Every round's participants are read
+from the round's client entries; the ledger is a function of the rounds alone, so a resumed run
+(whose rounds come from its checkpoint) reports the same ε as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from silotune.config import Config
+from silotune.jobs import RoundLog
+from silotune.privacy.budget import DECLINED
+from silotune.privacy.ledger import Ledger
+from silotune.privacy.mechanisms import GaussianUse, Mechanism, Releases
+
+
+def dp_sgd_release(config: Config, what: str) -> str | None:
+    """An adapter trained by the one training loop: accounted under DP-SGD, else not private."""
+    if config.privacy.mode == "dp-sgd":
+        return None
+    return f"{what} trained without DP (privacy.mode = off)"
+
+
+def central_releases(config: Config) -> Releases:
+    """Flower's DP on the averaged update, when configured: user level, accounted per round."""
+    if config.defence.dp == "none":
+        return {}
+    if config.defence.dp_noise_multiplier == 0:
+        return {"central": "Flower's DP clips but adds no noise (defence.dp_noise_multiplier = 0)"}
+    return {"central": None}
+
+
+def run_ledger(
+    config: Config,
+    releases: Releases,
+    rounds: list[RoundLog],
+    records: Mapping[int, int],
+) -> Ledger:
+    """Every client's releases in every round of a finished algorithm."""
+    ledger = Ledger.for_config(config.privacy, records)
+    everyone = sorted(records)
+    for n, log in enumerate(rounds):
+        reports = {int(c["client"]): c for c in log.clients if "client" in c}
+        declined = {c for c, report in reports.items() if DECLINED in report}
+        # Centralized algorithms list no clients: every client's records took part.
+        for client in sorted(set(reports) - declined) if reports else everyone:
+            for mechanism, reason in releases.items():
+                if mechanism == "records" and n > 0:
+                    continue  # pooled once, before the first round
+                use = _use(config, mechanism, reports.get(client, {}))
+                if reason is not None:
+                    ledger.no_guarantee(client, log.round, mechanism, reason)
+                elif use is None:
+                    ledger.no_guarantee(client, log.round, mechanism, "no DP use reported")
+                else:
+                    ledger.account(client, log.round, mechanism, use)
+    return ledger
+
+
+def _use(config: Config, mechanism: Mechanism, report: Mapping[str, Any]) -> GaussianUse | None:
+    if mechanism == "central":
+        # Flower adds noise of dp_noise_multiplier x the clipping norm to the sum of the clipped
+        # updates once a round, with no amplification by client sampling.
+        return GaussianUse(config.defence.dp_noise_multiplier, 1.0, 1)
+    return GaussianUse.reported(mechanism, report)
