@@ -214,3 +214,41 @@ def test_freeze_a_keeps_a_at_its_initialisation_while_b_trains(dp: bool) -> None
                 assert torch.equal(value, start[key]), key
             else:
                 assert not torch.equal(value, start[key]), key
+
+
+def test_per_example_loss_is_each_examples_mean_next_token_loss() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=gen)
+    labels = torch.randint(0, 11, (3, 6), generator=gen)
+    labels[0, :2] = -100  # a prompt
+    labels[1, 4:] = -100  # right padding
+    expected = []
+    for row, labs in zip(logits, labels, strict=True):
+        pairs = [(row[t], labs[t + 1]) for t in range(5) if labs[t + 1] != -100]
+        losses = [torch.nn.functional.cross_entropy(lg, lab) for lg, lab in pairs]
+        expected.append(torch.stack(losses).mean())
+    assert torch.allclose(per_example_loss(logits, labels), torch.stack(expected), atol=1e-6)
+
+
+def test_the_update_is_the_mean_of_each_examples_clipped_gradient() -> None:
+    # Without dropout a batch's per-example gradients equal those of each example alone.
+    config = load_config(TINY, ["lora.dropout=0"])
+    bench = Workbench(resolve_model(config.model), config)
+    examples = _examples(bench, config, 4)
+    named = _trainable(bench)
+    bench.model.train()
+    grads = []
+    for example in examples:
+        batch = collate([example], bench.pad_id)
+        out = bench.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        loss = per_example_loss(out.logits, batch.labels)[0]
+        grads.append(
+            torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(named.values()))])
+        )
+    norms = torch.stack([g.norm() for g in grads])
+    clip = float(norms.median())  # some examples are clipped, some are not
+    assert (norms > clip).any() and (norms < clip).any()
+    clipped = [g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads]  # Opacus's factor
+    expected = -torch.stack(clipped).sum(dim=0) / len(examples)  # SGD at lr 1, expected batch 4
+    update = _sgd_update(bench, examples, clip, 0.0)
+    assert torch.allclose(update, expected, rtol=1e-4, atol=1e-7 * clip)

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from silotune.cli import main
 from silotune.config import Config, load_config
+from silotune.config_privacy import PrivacyConfig
+from silotune.data.load import load_records
+from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError
-from silotune.modeling.memory import GIB, plan_run
+from silotune.modeling.adapters import GLOBAL
+from silotune.modeling.load import resolve_model
+from silotune.modeling.memory import GIB, model_config, plan_run
 from silotune.modeling.placement import Placement
 from silotune.modeling.shape import architecture
+from silotune.training.loop import train_steps
+from silotune.training.workbench import Workbench
 
 from .conftest import CONFIGS
 
@@ -114,3 +123,79 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["plan", str(CONFIGS / "tiny.toml"), "--memory-gib", "0.1"])
     assert code == 2
     assert "lower train.batch_size" in capsys.readouterr().err
+
+
+DP = ("privacy.mode=dp-sgd", "privacy.noise_multiplier=1.0")
+
+
+def test_dp_sgd_adds_per_example_gradients_to_the_training_processes() -> None:
+    """Llama-2-7B, LoRA r8 on q/v, batch 4 x 512: DP's share is its own column, by hand."""
+    placement = Placement(GPU, torch.bfloat16, "none")
+    off = plan_run(config("data.max_length=512"), LLAMA_7B, placement, capacity=80 * GIB)
+    on = plan_run(config("data.max_length=512", *DP), LLAMA_7B, placement, capacity=80 * GIB)
+    assert off.client is not None and on.client is not None
+    trained = 32 * 2 * 8 * (4096 + 4096)  # every block's q and v adapter, A and B
+    tokens = 4 * 512
+    expected = (
+        (4 + 1) * trained * 4  # grad_sample per example + the clipped sum, float32
+        + tokens * 4 * 2 * (4096 + 4096)  # one block's LoRA inputs and output gradients
+        + 2 * tokens * 32000 * 4  # the per-example loss's shifted logits and their gradient
+    )
+    assert on.client.dp_sgd == expected
+    assert replace(on.client, dp_sgd=0) == off.client  # nothing else moves
+    assert on.client.total - off.client.total == pytest.approx(expected * 1.10, abs=2)
+    assert on.estimates[0].dp_sgd == 0  # the runner only evaluates
+    # FFA-LoRA trains only B: half the per-example gradients here.
+    ffa = plan_run(
+        config("data.max_length=512", "lora.freeze_a=true", *DP), LLAMA_7B, placement, 80 * GIB
+    )
+    assert ffa.client is not None
+    assert on.client.dp_sgd - ffa.client.dp_sgd == (4 + 1) * trained // 2 * 4
+    # The table shows DP's share only when there is one.
+    assert len(off.rows()[0]) == 6 and len(on.rows()[0]) == 7
+    assert "DP-SGD per-example" in [c.header for c in on.table().columns]
+    assert "DP-SGD per-example" not in [c.header for c in off.table().columns]
+
+
+def test_dp_sgd_is_planned_where_the_one_loop_trains() -> None:
+    """LocIT trains in the runner (DP), split's processes do not run DP-SGD (no share)."""
+    placement = Placement(GPU, torch.bfloat16, "none")
+    local = plan_run(config("experiment.algorithms=['locit']", *DP), LLAMA_7B, placement, 80 * GIB)
+    assert local.estimates[0].role == "runner" and local.estimates[0].dp_sgd > 0
+    split = plan_run(config("experiment.algorithms=['split']", *DP), LLAMA_7B, placement, 80 * GIB)
+    assert [e.dp_sgd for e in split.estimates] == [0, 0, 0]
+
+
+def test_planned_per_example_gradients_are_what_opacus_holds(
+    tiny_bench: Workbench, tiny_config: Config
+) -> None:
+    """A real DP-SGD step on the tiny model keeps batch x the planned trained parameters."""
+    lora = tiny_config.lora
+    hf_config = model_config(resolve_model(tiny_config.model).location)
+    shape = architecture(hf_config, lora.target_modules, lora.r)
+    planned = shape.layers * shape.lora_per_block * 4  # float32 bytes per example
+    records = load_records(tiny_config.data).dataset.select(range(8))
+    examples = tokenize_dataset(records, tiny_bench.tokenizer, "alpaca", 48)
+    tiny_bench.put(GLOBAL, tiny_bench.initial)
+    tiny_bench.use([GLOBAL], [GLOBAL])
+    trained = [p for p in tiny_bench.model.parameters() if p.requires_grad]
+    held: list[tuple[int, int]] = []  # (examples drawn, bytes of grad_sample)
+
+    def on_step(step: int, loss: float) -> None:
+        samples = [p.grad_sample for p in trained]
+        held.append((len(samples[0]), sum(s.numel() * s.element_size() for s in samples)))
+
+    privacy = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0)
+    train_steps(
+        tiny_bench.model,
+        examples,
+        tiny_config.train,
+        3,
+        tiny_bench.pad_id,
+        0,
+        on_step=on_step,
+        privacy=privacy,
+    )
+    tiny_bench.put(GLOBAL, tiny_bench.initial)
+    assert held and all(size == drawn * planned for drawn, size in held)
+    assert any(drawn > 0 for drawn, _ in held)

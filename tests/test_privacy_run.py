@@ -146,3 +146,13 @@ def test_a_dp_sgd_federation_stops_at_the_budget(tmp_path: Path) -> None:
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {r["client"] for r in last["privacy"]} == {0, 1, 2}
     assert "too few clients had privacy budget left" in (out / "report.md").read_text()
+
+
+def test_a_sweep_reads_the_largest_client_epsilon_of_each_run() -> None:
+    from silotune.report.sweep import record_epsilon
+
+    ledger = {"clients": {"0": {"epsilon": 2.5}, "1": {"epsilon": 3.5}}}
+    assert record_epsilon({"privacy": ledger}) == 3.5
+    ledger["clients"]["2"] = {"epsilon": "inf"}
+    assert math.isinf(record_epsilon({"privacy": ledger}))
+    assert math.isinf(record_epsilon({}))  # a run written before the ledger claims nothing

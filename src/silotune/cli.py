@@ -1,5 +1,5 @@
-"""`silotune` command line: `run` an experiment; `attack` a finished run; `certs`, `split-server`,
-`split-client`."""
+"""`silotune` command line: `run` an experiment; `audit` its ε; `attack` a finished run; `certs`,
+`split-server`, `split-client`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     handler = {
         "run": _run,
+        "audit": _audit,
         "certs": _certs,
         "split-server": _split_server,
         "split-client": _split_client,
@@ -72,6 +73,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         else:
             run_experiment(plan_experiment(config, out), console, verbose=args.verbose)
     return 0
+
+
+def _audit(args: argparse.Namespace, console: Console) -> int:
+    """`audit canaries CONFIG`: the experiment, run with the canary audit on."""
+    args.overrides = [*args.overrides, "privacy.audit=true"]
+    args.resume = None
+    return _run(args, console)
 
 
 def _plan(args: argparse.Namespace, console: Console) -> int:

@@ -208,6 +208,11 @@ def _check_combinations(config: Config) -> None:
             f"attack.victim is {config.attack.victim}; the clients are 0.."
             f"{config.partition.clients - 1}"
         )
+    if config.privacy.audit and config.privacy.audit_client >= config.partition.clients:
+        raise ConfigError(
+            f"privacy.audit_client is {config.privacy.audit_client}; the clients are 0.."
+            f"{config.partition.clients - 1}"
+        )
     if "inversion" in config.attack.kinds and config.partition.clients < 2:
         raise ConfigError(
             "the inversion attack needs a colluding client: set partition.clients >= 2"

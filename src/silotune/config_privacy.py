@@ -26,6 +26,13 @@ class PrivacyConfig:
     delta: float = 0.0  # 0: 1 / (10 x the client's records)
     max_epsilon: float = 0.0  # > 0: a client whose next round would pass it stops taking part
     accountant: Accountant = "rdp"  # Opacus's RDP or PRV accountant
+    # The canary audit: `canaries` random secret records, each put into client `audit_client`'s
+    # data with probability 1/2; after each algorithm, an empirical ε lower bound from them.
+    audit: bool = False
+    canaries: int = 100
+    audit_client: int = 0
+    # In/out guesses the auditor makes (half each) on the top and bottom scores; 0: all canaries.
+    audit_guesses: int = 0
 
     def __post_init__(self) -> None:
         if self.mode == "dp-sgd" and self.noise_multiplier == 0 and self.target_epsilon == 0:
@@ -40,6 +47,11 @@ class PrivacyConfig:
             )
         if self.delta >= 1.0:
             raise ConfigError(f"privacy.delta must be below 1, got {self.delta}")
+        if self.audit_guesses > self.canaries:
+            raise ConfigError(
+                f"privacy.audit_guesses ({self.audit_guesses}) cannot exceed privacy.canaries "
+                f"({self.canaries}): the auditor guesses on canaries"
+            )
 
 
 PRIVACY_MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
@@ -48,4 +60,7 @@ PRIVACY_MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("privacy", "target_epsilon"): (0.0, True),
     ("privacy", "delta"): (0.0, True),
     ("privacy", "max_epsilon"): (0.0, True),
+    ("privacy", "canaries"): (2, True),
+    ("privacy", "audit_client"): (0, True),
+    ("privacy", "audit_guesses"): (0, True),
 }

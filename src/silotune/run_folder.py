@@ -3,7 +3,8 @@
 An experiment's folder (written as OUT.incomplete, renamed to OUT once everything is in it):
 
     config.json                  the full config (written first: a resume reads it)
-    partitions/                  client-N.jsonl and eval.jsonl (0600 in a 0700 folder), stats.json
+    partitions/                  client-N.jsonl, eval.jsonl, canaries.json (0600 in a 0700 folder),
+                                 stats.json
     checkpoints/                 resumable state (see silotune.checkpoint); deleted at the end
     clients/client-N/            each simulated client's own disk (its state/ deleted at the end)
     split/                       a split run: server/ and client-N/ (see SplitOutputs), one log each
@@ -66,6 +67,11 @@ def partition_file(partitions_dir: str | Path, index: int) -> Path:
 def eval_file(partitions_dir: str | Path) -> Path:
     """The held-out records, beside the clients' partitions."""
     return Path(partitions_dir) / "eval.jsonl"
+
+
+def canaries_file(partitions_dir: str | Path) -> Path:
+    """The canary audit's secret records and which went in, beside the partitions."""
+    return Path(partitions_dir) / "canaries.json"
 
 
 def client_state_dir(client_dir: Path) -> Path:

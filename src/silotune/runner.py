@@ -44,6 +44,14 @@ from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.modeling.memory import model_config, plan_run
 from silotune.modeling.placement import resolve_placement
+from silotune.privacy.audit import (
+    Canaries,
+    audit_result,
+    describe_audit,
+    insert_canaries,
+    prepare_canaries,
+    save_canaries,
+)
 from silotune.report.context import RunContext
 from silotune.report.markdown import METRICS
 from silotune.report.outputs import write_comparison, write_run
@@ -152,6 +160,11 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     started = time.perf_counter()
     loaded = load_records(cfg.data)
     split = split_dataset(loaded.dataset, cfg.data, cfg.partition, cfg.experiment.seed)
+    canaries = None
+    if cfg.privacy.audit:  # before the split is written: every algorithm trains on them
+        parts = RunFolder(work_folder(exp.out)).partitions
+        canaries = prepare_canaries(cfg, parts, exp.resume)
+        split = insert_canaries(split, canaries)
     console.print(
         f"[bold]{cfg.experiment.name}[/]: {loaded.source_rows} records read"
         + (f", {loaded.describe_dropped()}" if loaded.dropped else "")
@@ -164,7 +177,7 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
         work.root.mkdir(parents=True)
     try:
         rows = {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)}
-        _run_in(work, exp, split, rows, console, verbose)
+        _run_in(work, exp, split, canaries, rows, console, verbose)
     except UserError:
         if not exp.resume:
             shutil.rmtree(work.root, ignore_errors=True)
@@ -200,6 +213,7 @@ def _run_in(
     work: RunFolder,
     exp: Experiment,
     split: Partitions,
+    canaries: Canaries | None,
     data_rows: dict[str, object],
     console: Console,
     verbose: bool,
@@ -210,6 +224,8 @@ def _run_in(
     if exp.resume:
         check_partitions(work.partitions, split)
     else:
+        if canaries is not None:  # first: a resume reads them back to rebuild the split
+            save_canaries(work.partitions, canaries)
         _write_split(work, split, cfg)
     with console.status(f"planning memory for {cfg.model.name} ..."):
         source = resolve_model(cfg.model)
@@ -292,9 +308,13 @@ def _run_in(
                 progress.console.print(f"  {spec.name}: judging against the references ...")
                 result.judge = _judged(judge, cfg, eval_set, result.final_predictions)
                 result.rounds[-1].metrics["judge_win_rate"] = result.judge.win_rate
-            summary = write_run(
-                folder.root, spec, result, ctx, bench.save, time.perf_counter() - t0
-            )
+            wall_s = time.perf_counter() - t0
+            canary_audit = None
+            if canaries is not None:
+                records = len(split.clients[canaries.client])
+                canary_audit = audit_result(spec, result, bench, canaries, cfg, records)
+                progress.console.print(f"  {spec.name}: {describe_audit(canary_audit)}")
+            summary = write_run(folder.root, spec, result, ctx, bench.save, wall_s, canary_audit)
             save_result(work.result_checkpoint(spec.name), result)
             runs.append((spec, result, summary))
     if len(exp.specs) > 1:

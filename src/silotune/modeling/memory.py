@@ -15,6 +15,9 @@ PEFT prepares a quantized base), the adapters with their gradients and AdamW mom
 per trainable parameter), the activations kept for the backward pass (every block's, or one
 block's plus each block's input with gradient checkpointing), the logits' float32 copies for the
 loss, the KV cache of generation, and the runtime itself (CUDA context or the Python process).
+Under `privacy.mode = "dp-sgd"` the processes that train with the one training loop add DP-SGD's
+share, a column of its own: each example's gradient of the trained adapter (Opacus's
+`grad_sample`) and what the per-example hooks and loss hold beside the usual step.
 It is a plan, not a measurement, and errs high: `bench/memory_plan.py` compares it with
 measured peaks. The CPU's constants (runtime, margin, per-logit bytes) were set from those
 measurements; the CUDA ones have not been measured yet (`tests/test_gpu.py` checks the plan
@@ -62,10 +65,12 @@ class Estimate:
     activations: int  # the larger of a training step's and evaluation/generation's
     runtime: int
     margin: float = _MARGIN["cuda"]
+    dp_sgd: int = 0  # DP-SGD's per-example gradients and hook buffers (0: no DP-SGD)
 
     @property
     def total(self) -> int:
-        return int((self.weights + self.adapters + self.activations) * self.margin) + self.runtime
+        held = self.weights + self.adapters + self.activations + self.dp_sgd
+        return int(held * self.margin) + self.runtime
 
 
 @dataclass
@@ -119,21 +124,28 @@ class MemoryPlan:
             return {"num_cpus": max(1, cpus // parallel), "num_gpus": 1.0 / parallel}
         return {"num_cpus": cpus, "num_gpus": 0.0}
 
+    @property
+    def dp_sgd(self) -> bool:
+        """Some process plans for DP-SGD's per-example gradients (the table shows their column)."""
+        return any(e.dp_sgd for e in self.estimates)
+
     def rows(self) -> list[tuple[str, ...]]:
-        """One row per process (GiB): role, weights, adapters, activations, runtime, total."""
-        return [
-            (
-                e.role,
-                *(f"{b / GIB:.2f}" for b in (e.weights, e.adapters, e.activations, e.runtime)),
-                f"{e.total / GIB:.2f}",
+        """One row per process (GiB): role, weights, adapters, activations, (DP-SGD,) runtime,
+        total."""
+        rows = []
+        for e in self.estimates:
+            sizes = [e.weights, e.adapters, e.activations, *([e.dp_sgd] if self.dp_sgd else [])]
+            rows.append(
+                (e.role, *(f"{b / GIB:.2f}" for b in (*sizes, e.runtime)), f"{e.total / GIB:.2f}")
             )
-            for e in self.estimates
-        ]
+        return rows
 
     def table(self) -> Table:
         """The plan as a rich table (GiB per process)."""
         table = Table(title=self.summary(), title_justify="left")
-        for column in ("process", "weights", "adapters+optim", "activations", "runtime", "peak"):
+        columns = ["process", "weights", "adapters+optim", "activations"]
+        columns += ["DP-SGD per-example"] if self.dp_sgd else []
+        for column in (*columns, "runtime", "peak"):
             table.add_column(column, justify="left" if column == "process" else "right")
         for row in self.rows():
             table.add_row(*row)
@@ -171,6 +183,13 @@ class Process:
     generates: bool = False  # it self-generates synthetic data with [synthetic]'s lengths
     concurrent: bool = False  # a client that must be resident with all the others at once
 
+    @property
+    def one_loop(self) -> bool:
+        """It trains with the one local training loop, which runs DP-SGD under [privacy]: the
+        runner and the clients that queue (split's processes and resident copies do not)."""
+        trains = self.adapters > 0 and self.batches > 0
+        return trains and (self.host == "runner" or (self.host == "client" and not self.concurrent))
+
 
 # Each algorithm's processes by name; `silotune.jobs.register` fills it with the algorithm.
 WORKLOADS: Registry[Callable[[Config], tuple[Process, ...]]] = Registry("algorithm")
@@ -185,6 +204,8 @@ class Workload:
     eval_batch: int
     gen_tokens: int
     adapters: int  # adapters trained by one process
+    dp_sgd: bool = False  # its steps are DP-SGD's (per-example gradients)
+    freeze_a: bool = False  # only LoRA's B matrices train
 
 
 def workload(config: Config, process: Process) -> Workload:
@@ -201,6 +222,8 @@ def workload(config: Config, process: Process) -> Workload:
         eval_batch=eval_batch,
         gen_tokens=gen,
         adapters=process.adapters,
+        dp_sgd=config.privacy.mode == "dp-sgd" and process.one_loop,
+        freeze_a=config.lora.freeze_a,
     )
 
 
@@ -253,7 +276,25 @@ def estimate(
         activations=int(max(train_peak, eval_peak)),
         runtime=_RUNTIME.get(placement.device.type, _RUNTIME["cpu"]),
         margin=_MARGIN.get(placement.device.type, _MARGIN["cpu"]),
+        dp_sgd=dp_sgd_bytes(shape, work, blocks, ends) if work.dp_sgd else 0,
     )
+
+
+def dp_sgd_bytes(shape: Shape, work: Workload, blocks: int, ends: bool) -> int:
+    """DP-SGD's share of a training step: per-example gradients of the trained adapter (float32,
+    as Opacus keeps them), the hooks' per-example buffers and the per-example loss's copies."""
+    # One adapter trains at a time (the others only take part), all of it or with freeze_a its B.
+    trained = blocks * (shape.lora_b_per_block if work.freeze_a else shape.lora_per_block)
+    # grad_sample (b, *p.shape) for each trained parameter, plus DPOptimizer's clipped sum.
+    gradients = (work.rows + 1) * trained * 4
+    tokens = work.rows * work.seq
+    # A hook computes one layer's per-example gradient from its input and output gradient
+    # (float32 copies, scaled by the batch size), one block's layers at a time at the most.
+    hooks = tokens * 4 * (shape.lora_inputs + shape.lora_outputs)
+    # Each example's own loss shifts the logits (a copy), and its gradient flows back into a
+    # zero-filled full-size tensor: two float32 logits more than the model's built-in loss.
+    logits = 2 * tokens * shape.vocab * 4 if ends else 0
+    return gradients + hooks + logits
 
 
 def plan_run(

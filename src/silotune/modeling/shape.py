@@ -26,6 +26,8 @@ class Shape:
     head: int  # 0 when tied to the embeddings
     lora_per_block: int  # LoRA parameters one adapter adds to one block
     lora_inputs: int  # summed input features of one block's LoRA targets
+    lora_outputs: int  # summed output features of one block's LoRA targets
+    lora_b_per_block: int  # of lora_per_block, the B matrices' (all that trains with freeze_a)
 
     @property
     def params(self) -> int:
@@ -39,7 +41,7 @@ def architecture(hf_config: PretrainedConfig, targets: tuple[str, ...], r: int) 
     inner = model.get_submodule("model")
     layers = list(inner.get_submodule("layers").children())
     block = layers[0]
-    linear = other = lora = lora_inputs = 0
+    linear = other = lora = lora_inputs = lora_outputs = 0
     for name, module in block.named_modules():
         if isinstance(module, nn.Linear):
             linear += module.weight.numel()
@@ -47,6 +49,7 @@ def architecture(hf_config: PretrainedConfig, targets: tuple[str, ...], r: int) 
             if name.split(".")[-1] in targets:
                 lora += r * (module.in_features + module.out_features)
                 lora_inputs += module.in_features
+                lora_outputs += module.out_features
     other += sum(p.numel() for p in block.parameters()) - linear - other
     embed: torch.Tensor = inner.get_submodule("embed_tokens").weight  # type: ignore[assignment]
     head: torch.Tensor = model.get_submodule("lm_head").weight  # type: ignore[assignment]
@@ -65,4 +68,6 @@ def architecture(hf_config: PretrainedConfig, targets: tuple[str, ...], r: int) 
         head=0 if head is embed else head.numel(),
         lora_per_block=lora,
         lora_inputs=lora_inputs,
+        lora_outputs=lora_outputs,
+        lora_b_per_block=r * lora_outputs,
     )

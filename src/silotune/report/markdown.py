@@ -83,7 +83,23 @@ def ledger_markdown(privacy: dict[str, Any]) -> list[str]:
         f"Record-level ε per client, every record-level mechanism composed: {totals}.",
         *(f"- {_LEVELS[level]}" for level in sorted(_levels(privacy))),
         "",
+        *([audit_line(privacy), ""] if "audit" in privacy else []),
     ]
+
+
+def audit_line(privacy: dict[str, Any]) -> str:
+    """The canary audit's result beside the ledger's ε for the same client."""
+    audit = privacy["audit"]
+    client = audit["client"]
+    if "not_audited" in audit:
+        return f"Canary audit (client {client}): {audit['not_audited']}."
+    ledger = privacy["clients"].get(str(client), {}).get("epsilon")
+    return (
+        f"Canary audit (client {client}): empirical ε ≥ {audit['epsilon_lower_bound']:.3g} at "
+        f"{100 * audit['confidence']:.0f} % confidence ({audit['correct']} of {audit['guesses']} "
+        f"guesses right), against the ledger's ε = "
+        f"{'–' if ledger is None else _epsilon(ledger)}."
+    )
 
 
 def _epsilon(value: float | str) -> str:
@@ -257,6 +273,11 @@ def comparison_markdown(
             f"- {spec.name}: {synthetic_line(summary['synthetic'])}"
             for spec, _, summary in runs
             if "synthetic" in summary
+        ),
+        *(
+            f"- {spec.name}: {audit_line(summary['privacy'])}"
+            for spec, _, summary in runs
+            if "audit" in summary["privacy"]
         ),
         "",
         "## Curves",

@@ -26,9 +26,14 @@ from silotune.run_folder import RunFolder, write_atomic, write_json
 
 
 def summarize(
-    spec: AlgorithmSpec, result: AlgorithmResult, ctx: RunContext, ledger: Ledger, wall_s: float
+    spec: AlgorithmSpec,
+    result: AlgorithmResult,
+    ctx: RunContext,
+    ledger: Ledger,
+    wall_s: float,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The summary.json of one algorithm's run."""
+    """The summary.json of one algorithm's run (`audit`: its canary audit, if any)."""
     return {
         "algorithm": spec.name,
         "mode": spec.mode,
@@ -48,7 +53,7 @@ def summarize(
             ],
         },
         "timing": {"wall_s": round(wall_s, 2)},
-        "privacy": ledger.summary(),
+        "privacy": {**ledger.summary(), **({"audit": audit} if audit else {})},
         **({"synthetic": result.synthetic.to_json()} if result.synthetic else {}),
         **({"judge": dataclasses.asdict(result.judge)} if result.judge else {}),
         "model": ctx.model,
@@ -65,8 +70,10 @@ def write_run(
     ctx: RunContext,
     save_adapter: Any,
     wall_s: float,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write one algorithm's run folder; `save_adapter(state, path)` writes PEFT folders."""
+    """Write one algorithm's run folder; `save_adapter(state, path)` writes PEFT folders;
+    `audit` is its canary audit (see silotune.privacy.audit), if the run has one."""
     run = RunFolder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, state in result.adapters.items():
@@ -80,7 +87,7 @@ def write_run(
     rows = [log.to_json() for log in result.rounds]
     lines = [{**row, "privacy": ledger.rows(row["round"])} for row in rows]
     write_atomic(run.metrics, "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8"))
-    summary = summarize(spec, result, ctx, ledger, wall_s)
+    summary = summarize(spec, result, ctx, ledger, wall_s, audit)
     plots = plot_curves({spec.name: rows}, ctx.base, run.plots)
     plots += plot_epsilon(ledger.rows(), run.plots)
     markdown = run_markdown(spec, result, summary, ctx.partition_stats, plots, folder)

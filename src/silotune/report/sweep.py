@@ -59,9 +59,11 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             rows.append(
                 [value, f"[{name}]({label}/{name}/report.md)" if len(algorithms) > 1 else name]
                 + [final.get(k, "–") for k, _ in columns]
+                + [_shown(record_epsilon(results[label][name]))]
                 + [leaked.get(k, "–") for k, _ in leaks]
             )
     plots = _plot(folder, key, variants, results, algorithms)
+    plots += _plot_epsilon(folder, variants, results, algorithms)
     plots += _plot_tradeoff(folder, key, variants, results, leakage, algorithms, leaks)
     text = "\n".join(
         [
@@ -71,7 +73,13 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             "table shows every algorithm's final held-out metrics.",
             "",
             table(
-                [key, "algorithm", *(label for _, label in columns), *(lab for _, lab in leaks)],
+                [
+                    key,
+                    "algorithm",
+                    *(label for _, label in columns),
+                    "record-level ε (max over clients)",
+                    *(lab for _, lab in leaks),
+                ],
                 rows,
             ),
             "",
@@ -87,6 +95,48 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
         + "\n",
         encoding="utf-8",
     )
+
+
+def record_epsilon(summary: dict[str, Any]) -> float:
+    """The largest record-level ε of any client in a run's privacy ledger (∞: no guarantee)."""
+    clients = summary.get("privacy", {}).get("clients", {})
+    values = [math.inf if c["epsilon"] == "inf" else float(c["epsilon"]) for c in clients.values()]
+    return max(values, default=math.inf)
+
+
+def _shown(epsilon: float) -> str:
+    return "∞" if math.isinf(epsilon) else f"{epsilon:.3g}"
+
+
+def _plot_epsilon(
+    folder: Path,
+    variants: list[tuple[str, str, Path]],
+    results: dict[str, dict[str, dict[str, Any]]],
+    algorithms: list[str],
+) -> list[Path]:
+    """Utility against the accounted record-level ε, a point per swept value (finite ε only)."""
+    (folder / "plots").mkdir(exist_ok=True)
+    written = []
+    for metric, label in CURVES.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        plotted = False
+        for name in algorithms:
+            points = sorted(
+                (eps, run["final"][metric])
+                for lab, _, _ in variants
+                if math.isfinite(eps := record_epsilon(run := results[lab][name]))
+                and metric in run["final"]
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+                plotted = True
+        if not plotted:
+            plt.close(fig)
+            continue
+        xlabel = "record-level ε (max over clients, from the privacy ledger)"
+        titles = (xlabel, label, f"final {label} against ε")
+        written.append(_finish(fig, ax, titles, folder / "plots" / f"epsilon_{metric}.png"))
+    return written
 
 
 def _plot(
@@ -111,12 +161,8 @@ def _plot(
             ax.plot(xs, ys, marker="o", label=name)
         if min(xs) > 0 and max(xs) / min(xs) >= 100:
             ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(label)
-        ax.set_title(f"final {label} against {key}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        written.append(save_figure(fig, folder / "plots" / f"sweep_{metric}.png"))
+        titles = (key, label, f"final {label} against {key}")
+        written.append(_finish(fig, ax, titles, folder / "plots" / f"sweep_{metric}.png"))
     return written
 
 
@@ -146,10 +192,18 @@ def _plot_tradeoff(
             ax.plot(xs, ys, marker="o", label=name)
             for x, y, value in points:
                 ax.annotate(f"{value}", (x, y), textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel("held-out loss (utility: lower is better)")
-        ax.set_ylabel(label)
-        ax.set_title(f"utility against leakage, {key} swept")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        written.append(save_figure(fig, folder / "plots" / f"tradeoff_{metric}.png"))
+        xlabel = "held-out loss (utility: lower is better)"
+        titles = (xlabel, label, f"utility against leakage, {key} swept")
+        written.append(_finish(fig, ax, titles, folder / "plots" / f"tradeoff_{metric}.png"))
     return written
+
+
+def _finish(fig: Any, ax: Any, titles: tuple[str, str, str], path: Path) -> Path:
+    """Label (x, y, title), grid and legend a sweep plot, then save it."""
+    xlabel, ylabel, title = titles
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)

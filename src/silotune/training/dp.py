@@ -78,11 +78,12 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     The model's built-in loss averages over every token of the batch, which mixes examples:
     per-example clipping needs each example's loss on its own.
     """
-    shifted = logits[:, :-1].float()  # (b, t-1, v)
-    targets = labels[:, 1:]  # (b, t-1)
+    # Shift the labels, not the logits (as transformers' own loss does): logits[:, :-1] is not
+    # contiguous, and flattening it would copy the (b, t, v) logits and their gradient.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (b, t)
     tokens = F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]),
-        targets.reshape(-1),
+        logits.float().flatten(0, 1),  # (b*t, v)
+        targets.flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(targets.shape)
