@@ -149,10 +149,10 @@ def test_a_dp_sgd_federation_stops_at_the_budget(tmp_path: Path) -> None:
 
 
 def test_a_sweep_reads_the_largest_client_epsilon_of_each_run() -> None:
-    from silotune.report.sweep import record_epsilon
+    from silotune.privacy.ledger import largest_epsilon
 
     ledger = {"clients": {"0": {"epsilon": 2.5}, "1": {"epsilon": 3.5}}}
-    assert record_epsilon({"privacy": ledger}) == 3.5
+    assert largest_epsilon({"privacy": ledger}) == 3.5
     ledger["clients"]["2"] = {"epsilon": "inf"}
-    assert math.isinf(record_epsilon({"privacy": ledger}))
-    assert math.isinf(record_epsilon({}))  # a run written before the ledger claims nothing
+    assert math.isinf(largest_epsilon({"privacy": ledger}))
+    assert math.isinf(largest_epsilon({}))  # a run written before the ledger claims nothing

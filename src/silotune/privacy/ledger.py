@@ -51,6 +51,13 @@ def epsilon_from_json(value: float | str) -> float:
     return math.inf if value == INFINITY else float(value)
 
 
+def largest_epsilon(summary: Mapping[str, Any]) -> float:
+    """The largest record-level ε of any client in a run's summary.json (∞: no guarantee, or a
+    run written before the ledger existed)."""
+    clients = summary.get("privacy", {}).get("clients", {})
+    return max((epsilon_from_json(c["epsilon"]) for c in clients.values()), default=math.inf)
+
+
 def record_delta(delta: float, records: int) -> float:
     """A client's δ: `delta` (privacy.delta), or 1 / (10 x its records) when that is 0."""
     return delta if delta > 0 else 1.0 / (10 * records)

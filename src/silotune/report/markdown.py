@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
+from silotune.privacy.ledger import epsilon_from_json, largest_epsilon
 from silotune.report.context import RunContext
 
 # Held-out metrics in the order tables show them: (key, label).
@@ -63,14 +65,14 @@ def ledger_markdown(privacy: dict[str, Any]) -> list[str]:
                     client,
                     mechanism,
                     m["level"],
-                    _epsilon(m["epsilon"]),
+                    shown_epsilon(m["epsilon"]),
                     "–" if m["delta"] is None else f"{m['delta']:.2g}",
                     m["rounds"],
                     "yes" if m["guarantee"] else f"no: {m['reason']}",
                 ]
             )
     totals = ", ".join(
-        f"client {c}: {_epsilon(e['epsilon'])}" for c, e in privacy["clients"].items()
+        f"client {c}: {shown_epsilon(e['epsilon'])}" for c, e in privacy["clients"].items()
     )
     return [
         "## Privacy ledger",
@@ -98,12 +100,14 @@ def audit_line(privacy: dict[str, Any]) -> str:
         f"Canary audit (client {client}): empirical ε ≥ {audit['epsilon_lower_bound']:.3g} at "
         f"{100 * audit['confidence']:.0f} % confidence ({audit['correct']} of {audit['guesses']} "
         f"guesses right), against the ledger's ε = "
-        f"{'–' if ledger is None else _epsilon(ledger)}."
+        f"{'–' if ledger is None else shown_epsilon(ledger)}."
     )
 
 
-def _epsilon(value: float | str) -> str:
-    return "∞" if isinstance(value, str) else f"{value:.3g}"
+def shown_epsilon(value: float | str) -> str:
+    """ε as the reports print it (∞ for no guarantee)."""
+    epsilon = epsilon_from_json(value)
+    return "∞" if math.isinf(epsilon) else f"{epsilon:.3g}"
 
 
 def _levels(privacy: dict[str, Any]) -> set[str]:
@@ -219,7 +223,7 @@ def comparison_markdown(
 ) -> str:
     """The side-by-side report of several algorithms on one split and budget."""
     cfg = ctx.config
-    rows = [["base (no tuning)", "–", *_metric_cells(ctx.base), 0, 0, "–"]]
+    rows = [["base (no tuning)", "–", *_metric_cells(ctx.base), "–", 0, 0, "–"]]
     for spec, result, summary in runs:
         comm = summary["communication"]
         rows.append(
@@ -227,6 +231,7 @@ def comparison_markdown(
                 f"[{spec.name}]({spec.name}/report.md)",
                 spec.mode,
                 *_metric_cells(result.final),
+                shown_epsilon(largest_epsilon(summary)),
                 comm["bytes_up"],
                 comm["bytes_down"],
                 summary["timing"]["wall_s"],
@@ -236,6 +241,7 @@ def comparison_markdown(
         "algorithm",
         "mode",
         *(label for _, label in METRICS),
+        "record-level ε (max over clients)",
         "bytes up",
         "bytes down",
         "wall s",

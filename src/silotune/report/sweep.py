@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from silotune.report.markdown import table
+from silotune.privacy.ledger import largest_epsilon
+from silotune.report.markdown import shown_epsilon, table
 from silotune.report.plots import CURVES, plt, save_figure
 from silotune.report.privacy import LEAKAGE, leakage_headlines, load_privacy
 
@@ -59,7 +60,7 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             rows.append(
                 [value, f"[{name}]({label}/{name}/report.md)" if len(algorithms) > 1 else name]
                 + [final.get(k, "–") for k, _ in columns]
-                + [_shown(record_epsilon(results[label][name]))]
+                + [shown_epsilon(largest_epsilon(results[label][name]))]
                 + [leaked.get(k, "–") for k, _ in leaks]
             )
     plots = _plot(folder, key, variants, results, algorithms)
@@ -97,17 +98,6 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
     )
 
 
-def record_epsilon(summary: dict[str, Any]) -> float:
-    """The largest record-level ε of any client in a run's privacy ledger (∞: no guarantee)."""
-    clients = summary.get("privacy", {}).get("clients", {})
-    values = [math.inf if c["epsilon"] == "inf" else float(c["epsilon"]) for c in clients.values()]
-    return max(values, default=math.inf)
-
-
-def _shown(epsilon: float) -> str:
-    return "∞" if math.isinf(epsilon) else f"{epsilon:.3g}"
-
-
 def _plot_epsilon(
     folder: Path,
     variants: list[tuple[str, str, Path]],
@@ -124,7 +114,7 @@ def _plot_epsilon(
             points = sorted(
                 (eps, run["final"][metric])
                 for lab, _, _ in variants
-                if math.isfinite(eps := record_epsilon(run := results[lab][name]))
+                if math.isfinite(eps := largest_epsilon(run := results[lab][name]))
                 and metric in run["final"]
             )
             if points:
