@@ -156,3 +156,28 @@ def test_a_sweep_reads_the_largest_client_epsilon_of_each_run() -> None:
     ledger["clients"]["2"] = {"epsilon": "inf"}
     assert math.isinf(largest_epsilon({"privacy": ledger}))
     assert math.isinf(largest_epsilon({}))  # a run written before the ledger claims nothing
+
+
+@pytest.mark.slow
+def test_a_resumed_dp_run_reports_the_same_epsilon_and_keeps_each_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after round 1 and resumed: the same ledger, and the clients' spending (kept in
+    their own state) still stops the run after round 2 of 3."""
+    from .test_resume import _whole_and_resumed
+
+    config = load_config(
+        CONFIGS / "tiny.toml",
+        [
+            "experiment.algorithms=['fedit']",
+            "train.rounds=3",
+            "eval.generate=false",
+            'privacy.mode="dp-sgd"',
+            "privacy.noise_multiplier=1.0",
+            "privacy.max_epsilon=2.2",
+        ],
+    )
+    whole, resumed = _whole_and_resumed(config, tmp_path, monkeypatch, ("fedit", 1))
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, resumed)]
+    assert [s["rounds"] for s in summaries] == [2, 2]
+    assert summaries[0]["privacy"] == summaries[1]["privacy"]
