@@ -27,7 +27,8 @@ from silotune.training.dp import planned_use
 from .conftest import CONFIGS
 from .test_hostile_federated import HONEST_AVERAGE, SHAPE, _fresh, _honest, _request
 
-USE = GaussianUse(1.1, 0.25, 4)
+# What a DP-SGD client of configs/tiny.toml with 40 records runs each round (noise 1.1).
+USE = GaussianUse(1.1, 0.1, 3)
 
 
 def _dp_config(*more: str):  # type: ignore[no-untyped-def]
@@ -56,6 +57,39 @@ def test_the_ledger_composes_what_each_client_reported() -> None:
     # A resumed run's rounds come back from its checkpoint as JSON: the same ε.
     again = [RoundLog.from_json(json.loads(json.dumps(r.to_json()))) for r in rounds]
     assert run_ledger(config, releases, again, {0: 40, 1: 40}).summary() == ledger.summary()
+
+
+def test_a_reported_use_other_than_the_configured_one_is_not_believed() -> None:
+    config = _dp_config()
+    releases = ALGORITHMS.get("fedit").releases(config)
+    assert planned_use(config.privacy, config.train, 40) == USE
+    lying = GaussianUse(50.0, 0.1, 3)  # claims far more noise than the config asks for
+    rounds = _rounds(
+        [
+            {"client": 0, **lying.metrics("adapter")},
+            {"client": 1, **GaussianUse(float("nan"), 0.1, 3).metrics("adapter")},
+            {"client": 7, **USE.metrics("adapter")},  # no such client
+        ]
+    )
+    ledger = run_ledger(config, releases, rounds, {0: 40, 1: 40})
+    assert math.isinf(ledger.epsilon(0)) and math.isinf(ledger.epsilon(1))
+    assert (
+        "not the configured" in ledger.summary()["clients"]["0"]["mechanisms"]["adapter"]["reason"]
+    )
+    assert {r["client"] for r in ledger.rows()} == {0, 1}
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_without_a_budget_a_decline_is_a_malformed_reply() -> None:
+    declined = Message(
+        content=RecordDict({METRICS: MetricRecord({"client": 2, budget.DECLINED: 1})}),
+        reply_to=_request(),
+    )
+    strategy = _fresh()  # privacy.max_epsilon not set
+    aggregated, _ = strategy.aggregate_train(1, [*_honest(), declined])
+    assert aggregated is not None
+    (failure,) = strategy.traffic[1].failures
+    assert "client 2 (node 7) rejected: " in failure
 
 
 def test_every_release_of_a_run_without_dp_is_listed_as_infinite() -> None:
@@ -113,6 +147,7 @@ def test_declines_are_recorded_and_end_the_run_below_the_quorum() -> None:
         reply_to=_request(),
     )
     strategy = _fresh()
+    strategy.budgeted = True  # privacy.max_epsilon is set
     aggregated, _ = strategy.aggregate_train(1, [*_honest(), declined])
     assert aggregated is not None
     np.testing.assert_allclose(aggregated["w"].numpy(), np.full(SHAPE, HONEST_AVERAGE), rtol=1e-6)
@@ -120,7 +155,7 @@ def test_declines_are_recorded_and_end_the_run_below_the_quorum() -> None:
         "client 2 (node 7) declined: its privacy budget is spent"
     ]
     strategy = _fresh()
-    strategy.quorum = 3
+    strategy.budgeted, strategy.quorum = True, 3
     with pytest.raises(BudgetsSpent, match="privacy budget left"):
         strategy.aggregate_train(1, [*_honest(), declined])
 

@@ -19,7 +19,7 @@ from silotune.jobs import (
 from silotune.modeling.adapters import GLOBAL, StateDict
 from silotune.modeling.memory import Process
 from silotune.privacy import budget
-from silotune.privacy.accounting import dp_sgd_release
+from silotune.privacy.accounting import POOLED, dp_sgd_release
 from silotune.seeds import derive_seed
 from silotune.training.loop import Examples
 
@@ -139,7 +139,7 @@ def _self_generate(
     "centralized",
     "one model tuned on all clients' data pooled; the ceiling",
     processes=lambda _: (Process("runner", "runner"),),
-    releases=lambda _: {"records": "the raw records are pooled in one place"},
+    releases=lambda _: {"records": POOLED},
     shared_adapter=True,
 )
 def run_cenit(job: Job) -> AlgorithmResult:

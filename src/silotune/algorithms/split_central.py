@@ -15,6 +15,7 @@ from silotune.jobs import AlgorithmResult, Job, RoundLog, register
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.generation import pad_id
 from silotune.modeling.memory import Process
+from silotune.privacy.accounting import POOLED
 from silotune.seeds import derive_seed
 from silotune.split.adapters import add_segment_adapter, build_split_model, whole_model_adapter
 from silotune.split.loading import load_segments
@@ -28,7 +29,7 @@ from silotune.training.loop import train_steps
     "the split model with the same adapters trained on the pooled data, no wire; split's reference",
     # A second copy of the model in the runner's process.
     processes=lambda _: (Process("split-central", "resident"),),
-    releases=lambda _: {"records": "the raw records are pooled in one place"},
+    releases=lambda _: {"records": POOLED},
 )
 def run_split_central(job: Job) -> AlgorithmResult:
     """Train front, middle and back together on the pooled data, as many steps as split takes."""

@@ -78,6 +78,9 @@ class Metered(Strategy):
         self.per_round = 1  # clients sampled to train each round
         self.max_weight_ratio = 10.0  # federated.max_weight_ratio
         self.known_weights: Mapping[int, float] = {}  # each client's weight, where known
+        # Clients may decline a round (privacy.max_epsilon is set); otherwise a decline is a
+        # malformed reply and screening rejects it.
+        self.budgeted = False
 
     # A metered FedAdam reads and writes as the FedAdam it wraps: its settings and its server
     # optimiser state (what a checkpoint keeps) pass through to the wrapped strategy.
@@ -164,7 +167,7 @@ class Metered(Strategy):
         replies = []
         for m in replies_in:
             metrics = None if m.has_error() else m.content.metric_records.get(METRICS)
-            if metrics is not None and DECLINED in metrics:
+            if self.budgeted and metrics is not None and DECLINED in metrics:
                 traffic.failures.append(f"{_sender(m)} declined: its privacy budget is spent")
                 traffic.declined.add(m.metadata.src_node_id)
             else:

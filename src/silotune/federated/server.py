@@ -82,6 +82,7 @@ class FederatedServer:
             weight=EQUAL_WEIGHT if dp else "num-examples",
             known_weights=dict(enumerate(weights)),
         )
+        self.strategy.budgeted = config.privacy.max_epsilon > 0
         self.folder = checkpoint
         self.resumed = load_round(self.folder) if self.folder else None
         self.done = self.resumed.round if self.resumed else 0

@@ -17,6 +17,10 @@ from silotune.jobs import RoundLog
 from silotune.privacy.budget import DECLINED
 from silotune.privacy.ledger import Ledger
 from silotune.privacy.mechanisms import GaussianUse, Mechanism, Releases
+from silotune.training.dp import planned_use
+
+# CenIT and split-central: the records themselves leave their clients.
+POOLED = "the raw records are pooled in one place"
 
 
 def dp_sgd_release(config: Config, what: str) -> str | None:
@@ -45,7 +49,8 @@ def run_ledger(
     ledger = Ledger.for_config(config.privacy, records)
     everyone = sorted(records)
     for n, log in enumerate(rounds):
-        reports = {int(c["client"]): c for c in log.clients if "client" in c}
+        # Only the run's clients: an id a reply made up has no records to account.
+        reports = {int(c["client"]): c for c in log.clients if c.get("client") in records}
         declined = {c for c, report in reports.items() if DECLINED in report}
         # Centralized algorithms list no clients: every client's records took part.
         for client in sorted(set(reports) - declined) if reports else everyone:
@@ -57,6 +62,12 @@ def run_ledger(
                     ledger.no_guarantee(client, log.round, mechanism, reason)
                 elif use is None:
                     ledger.no_guarantee(client, log.round, mechanism, "no DP use reported")
+                elif mechanism != "central" and use != (
+                    planned := planned_use(config.privacy, config.train, records[client])
+                ):
+                    # A client reports its own use: never believe one the config did not plan.
+                    why = f"the client reported {use}, not the configured {planned}"
+                    ledger.no_guarantee(client, log.round, mechanism, why)
                 else:
                     ledger.account(client, log.round, mechanism, use)
     return ledger

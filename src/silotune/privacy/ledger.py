@@ -87,6 +87,7 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, acc: A
     return float(engine.get_epsilon(delta=delta))
 
 
+@functools.cache  # every client's round and every budget check asks the same question
 def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: Accountant
 ) -> float:
