@@ -114,8 +114,13 @@ def test_the_audit_scores_the_model_the_algorithm_released() -> None:
     result.adapters = {"client-0": {}, "client-1": state}
     assert released_state(ALGORITHMS.get("locit"), result, 1) is state
     assert "keeps no adapter" in str(released_state(ALGORITHMS.get("locit"), result, 2))
+    # Split models are whole-model PEFT adapters: LoRA ones load into the run's own slots.
     result.adapter_config = {"peft_type": "LORA"}
-    reason = released_state(ALGORITHMS.get("split-central"), result, 0)
+    assert released_state(ALGORITHMS.get("split"), result, 1) is state
+    result.adapters = {"global": state}  # split-central: one model of the pooled records
+    assert released_state(ALGORITHMS.get("split-central"), result, 0) is state
+    result.adapter_config = {"peft_type": "PREFIX_TUNING"}
+    reason = released_state(ALGORITHMS.get("split"), result, 0)
     assert isinstance(reason, str) and reason.startswith("not audited yet")
 
 

@@ -158,12 +158,18 @@ def test_dp_sgd_adds_per_example_gradients_to_the_training_processes() -> None:
 
 
 def test_dp_sgd_is_planned_where_the_one_loop_trains() -> None:
-    """LocIT trains in the runner (DP), split's processes do not run DP-SGD (no share)."""
+    """LocIT trains in the runner (DP); of split's processes its clients run DP-SGD, the
+    server (the middle) does not."""
     placement = Placement(GPU, torch.bfloat16, "none")
     local = plan_run(config("experiment.algorithms=['locit']", *DP), LLAMA_7B, placement, 80 * GIB)
     assert local.estimates[0].role == "runner" and local.estimates[0].dp_sgd > 0
-    split = plan_run(config("experiment.algorithms=['split']", *DP), LLAMA_7B, placement, 80 * GIB)
-    assert [e.dp_sgd for e in split.estimates] == [0, 0, 0]
+    wire = [f"defence.{k}=1.0" for k in ("activation_clip", "activation_noise")]
+    wire += [f"defence.{k}=1.0" for k in ("gradient_clip", "gradient_noise")]
+    split = plan_run(
+        config("experiment.algorithms=['split']", *DP, *wire), LLAMA_7B, placement, 80 * GIB
+    )
+    shares = {e.role: e.dp_sgd for e in split.estimates}
+    assert shares["split client"] > 0 and shares["split server"] == 0
 
 
 def test_planned_per_example_gradients_are_what_opacus_holds(

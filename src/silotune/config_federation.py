@@ -139,9 +139,13 @@ class DefenceConfig:
     # Federated: aggregate with Flower's SecAgg+ (SecAggPlusWorkflow + secaggplus_mod), so the
     # server only learns the weighted sum of the clients' uploads, not any one of them.
     secagg: bool = False
-    # Split: Gaussian noise on the front activations a client sends, with standard deviation
-    # activation_noise x each token's RMS activation (scale-free; 0 = off).
+    # Split: Gaussian noise on the front activations a client sends. Without activation_clip,
+    # its standard deviation is activation_noise x each token's RMS activation (scale-free, but
+    # no DP guarantee); with activation_clip > 0, each example's whole activation tensor is
+    # clipped to that L2 norm and the noise is activation_noise x activation_clip (a Gaussian
+    # mechanism the privacy ledger accounts under privacy.mode = dp-sgd). 0 = off.
     activation_noise: float = 0.0
+    activation_clip: float = 0.0
     # Split: each example's gradient returned to the server is clipped to this L2 norm (0 = off)
     # and gets Gaussian noise of gradient_noise x gradient_clip.
     gradient_clip: float = 0.0
@@ -199,6 +203,7 @@ FEDERATION_MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("defence", "dp_noise_multiplier"): (0.0, True),
     ("defence", "dp_clipping_norm"): (0.0, False),
     ("defence", "activation_noise"): (0.0, True),
+    ("defence", "activation_clip"): (0.0, True),
     ("defence", "gradient_clip"): (0.0, True),
     ("defence", "gradient_noise"): (0.0, True),
     ("attack", "max_records"): (1, True),

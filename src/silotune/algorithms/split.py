@@ -15,7 +15,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from silotune.config import Config
-from silotune.errors import UserError
+from silotune.defences.split import calibrated
+from silotune.errors import ConfigError, UserError
 from silotune.jobs import (
     AlgorithmResult,
     Job,
@@ -24,6 +25,7 @@ from silotune.jobs import (
     register,
 )
 from silotune.modeling.memory import Process
+from silotune.privacy.accounting import dp_sgd_release
 from silotune.privacy.mechanisms import Releases
 from silotune.procs import Supervisor
 from silotune.run_folder import RunFolder, client_name
@@ -59,19 +61,56 @@ def split_processes(config: Config) -> tuple[Process, ...]:
 
 
 def split_releases(config: Config) -> Releases:
-    """What a split client sends: activations and gradients every step, adapters to average."""
-    defence = config.defence
+    """What a split client sends: activations and gradients every step, adapters to average.
+
+    Under privacy.mode = dp-sgd all three come from the same Poisson-sampled batches: the wire's
+    clipped and noised activations and gradients are Gaussian mechanisms the ledger accounts with
+    the front/back adapters' DP-SGD."""
+    defence, dp = config.defence, config.privacy.mode == "dp-sgd"
+    wire = calibrated(defence)
+    shuffled = "clipped and noised, but on shuffled batches (privacy.mode = off): not accounted"
     releases: Releases = {
-        "activations": "noised by activation_noise x RMS, not clipped: no calibrated DP"
+        "activations": None
+        if dp and "activations" in wire
+        else shuffled
+        if "activations" in wire
+        else "noised by activation_noise x RMS, not clipped (defence.activation_clip = 0)"
         if defence.activation_noise > 0
         else "sent without noise",
-        "gradients": "clipped and noised per example, not yet accounted"
-        if defence.gradient_clip > 0 and defence.gradient_noise > 0
+        "gradients": None
+        if dp and "gradients" in wire
+        else shuffled
+        if "gradients" in wire
         else "sent without calibrated noise",
     }
     if config.split.average_clients:
-        releases["adapter"] = "front and back adapters averaged without DP"
+        releases["adapter"] = dp_sgd_release(config, "front and back adapters")
     return releases
+
+
+def check_split(config: Config) -> None:
+    """Refuse DP-SGD for split where a release would stay without a guarantee anyway."""
+    if config.privacy.mode != "dp-sgd":
+        return
+    missing = {"activations", "gradients"} - set(calibrated(config.defence))
+    if missing:
+        raise ConfigError(
+            "privacy.mode = dp-sgd on split learning: what a client sends every step needs a "
+            "Gaussian mechanism too, else its ε is ∞. Set defence.activation_clip and "
+            "defence.activation_noise (activations), defence.gradient_clip and "
+            f"defence.gradient_noise (gradients) > 0; missing: {', '.join(sorted(missing))}"
+        )
+    if config.split.adapter != "lora":
+        raise ConfigError(
+            "privacy.mode = dp-sgd on split learning needs split.adapter = lora: Opacus has "
+            "no per-example gradients for the prefixes of split.adapter = prefix"
+        )
+    if config.privacy.max_epsilon > 0:
+        raise ConfigError(
+            "privacy.max_epsilon cannot stop a split client: the split server's rounds wait "
+            "for every client. Leave it 0 and set privacy.target_epsilon (the noise is then "
+            "calibrated so the planned rounds end at it)"
+        )
 
 
 @register(
@@ -80,6 +119,7 @@ def split_releases(config: Config) -> Releases:
     "FL-GLM split learning: clients keep embeddings + first/last blocks, a server the middle",
     processes=split_processes,
     releases=split_releases,
+    check=check_split,
 )
 def run_split(job: Job) -> AlgorithmResult:
     """Start the server and the clients as processes, follow them, collect their results."""

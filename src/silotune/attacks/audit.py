@@ -170,10 +170,13 @@ def _inversion(run: RunUnderAttack, cfg: AttackConfig, cache: dict[str, Any]) ->
             shadow_front = _trained_front(run, config, colluder)
         else:
             front = shadow_front = _base_front(model, depth)
-        row = inversion_setting(
-            front, shadow_front, shadow, victim, tokenizer, embeddings, noise, cfg, pad
-        )
         seen_by_server = (depth, noise) == (run_depth, run_noise)
+        # The run's own setting is noised as its clients noised (clipped, if they clipped); the
+        # sweep's settings are relative to each token's RMS.
+        clip = config.defence.activation_clip if seen_by_server else 0.0
+        row = inversion_setting(
+            front, shadow_front, shadow, victim, tokenizer, embeddings, noise, cfg, pad, clip
+        )
         rows.append({"front_blocks": depth, **row, "run_setting": seen_by_server})
     return {
         "victim": cfg.victim,

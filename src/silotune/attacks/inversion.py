@@ -33,6 +33,7 @@ from silotune.config_sections import DataConfig
 from silotune.data.prompts import build_prompt
 from silotune.data.sft import IGNORE_INDEX, encode_example
 from silotune.data.synthetic import Record
+from silotune.defences.split import noised_activations
 from silotune.evaluation.metrics import bleu4, rouge_scores
 
 # FL-GLM (Table 5): their inversion attack on embeddings-only vs one-block fronts.
@@ -99,8 +100,10 @@ def observe(
     noise: float,
     generator: torch.Generator,
     batch_size: int = 8,
+    clip: float = 0.0,
 ) -> Observed:
-    """Run `front` on the right-padded records and add noise, as the client sends them."""
+    """Run `front` on the right-padded records and add noise (`noise`, `clip`: as
+    defence.activation_noise and activation_clip), as the client sends them."""
     sequences = [r.ids for r in records]
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -112,10 +115,7 @@ def observe(
     for start in range(0, len(sequences), batch_size):
         part = slice(start, start + batch_size)
         chunks.append(front(tokens[part], attention[part]).float())
-    hidden = torch.cat(chunks)  # (n, t, d)
-    if noise > 0:
-        rms = hidden.pow(2).mean(dim=-1, keepdim=True).sqrt()  # (n, t, 1)
-        hidden = hidden + noise * rms * torch.randn(hidden.shape, generator=generator)
+    hidden = noised_activations(torch.cat(chunks), noise, clip, generator)  # (n, t, d)
     real = attention.bool()
     mask = torch.zeros_like(real)
     for i, r in enumerate(records):
@@ -220,11 +220,12 @@ def inversion_setting(
     noise: float,
     cfg: AttackConfig,
     pad: int,
+    clip: float = 0.0,
 ) -> dict[str, Any]:
     """Train on the shadow records' activations, decode the victim's, score the recovery."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    seen = observe(shadow_front, shadow, pad, noise, gen)
-    victim_observed = observe(front, victim, pad, noise, gen)
+    seen = observe(shadow_front, shadow, pad, noise, gen, clip=clip)
+    victim_observed = observe(front, victim, pad, noise, gen, clip=clip)
     candidates = torch.unique(seen.tokens[seen.real])  # (k,) sorted token ids
     index = torch.full((embeddings.shape[0],), -100, dtype=torch.long)
     index[candidates] = torch.arange(len(candidates))
@@ -245,6 +246,7 @@ def inversion_setting(
     return {
         **result,
         "noise": noise,
+        "activation_clip": clip,
         "candidates": len(candidates),
         "victim_tokens_seen_in_shadow": round(float(coverage.float().mean()), 4),
         "train_loss": round(final_loss, 4),

@@ -186,9 +186,8 @@ class Process:
     @property
     def one_loop(self) -> bool:
         """It trains with the one local training loop, which runs DP-SGD under [privacy]: the
-        runner and the clients that queue (split's processes and resident copies do not)."""
-        trains = self.adapters > 0 and self.batches > 0
-        return trains and (self.host == "runner" or (self.host == "client" and not self.concurrent))
+        runner and the clients (a split server and resident copies do not)."""
+        return self.adapters > 0 and self.batches > 0 and self.host != "resident"
 
 
 # Each algorithm's processes by name; `silotune.jobs.register` fills it with the algorithm.

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from silotune.config import Config
+from silotune.defences.split import calibrated
 from silotune.jobs import RoundLog
 from silotune.privacy.budget import DECLINED
 from silotune.privacy.ledger import Ledger
 from silotune.privacy.mechanisms import GaussianUse, Mechanism, Releases
-from silotune.training.dp import planned_use
+from silotune.training.dp import planned_use, sample_rate
 
 # CenIT and split-central: the records themselves leave their clients.
 POOLED = "the raw records are pooled in one place"
@@ -39,6 +40,24 @@ def central_releases(config: Config) -> Releases:
     return {"central": None}
 
 
+def planned_uses(config: Config, releases: Releases, records: int) -> dict[Mechanism, GaussianUse]:
+    """What one round of a client's one training loop runs under DP-SGD, per accounted
+    record-level mechanism of `releases`: the adapter's DP-SGD and the split wire's calibrated
+    Gaussian mechanisms, on the same Poisson-sampled batches."""
+    if config.privacy.mode != "dp-sgd":
+        return {}
+    accounted = {m for m, reason in releases.items() if reason is None and m != "central"}
+    wire = {m: s for m, s in calibrated(config.defence).items() if m in accounted}
+    train = config.train
+    rate = sample_rate(train.batch_size, records)
+    uses: dict[Mechanism, GaussianUse] = {
+        m: GaussianUse(s, rate, train.local_steps) for m, s in wire.items()
+    }
+    if "adapter" in accounted:
+        uses["adapter"] = planned_use(config.privacy, train, records, tuple(wire.values()))
+    return uses
+
+
 def run_ledger(
     config: Config,
     releases: Releases,
@@ -47,6 +66,7 @@ def run_ledger(
 ) -> Ledger:
     """Every client's releases in every round of a finished algorithm."""
     ledger = Ledger.for_config(config.privacy, records)
+    plans = {c: planned_uses(config, releases, n) for c, n in records.items()}
     everyone = sorted(records)
     for n, log in enumerate(rounds):
         # Only the run's clients: an id a reply made up has no records to account.
@@ -62,9 +82,7 @@ def run_ledger(
                     ledger.no_guarantee(client, log.round, mechanism, reason)
                 elif use is None:
                     ledger.no_guarantee(client, log.round, mechanism, "no DP use reported")
-                elif mechanism != "central" and use != (
-                    planned := planned_use(config.privacy, config.train, records[client])
-                ):
+                elif mechanism != "central" and use != (planned := plans[client].get(mechanism)):
                     # A client reports its own use: never believe one the config did not plan.
                     why = f"the client reported {use}, not the configured {planned}"
                     ledger.no_guarantee(client, log.round, mechanism, why)

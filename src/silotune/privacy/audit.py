@@ -117,10 +117,12 @@ def insert_canaries(split: Partitions, canaries: Canaries) -> Partitions:
 
 def released_state(spec: AlgorithmSpec, result: AlgorithmResult, client: int) -> StateDict | str:
     """The adapter of `result` that carries `client`'s records out, or why it is not audited."""
-    if result.adapter_config is not None:
-        # Split models are whole-model PEFT adapters, not the run's own LoRA slots.
-        return f"not audited yet: {spec.name} releases a split model"
-    name = GLOBAL if spec.shared_adapter else client_name(client)
+    if result.adapter_config is not None and result.adapter_config.get("peft_type") != "LORA":
+        # A split model with prefixes: not a LoRA the run's own slots can load.
+        return f"not audited yet: {spec.name} releases {result.adapter_config.get('peft_type')}"
+    # A split model with LoRA is a whole-model PEFT adapter of the run's own [lora] layout.
+    pooled = spec.shared_adapter or set(result.adapters) == {GLOBAL}  # everyone's records
+    name = GLOBAL if pooled else client_name(client)
     if name not in result.adapters:
         return f"not audited yet: {spec.name} keeps no adapter {name!r}"
     return result.adapters[name]

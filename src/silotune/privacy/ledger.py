@@ -2,10 +2,11 @@
 
 Record-level mechanisms of one client act on the same records, so its total ε composes them all
 (Opacus's RDP or PRV accountant over their joint history of (noise_multiplier, sample_rate,
-steps)). "central" is Flower's user-level DP on the averaged update: listed with level "user",
-never composed with the record-level ones. A release without a guarantee has ε = ∞ and makes
-its mechanism's and its client's total ∞ too. JSON has no Infinity, so ∞ is written as the
-string "inf" (see `json_epsilon`).
+steps)); those its one training loop released in a round from the same batches count as the
+one mechanism they are (`mechanisms.joint`). "central" is Flower's user-level DP on the averaged
+update: listed with level "user", never composed with the record-level ones. A release without
+a guarantee has ε = ∞ and makes its mechanism's and its client's total ∞ too. JSON has no
+Infinity, so ∞ is written as the string "inf" (see `json_epsilon`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from silotune.config_privacy import Accountant, PrivacyConfig
-from silotune.privacy.mechanisms import MECHANISMS, GaussianUse, Mechanism
+from silotune.privacy.mechanisms import MECHANISMS, ONE_LOOP, GaussianUse, Mechanism, joint
 
 USER_LEVEL: frozenset[Mechanism] = frozenset({"central"})
 INFINITY = "inf"  # how ∞ is written in metrics.jsonl, summary.json and checkpoints
@@ -168,8 +169,9 @@ class Ledger:
         chosen = self._chosen(client, mechanism, upto)
         if any(r.use is None for r in chosen):
             return math.inf
-        uses = [r.use for r in chosen if r.use is not None]
-        return compose(uses, self.delta_of(client, mechanism or "adapter"), self.accountant)
+        pairs = [(r.round, r.mechanism, r.use) for r in chosen if r.use is not None]
+        delta = self.delta_of(client, mechanism or "adapter")
+        return compose(_joined(pairs), delta, self.accountant)
 
     def would_exceed(
         self, client: int, planned: list[tuple[Mechanism, GaussianUse]], max_epsilon: float
@@ -180,8 +182,10 @@ class Ledger:
         chosen = self._chosen(client, None, None)
         if any(r.use is None for r in chosen):
             return True
-        uses = [r.use for r in chosen if r.use is not None] + [use for _, use in planned]
-        return compose(uses, self.delta_of(client), self.accountant) > max_epsilon
+        pairs = [(r.round, r.mechanism, r.use) for r in chosen if r.use is not None]
+        upcoming = max((r.round for r in self.releases), default=0) + 1
+        pairs += [(upcoming, m, use) for m, use in planned]
+        return compose(_joined(pairs), self.delta_of(client), self.accountant) > max_epsilon
 
     def _chosen(self, client: int, mechanism: Mechanism | None, upto: int | None) -> list[Release]:
         return [
@@ -310,6 +314,18 @@ class Ledger:
                 )
             )
         return ledger
+
+
+def _joined(pairs: list[tuple[int, Mechanism, GaussianUse]]) -> list[GaussianUse]:
+    """The uses to compose: per round, those of the one training loop joined into one."""
+    loops: dict[int, list[GaussianUse]] = {}
+    rest: list[GaussianUse] = []
+    for round, mechanism, use in pairs:
+        if mechanism in ONE_LOOP:
+            loops.setdefault(round, []).append(use)
+        else:
+            rest.append(use)
+    return rest + [joint(uses) for uses in loops.values()]
 
 
 def _one_or_all(values: list[float]) -> float | list[float] | None:

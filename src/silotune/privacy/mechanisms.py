@@ -3,7 +3,8 @@ mechanism cost, as the accountant composes it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,11 @@ MECHANISMS: tuple[Mechanism, ...] = (
     "records",
     "central",
 )
+
+# Released by a client's one training loop, from the same Poisson-sampled batches at the same
+# steps (split: the activations and gradients of each step's batch, and the adapter trained on
+# it): within a round they are one mechanism (see `joint`), not independent ones.
+ONE_LOOP: frozenset[Mechanism] = frozenset({"adapter", "activations", "gradients"})
 
 # What an algorithm lets out of its clients, per mechanism: None when its uses are accounted from
 # the clients' reports, else the reason it has no guarantee.
@@ -54,3 +60,22 @@ class GaussianUse:
             return None
         sigma, rate, steps = (float(v) for v in values)  # type: ignore[arg-type]
         return cls(sigma, rate, int(steps))
+
+
+def joint(uses: Sequence[GaussianUse]) -> GaussianUse:
+    """Gaussian mechanisms that ran on the same batches at the same steps, as the one they are.
+
+    Releasing each clipped output with noise sigma_i x its clip norm shifts, between neighbouring
+    datasets, a Gaussian by at most sqrt(sum 1/sigma_i²) noise standard deviations: exactly one
+    Gaussian mechanism with 1/sigma² = sum 1/sigma_i², subsampled once (the batch is shared).
+    """
+    if not uses:
+        raise ValueError("joint of no mechanism")
+    rates, steps = {u.sample_rate for u in uses}, {u.steps for u in uses}
+    if len(rates) != 1 or len(steps) != 1:
+        raise ValueError(f"mechanisms on the same batches must share rate and steps: {uses}")
+    if any(u.noise_multiplier == 0 for u in uses):
+        sigma = 0.0
+    else:
+        sigma = 1 / math.sqrt(sum(u.noise_multiplier**-2 for u in uses))
+    return GaussianUse(sigma, rates.pop(), steps.pop())

@@ -17,12 +17,15 @@ import torch
 from safetensors.torch import load_file, save
 
 from silotune.config import Config
+from silotune.config_privacy import PrivacyConfig
 from silotune.data.load import load_client_records
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import UserError
 from silotune.evaluation.evaluator import build_eval_set, evaluate
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_tokenizer, resolve_model
+from silotune.privacy.accounting import planned_uses
+from silotune.privacy.mechanisms import ONE_LOOP, GaussianUse, Mechanism
 from silotune.run_folder import SplitOutputs, write_atomic, write_json
 from silotune.seeds import derive_seed
 from silotune.split.adapters import add_segment_adapter, build_split_model
@@ -39,7 +42,7 @@ from silotune.split.records import (
 from silotune.split.server import serve
 from silotune.split.trainers import adapter_state, build_trainer, load_state
 from silotune.split.trainers.state import load_training_state, save_training_state
-from silotune.training.loop import train_steps
+from silotune.training.loop import TrainResult, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,24 @@ def _save(state: dict[str, torch.Tensor], target: Path) -> None:
     write_atomic(target, save(state))
 
 
+def dp_plan(config: Config, records: int) -> tuple[PrivacyConfig, dict[Mechanism, GaussianUse]]:
+    """Under DP-SGD: the [privacy] the front/back adapters train with (their noise is what the
+    target leaves once the wire's mechanisms have theirs) and the wire's uses per round."""
+    uses = planned_uses(config, dict.fromkeys(ONE_LOOP), records)
+    adapter = uses.pop("adapter", None)
+    if adapter is None:
+        return config.privacy, {}
+    return dataclasses.replace(config.privacy, noise_multiplier=adapter.noise_multiplier), uses
+
+
+def dp_metrics(trained: TrainResult, wire: dict[Mechanism, GaussianUse]) -> dict[str, float]:
+    """A round's DP uses as the client reports them to the ledger (nothing without DP)."""
+    out = trained.privacy.metrics("adapter") if trained.privacy is not None else {}
+    for mechanism, use in wire.items():
+        out.update(use.metrics(mechanism))
+    return out
+
+
 def run_client(
     config: Config,
     client_id: str,
@@ -171,6 +192,7 @@ def run_client(
     eval_set = build_eval_set(held_out, tokenizer, config.data)
     outputs = SplitOutputs(out)
     out.mkdir(parents=True, exist_ok=True)
+    privacy, wire = dp_plan(config, len(examples))
     rounds: list[ClientRound] = []
     if resume:
         rounds = _resume_client(model, outputs)
@@ -197,7 +219,13 @@ def run_client(
             start = time.perf_counter()
             seed = derive_seed(config.experiment.seed, "split-client", client_id, rnd)
             trained = train_steps(
-                model, examples, config.train, config.train.local_steps, pad_id(tokenizer), seed
+                model,
+                examples,
+                config.train,
+                config.train.local_steps,
+                pad_id(tokenizer),
+                seed,
+                privacy=privacy,
             )
             if config.split.average_clients:
                 averaged = link.average(adapter_state(model), float(len(examples)))
@@ -205,7 +233,7 @@ def run_client(
             result = evaluate(model, tokenizer, eval_set, config.eval)
             row = ClientRound(
                 round=rnd,
-                metrics=result.metrics(),
+                metrics={**result.metrics(), **dp_metrics(trained, wire)},
                 train_loss=trained.loss,
                 train_s=trained.seconds,
                 wall_s=time.perf_counter() - start,

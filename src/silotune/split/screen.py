@@ -30,6 +30,7 @@ from silotune.errors import FrameRejected
 from silotune.split.adapters import build_split_model
 from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, TensorSpec
 from silotune.split.segments import split_model
+from silotune.training.dp import largest_batch
 
 Shape = tuple[int, ...]
 # A header of this size holds any legitimate frame's metadata (names of a few hundred tensors).
@@ -59,7 +60,10 @@ class Limits:
             config.synthetic.instruction_max_new_tokens,
             config.synthetic.response_max_new_tokens,
         )
-        rows = max(config.train.batch_size, config.eval.batch_size, config.synthetic.batch_size)
+        train = config.train.batch_size
+        if config.privacy.mode == "dp-sgd":  # Poisson sampling: batches vary around batch_size
+            train = largest_batch(train)
+        rows = max(train, config.eval.batch_size, config.synthetic.batch_size)
         return cls(
             hidden_size=int(model_config.hidden_size),
             rows=rows,

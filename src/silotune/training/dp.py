@@ -9,7 +9,7 @@ q = batch_size / records, so a batch's size varies and may be 0 (a noise-only st
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import (
     UniformWithReplacementSampler,
 )
+from scipy.stats import poisson
 from torch import nn
 
 from silotune.config_privacy import PrivacyConfig
@@ -49,24 +50,49 @@ def sample_rate(batch_size: int, records: int) -> float:
     return min(1.0, batch_size / records)
 
 
-def noise_multiplier_for(privacy: PrivacyConfig, cfg: TrainConfig, records: int) -> float:
+def largest_batch(batch_size: int) -> int:
+    """A Poisson-sampled batch of expected size `batch_size` is larger than this with
+    probability below 1e-12 (a Binomial batch's tail is below its Poisson's)."""
+    return int(poisson.isf(1e-12, batch_size)) + 1
+
+
+def noise_multiplier_for(
+    privacy: PrivacyConfig, cfg: TrainConfig, records: int, shared: Sequence[float] = ()
+) -> float:
     """`privacy.noise_multiplier`, or when 0 the one that makes the planned rounds x local steps
-    reach `target_epsilon` at δ with the configured Opacus accountant."""
+    reach `target_epsilon` at δ with the configured Opacus accountant.
+
+    `shared`: the noise multipliers of other mechanisms on the same batches (a split client's
+    wire); the adapter's noise is then what is left of the target once they are joined with it
+    (`mechanisms.joint`), so the client's total reaches the target.
+    """
     if privacy.noise_multiplier > 0:
         return privacy.noise_multiplier
-    return noise_for_target(
+    target = noise_for_target(
         privacy.target_epsilon,
         record_delta(privacy.delta, records),
         sample_rate(cfg.batch_size, records),
         cfg.rounds * cfg.local_steps,
         privacy.accountant,
     )
+    left = target**-2 - sum(s**-2 for s in shared)
+    if left <= 0:
+        raise ConfigError(
+            f"privacy.target_epsilon = {privacy.target_epsilon:g} needs a joint noise multiplier "
+            f"of {target:.3g} for a client with {records} records, and the split wire's noise "
+            f"({', '.join(f'{s:g}' for s in shared)}: defence.activation_noise, "
+            "defence.gradient_noise) alone is less: raise them or privacy.target_epsilon"
+        )
+    return float(left**-0.5)
 
 
-def planned_use(privacy: PrivacyConfig, cfg: TrainConfig, records: int) -> GaussianUse:
-    """The DP-SGD mechanism one client's round of `cfg.local_steps` steps will run."""
+def planned_use(
+    privacy: PrivacyConfig, cfg: TrainConfig, records: int, shared: Sequence[float] = ()
+) -> GaussianUse:
+    """The DP-SGD mechanism one client's round of `cfg.local_steps` steps will run (`shared`:
+    see `noise_multiplier_for`)."""
     return GaussianUse(
-        noise_multiplier_for(privacy, cfg, records),
+        noise_multiplier_for(privacy, cfg, records, shared),
         sample_rate(cfg.batch_size, records),
         cfg.local_steps,
     )
