@@ -204,6 +204,9 @@ def test_fedpit_end_to_end_on_flower(tmp_path: Path) -> None:
         assert (folder / "adapter_model.safetensors").is_file()
     assert (out / "adapters" / GLOBAL / "adapter_config.json").is_file()
     assert "self-generated examples: kept" in (out / "report.md").read_text()
+    # The clients' models are the headline, so their per-record scores make the intervals.
+    assert len(summary["per_record"]["loss"]) == config.data.eval_size
+    assert set(summary["intervals"]["vs"]["base"]) >= {"eval_loss"}
 
 
 @pytest.mark.usefixtures("flower_task", "fake_generator")

@@ -55,7 +55,9 @@ class RoundCheckpoint:
     predictions: list[str] = field(default_factory=list)
     client_evals: list[dict[str, Any]] = field(default_factory=list)
     client_predictions: list[list[str]] = field(default_factory=list)
+    client_per_record: list[dict[str, list[float]]] = field(default_factory=list)
     random_state: Any = None
+    per_record: dict[str, list[float]] = field(default_factory=dict)  # the global adapter's
 
 
 def save_round(folder: Path, ckpt: RoundCheckpoint) -> None:
@@ -71,7 +73,9 @@ def save_round(folder: Path, ckpt: RoundCheckpoint) -> None:
             "predictions": ckpt.predictions,
             "client_evals": ckpt.client_evals,
             "client_predictions": ckpt.client_predictions,
+            "client_per_record": ckpt.client_per_record,
             "random_state": ckpt.random_state,
+            "per_record": ckpt.per_record,
         }
         write_json(tmp / "state.json", state, indent=None)
 
@@ -93,7 +97,9 @@ def load_round(folder: Path) -> RoundCheckpoint | None:
         predictions=state["predictions"],
         client_evals=state["client_evals"],
         client_predictions=state["client_predictions"],
+        client_per_record=state.get("client_per_record", []),  # absent from older checkpoints
         random_state=state["random_state"],
+        per_record=state.get("per_record", {}),  # absent from checkpoints kept before it existed
     )
 
 
@@ -125,6 +131,7 @@ def save_result(folder: Path, result: AlgorithmResult) -> None:
             "final_predictions": result.final_predictions,
             "judge": dataclasses.asdict(result.judge) if result.judge else None,
             "adapter_config": result.adapter_config,
+            "final_per_record": result.final_per_record,
         }
         write_json(tmp / "result.json", data, indent=None)
 
@@ -148,6 +155,7 @@ def load_result(folder: Path) -> AlgorithmResult | None:
         final_predictions=data["final_predictions"],
         judge=JudgeResult(**data["judge"]) if data["judge"] else None,
         adapter_config=data.get("adapter_config"),  # absent from results kept before it existed
+        final_per_record=data.get("final_per_record", {}),  # likewise
     )
 
 

@@ -165,6 +165,10 @@ class EvalConfig:
     # Non-empty (e.g. ["yes", "no"]): also pick, per held-out item, the choice the model finds
     # most likely after the prompt and report accuracy against the reference output.
     choices: tuple[str, ...] = ()
+    # Every comparison shows each algorithm's difference to these, with a paired bootstrap
+    # interval over the held-out records: "base" (the untuned model) or algorithm names; names
+    # that did not run are skipped.
+    references: tuple[str, ...] = ("base", "locit")
 
     def __post_init__(self) -> None:
         stripped = {c.strip() for c in self.choices} - {""}

@@ -10,6 +10,7 @@ from silotune.config import Config
 from silotune.data.partition import Partitions
 from silotune.data.synthetic import SyntheticStats
 from silotune.evaluation.evaluator import EvalSet
+from silotune.evaluation.intervals import PerRecord
 from silotune.evaluation.judge import JudgeResult
 from silotune.modeling.adapters import StateDict
 from silotune.modeling.load import ModelSource
@@ -98,6 +99,9 @@ class AlgorithmResult:
     # Held-out generations of each final model (one list per model: 1, or one per client).
     final_predictions: list[list[str]] = field(default_factory=list)
     judge: JudgeResult | None = None
+    # Per held-out record, the scores of the model(s) whose metrics are `final` (a record-wise
+    # mean where `final` is a mean over clients' models); empty when unknown.
+    final_per_record: PerRecord = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:

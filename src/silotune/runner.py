@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -38,6 +39,7 @@ from silotune.data.private import check_partitions, write_partitions
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError, UserError
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
+from silotune.evaluation.intervals import BASE, PER_RECORD, PerRecord
 from silotune.evaluation.judge import Judge, JudgeResult, bilateral_win_rate, build_judge
 from silotune.jobs import AlgorithmResult, AlgorithmSpec, Job, RoundLog
 from silotune.modeling.adapters import adapter_nbytes
@@ -53,8 +55,8 @@ from silotune.privacy.audit import (
     save_canaries,
 )
 from silotune.report.context import RunContext
-from silotune.report.markdown import METRICS
-from silotune.report.outputs import write_comparison, write_run
+from silotune.report.markdown import METRICS, difference_cells, difference_columns
+from silotune.report.outputs import comparison_intervals, write_comparison, write_run
 from silotune.report.sweep import write_sweep_report
 from silotune.run_folder import (
     RunFolder,
@@ -247,6 +249,7 @@ def _run_in(
     base_file = work.base_metrics
     if base_file.is_file():
         base = json.loads(base_file.read_text(encoding="utf-8"))
+        base_per_record: PerRecord = base.pop(PER_RECORD, {})  # absent from older checkpoints
     else:
         with console.status("evaluating the base model ..."):
             base_eval = bench.evaluate_base(eval_set)
@@ -255,8 +258,10 @@ def _run_in(
                 base["judge_win_rate"] = _judged(
                     judge, cfg, eval_set, [base_eval.predictions]
                 ).win_rate
+        base_per_record = base_eval.per_record
         checkpoints.mkdir(exist_ok=True)
-        write_json(base_file, base)
+        # Its per-record scores ride along: the reference of every interval.
+        write_json(base_file, {**base, PER_RECORD: base_per_record})
     console.print(f"base model: {_fmt_metrics(base)}")
     ctx = RunContext(
         config=cfg,
@@ -314,12 +319,16 @@ def _run_in(
                 records = len(split.clients[canaries.client])
                 canary_audit = audit_result(spec, result, bench, canaries, cfg, records)
                 progress.console.print(f"  {spec.name}: {describe_audit(canary_audit)}")
-            summary = write_run(folder.root, spec, result, ctx, bench.save, wall_s, canary_audit)
+            summary = write_run(
+                folder.root, spec, result, ctx, bench.save, wall_s, canary_audit, base_per_record
+            )
             save_result(work.result_checkpoint(spec.name), result)
             runs.append((spec, result, summary))
+    scores = {BASE: base_per_record, **{s.name: r.final_per_record for s, r, _ in runs}}
+    intervals = comparison_intervals(scores, cfg.eval.references)
     if len(exp.specs) > 1:
-        write_comparison(work.root, runs, ctx)
-    console.print(_results_table(runs, base))
+        write_comparison(work.root, runs, ctx, intervals)
+    console.print(_results_table(runs, base, intervals), intervals.get("about", ""))
 
 
 def _judged(
@@ -359,16 +368,23 @@ def _partition_table(split: Partitions) -> Table:
 
 
 def _results_table(
-    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]], base: dict[str, float]
+    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]],
+    base: dict[str, float],
+    intervals: dict[str, Any],
 ) -> Table:
     table = Table(title="held-out results")
     # Only the metrics this run has (ROUGE-L for generation, accuracy for choices, ...).
     shown = [
         (k, label) for k, label in METRICS if k in base or any(k in r.final for _, r, _ in runs)
     ]
-    for col in ("algorithm", "mode", *(label for _, label in shown), "bytes up", "bytes down"):
+    diffs = difference_columns(intervals)  # per reference and metric: Δ with its interval
+    found = intervals.get("runs", {})
+    headers = [label for _, label in shown] + [header for _, _, header in diffs]
+    for col in ("algorithm", "mode", *headers, "bytes up", "bytes down"):
         table.add_column(col, justify="left" if col in ("algorithm", "mode") else "right")
-    table.add_row("base", "–", *_cells(base, shown), "0", "0")
+    table.add_row(
+        "base", "–", *_cells(base, shown), *difference_cells(found.get(BASE, {}), diffs), "0", "0"
+    )
     for spec, result, summary in runs:
         comm = summary["communication"]
         assert isinstance(comm, dict)
@@ -376,6 +392,7 @@ def _results_table(
             spec.name,
             spec.mode,
             *_cells(result.final, shown),
+            *difference_cells(found.get(spec.name, {}), diffs),
             f"{comm['bytes_up']:,}",
             f"{comm['bytes_down']:,}",
         )

@@ -8,6 +8,7 @@ from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record, SyntheticStats, self_generate
 from silotune.evaluation.evaluator import EvalResult
+from silotune.evaluation.intervals import mean_over_models
 from silotune.evaluation.judge import filter_judge
 from silotune.jobs import (
     AlgorithmResult,
@@ -115,6 +116,8 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
         samples=last_results[0].samples,
         synthetic=synthetic_total if self_augment else None,
         final_predictions=[e.predictions for e in last_results],
+        # The headline is the mean over the clients' models: so is each record's score.
+        final_per_record=mean_over_models([e.per_record for e in last_results]),
         notes=["Metrics are the mean over the clients' own models; per-client values follow."],
     )
 
@@ -174,6 +177,7 @@ def run_cenit(job: Job) -> AlgorithmResult:
         adapters={"global": state},
         samples=result.samples,
         final_predictions=[result.predictions],
+        final_per_record=result.per_record,
         notes=[
             f"{steps} steps per round on {len(pooled)} pooled records (the same total as all "
             "clients in a federated round); bytes_up is the raw text uploaded once."

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from silotune.config import Config
 from silotune.defences.split import calibrated
 from silotune.errors import ConfigError, UserError
+from silotune.evaluation.intervals import mean_over_models
 from silotune.jobs import (
     AlgorithmResult,
     Job,
@@ -250,6 +251,8 @@ def _result(
         per_client_final=[r.rounds[-1].metrics for r in reports],
         samples=reports[0].samples,
         final_predictions=[r.predictions for r in reports],
+        # The headline is the mean over the clients' models: so is each record's score.
+        final_per_record=mean_over_models([r.per_record for r in reports]),
         notes=[
             f"Split learning, mode {server.mode}: {server.steps} server steps; "
             f"{len(clients)} client processes and one server process over gRPC (mutual TLS + "

@@ -63,6 +63,7 @@ def run_split_central(job: Job) -> AlgorithmResult:
         adapter_config=adapter_config,
         samples=result.samples,
         final_predictions=[result.predictions],
+        final_per_record=result.per_record,
         notes=[
             f"The split model ({cfg.split.adapter} adapters on every segment) trained in one "
             f"process: {steps} steps per round on {len(pooled)} pooled records, as many as all "

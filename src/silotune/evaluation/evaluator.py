@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from silotune.config_sections import DataConfig, EvalConfig
 from silotune.data.sft import IGNORE_INDEX, collate, encode_example, encode_prompt
 from silotune.errors import DataError
-from silotune.evaluation.metrics import accuracy, rouge_l
+from silotune.evaluation.intervals import ACCURACY, LOSS, ROUGE_L, TOKENS
+from silotune.evaluation.metrics import rouge_scores
 from silotune.modeling.generation import DecodeConfig, generate, pad_id
 from silotune.modeling.placement import device_of
 
@@ -42,6 +43,8 @@ class EvalResult:
     samples: list[dict[str, str]] = field(default_factory=list)
     predictions: list[str] = field(default_factory=list)  # one per held-out record
     accuracy: float | None = None
+    # Each held-out record's scores, in eval-set order (see silotune.evaluation.intervals).
+    per_record: dict[str, list[float]] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics only."""
@@ -92,11 +95,17 @@ def evaluate(
     pad = pad_id(tokenizer)
     device = device_of(model)
     loss_sum, tokens = 0.0, 0
+    record_loss: list[float] = []
+    record_tokens: list[float] = []
     for start in range(0, len(eval_set.examples), cfg.batch_size):
         batch = collate(eval_set.examples[start : start + cfg.batch_size], pad).to(device)
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         logits = out.logits[:, :-1].float()  # (b, t-1, v)
         targets = batch.labels[:, 1:]  # (b, t-1)
+        nll = nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (b, t-1), 0 on prompt and padding
+        # The headline sums the flat batch as before, so eval_loss keeps its exact value.
         loss_sum += float(
             nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)),
@@ -106,15 +115,18 @@ def evaluate(
             )
         )
         tokens += int((targets != IGNORE_INDEX).sum())
+        record_loss += nll.sum(dim=1, dtype=torch.float64).tolist()
+        record_tokens += (targets != IGNORE_INDEX).sum(dim=1).float().tolist()
     eval_loss = loss_sum / max(tokens, 1)
+    per_record = {LOSS: record_loss, TOKENS: record_tokens}
     perplexity = math.exp(min(eval_loss, 50.0))
-    acc = (
-        choice_accuracy(model, tokenizer, eval_set, cfg.choices, cfg.batch_size)
-        if cfg.choices
-        else None
-    )
+    acc = None
+    if cfg.choices:
+        correct = choice_correct(model, tokenizer, eval_set, cfg.choices, cfg.batch_size)
+        acc = sum(correct) / len(correct) if correct else 0.0
+        per_record[ACCURACY] = [float(c) for c in correct]
     if not cfg.generate:
-        return EvalResult(eval_loss, perplexity, None, accuracy=acc)
+        return EvalResult(eval_loss, perplexity, None, accuracy=acc, per_record=per_record)
     decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     predictions = [g.text.strip() for g in generate(model, tokenizer, eval_set.prompts, decode)]
     samples = [
@@ -123,8 +135,10 @@ def evaluate(
             zip(eval_set.instructions, eval_set.references, predictions, strict=True)
         )[:n_samples]
     ]
-    score = rouge_l(predictions, eval_set.references)
-    return EvalResult(eval_loss, perplexity, score, samples, predictions, acc)
+    scores = rouge_scores(predictions, eval_set.references)
+    per_record[ROUGE_L] = scores
+    score = float(sum(scores) / len(scores)) if scores else 0.0  # as metrics.rouge_l averages
+    return EvalResult(eval_loss, perplexity, score, samples, predictions, acc, per_record)
 
 
 @torch.no_grad()
@@ -135,7 +149,20 @@ def choice_accuracy(
     choices: Sequence[str],
     batch_size: int,
 ) -> float:
-    """Fraction of items whose most likely choice (summed log-likelihood) is the reference.
+    """Fraction of items whose most likely choice (summed log-likelihood) is the reference."""
+    correct = choice_correct(model, tokenizer, eval_set, choices, batch_size)
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+@torch.no_grad()
+def choice_correct(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_set: EvalSet,
+    choices: Sequence[str],
+    batch_size: int,
+) -> list[bool]:
+    """Per item: whether its most likely choice (summed log-likelihood) is the reference.
 
     Only `model(input_ids=..., attention_mask=...).logits` is used, never `generate`, so a
     split-learning wrapper with just a forward pass can be scored too.
@@ -165,7 +192,7 @@ def choice_accuracy(
     scores = torch.tensor([-total for total, _ in response_nll(model, rows, pad, batch_size)])
     by_item = scores.view(len(eval_set.prompts), len(choices))  # (n, c)
     predicted = [wanted[i] for i in by_item.argmax(dim=1).tolist()]
-    return accuracy(predicted, [r.strip() for r in eval_set.references])
+    return [p == r.strip() for p, r in zip(predicted, eval_set.references, strict=True)]
 
 
 @torch.no_grad()

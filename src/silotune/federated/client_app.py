@@ -31,6 +31,7 @@ from silotune.federated.metering import (
     BASE_FINGERPRINT,
     BASE_MODEL,
     METRICS,
+    PER_RECORD,
     PREDICTIONS,
 )
 from silotune.modeling.load import ModelSource
@@ -172,7 +173,9 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
         )
         # Generations on the shared held-out set (not on private data), for the judge.
         predictions = ConfigRecord({"text": result.predictions})
-        content = RecordDict({METRICS: metrics, PREDICTIONS: predictions})
+        # Each held-out record's scores, for the paired intervals (shared records, not private).
+        scores = ConfigRecord({k: list(v) for k, v in result.per_record.items()})
+        content = RecordDict({METRICS: metrics, PREDICTIONS: predictions, PER_RECORD: scores})
         return Message(content=content, reply_to=msg)
 
     return app

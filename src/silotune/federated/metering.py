@@ -14,6 +14,7 @@ same seeds and FedAdam the same bias correction as in an uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from silotune.evaluation.intervals import SCORE_NAMES
 from silotune.federated.screening import Expected, Layout, screen_round
 from silotune.privacy.budget import DECLINED
 from silotune.records import tensor_bytes
@@ -31,6 +33,7 @@ from silotune.records import tensor_bytes
 ARRAYS = "arrays"
 METRICS = "metrics"
 PREDICTIONS = "predictions"
+PER_RECORD = "per-record"  # a client's per-record held-out scores (see evaluation.intervals)
 BASE_FINGERPRINT = "base-fingerprint"  # train config: what the server's model and adapter are
 BASE_MODEL = "base-model"
 # Server optimiser state Flower's strategies rebind (never mutate) in aggregate_train.
@@ -62,6 +65,7 @@ class RoundTraffic:
     rejected: set[int] = field(default_factory=set)  # node ids whose reply failed screening
     client_evals: list[dict[str, Any]] = field(default_factory=list)
     client_predictions: list[list[str]] = field(default_factory=list)
+    client_per_record: list[dict[str, list[float]]] = field(default_factory=list)
     declined: set[int] = field(default_factory=set)  # node ids whose privacy budget is spent
 
 
@@ -220,11 +224,30 @@ class Metered(Strategy):
             if (record := m.content.config_records.get(PREDICTIONS))
             and isinstance(texts := record.get("text", []), list)
         ]
+        traffic.client_per_record = [
+            scores
+            for m in ok
+            if (record := m.content.config_records.get(PER_RECORD))
+            and (scores := screen_per_record(dict(record)))
+        ]
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """As the wrapped strategy."""
         self.strategy.summary()
+
+
+def screen_per_record(record: dict[str, Any]) -> dict[str, list[float]]:
+    """A client's per-record scores if they are what evaluation writes (known score names, equal
+    lengths, finite numbers); else nothing: a hostile reply gets no say in the intervals."""
+    if not record or not set(record) <= set(SCORE_NAMES):
+        return {}
+    lists = list(record.values())
+    if not all(isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in lists):
+        return {}
+    if len({len(v) for v in lists}) != 1 or not all(math.isfinite(x) for v in lists for x in v):
+        return {}
+    return {k: [float(x) for x in v] for k, v in record.items()}
 
 
 def _non_finite(arrays: ArrayRecord) -> str | None:

@@ -29,6 +29,7 @@ from silotune.data.synthetic import SyntheticStats
 from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
 from silotune.errors import UserError
 from silotune.evaluation.evaluator import EvalSet
+from silotune.evaluation.intervals import mean_over_models
 from silotune.federated.local import LOCAL_ROLES
 from silotune.federated.metering import (
     BASE_FINGERPRINT,
@@ -89,6 +90,7 @@ class FederatedServer:
         self.rounds: list[RoundLog] = self.resumed.rounds if self.resumed else []
         self.samples: list[dict[str, str]] = self.resumed.samples if self.resumed else []
         self.predictions: list[str] = self.resumed.predictions if self.resumed else []
+        self.per_record = self.resumed.per_record if self.resumed else {}  # the global adapter's
         self.initial: StateDict = self.resumed.arrays if self.resumed else bench.initial
         self.results: list[Result] = []
         self.notes: list[str] = []
@@ -159,6 +161,7 @@ class FederatedServer:
         self.rounds.append(log)
         self.samples[:] = evaluated.samples
         self.predictions[:] = evaluated.predictions
+        self.per_record = evaluated.per_record
         if self.folder is not None:
             checkpoint = RoundCheckpoint(
                 round=server_round,
@@ -169,7 +172,9 @@ class FederatedServer:
                 predictions=self.predictions,
                 client_evals=traffic.client_evals,
                 client_predictions=traffic.client_predictions,
+                client_per_record=traffic.client_per_record,
                 random_state=python_random_state(),
+                per_record=self.per_record,
             )
             save_round(self.folder, checkpoint)
         self.on_round(log)
@@ -197,6 +202,9 @@ class FederatedServer:
         client_predictions = (
             last.client_predictions if last else resumed.client_predictions if resumed else []
         )
+        client_scores = (
+            last.client_per_record if last else resumed.client_per_record if resumed else []
+        )
         name = type(self.strategy.strategy).__name__
         return AlgorithmResult(
             rounds=self.rounds,
@@ -206,6 +214,11 @@ class FederatedServer:
             # Judge what clients infer with: their own generations where they evaluate themselves.
             final_predictions=client_predictions or [self.predictions],
             synthetic=synthetic if synthetic.generated else None,
+            # Where clients evaluate themselves (FedPIT) their models are the headline: each
+            # record's score is the mean over the clients that scored every held-out record.
+            final_per_record=_clients_mean(client_scores, self.per_record)
+            if client_evals
+            else self.per_record,
             notes=[f"Server strategy: Flower's {name}; {describe(cfg.defence)}.", *self.notes],
         )
 
@@ -252,6 +265,16 @@ def _round_log(
         wall_s=traffic.wall_s,
         clients=[*traffic.clients, *({"failed": r} for r in traffic.failures)],
     )
+
+
+def _clients_mean(
+    clients: list[dict[str, list[float]]], server: dict[str, list[float]]
+) -> dict[str, list[float]]:
+    """Record-wise mean of the clients' scores of the whole held-out set (as long as the
+    server's own); nothing if no client sent them."""
+    size = len(next(iter(server.values()), []))
+    whole = [c for c in clients if all(len(v) == size for v in c.values())]
+    return mean_over_models(whole) if whole and size else {}
 
 
 def _eval_metrics(client: dict[str, object]) -> dict[str, float]:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from silotune.evaluation.intervals import Interval
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
 from silotune.privacy.ledger import epsilon_from_json, largest_epsilon
 from silotune.report.context import RunContext
@@ -37,6 +38,41 @@ def _fmt(value: Any) -> str:
 
 def _metric_cells(metrics: dict[str, float]) -> list[Any]:
     return [metrics.get(key, "–") for key, _ in METRICS]
+
+
+def difference_columns(intervals: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(reference, metric, header) of every difference some run has, metric by metric."""
+    runs = intervals.get("runs", {})
+    return [
+        (ref, key, f"Δ {label} vs {ref}")
+        for key, label in METRICS
+        for ref in intervals.get("references", [])
+        if any(key in r.get(ref, {}) for r in runs.values())
+    ]
+
+
+def difference_cells(diffs: dict[str, Any], columns: list[tuple[str, str, str]]) -> list[str]:
+    """`-0.0830 [-0.1010, -0.0640]*` per column of one model's differences (a dash: none)."""
+    return [
+        Interval.from_json(diffs[ref][key]).cell() if key in diffs.get(ref, {}) else "–"
+        for ref, key, _ in columns
+    ]
+
+
+def differences_markdown(intervals: dict[str, Any], names: list[str]) -> list[str]:
+    """The "Differences to the references" section (nothing without intervals)."""
+    if not intervals.get("runs"):
+        return []
+    columns = difference_columns(intervals)
+    rows = [[name, *difference_cells(intervals["runs"].get(name, {}), columns)] for name in names]
+    return [
+        "## Differences to the references",
+        "",
+        str(intervals["about"]),
+        "",
+        table(["algorithm", *(header for _, _, header in columns)], rows),
+        "",
+    ]
 
 
 def synthetic_line(synthetic: dict[str, Any]) -> str:
@@ -166,6 +202,8 @@ def run_markdown(
             ],
         ),
         "",
+        *differences_markdown(_run_intervals(spec.name, summary), [spec.name]),
+        *_own_lines(summary),
         "## Per round",
         "",
         table(
@@ -215,13 +253,36 @@ def run_markdown(
     return "\n".join(lines)
 
 
+def _run_intervals(name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's summary.json intervals shaped as a comparison's (see differences_markdown)."""
+    found = summary.get("intervals")
+    if not found or not found["vs"]:
+        return {}
+    return {"about": found["about"], "references": list(found["vs"]), "runs": {name: found["vs"]}}
+
+
+def _own_lines(summary: dict[str, Any]) -> list[str]:
+    """Each metric's own 95 % interval (bootstrap over the held-out records)."""
+    own = summary.get("intervals", {}).get("own", {})
+    if not own:
+        return []
+    shown = [
+        f"{label} {own[key]['value']:.4f} [{own[key]['low']:.4f}, {own[key]['high']:.4f}]"
+        for key, label in METRICS
+        if key in own and own[key]["low"] is not None
+    ]
+    return [f"Bootstrap 95 % intervals of the final metrics: {'; '.join(shown)}.", ""]
+
+
 def comparison_markdown(
     runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, Any]]],
     ctx: RunContext,
     plots: list[Path],
     folder: Path,
+    intervals: dict[str, Any] | None = None,
 ) -> str:
-    """The side-by-side report of several algorithms on one split and budget."""
+    """The side-by-side report of several algorithms on one split and budget, with each one's
+    differences to the references (`intervals`: see outputs.comparison_intervals)."""
     cfg = ctx.config
     rows = [["base (no tuning)", "–", *_metric_cells(ctx.base), "–", 0, 0, "–"]]
     for spec, result, summary in runs:
@@ -264,6 +325,7 @@ def comparison_markdown(
         "",
         table(header, rows),
         "",
+        *differences_markdown(intervals or {}, [spec.name for spec, _, _ in runs]),
         "## Per round",
         "",
         table(["algorithm", "round", *(label for _, label in METRICS), "train loss"], per_round),

@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from silotune import __version__
+from silotune.evaluation.intervals import (
+    BASE,
+    PER_RECORD,
+    PerRecord,
+    compare,
+    comparison_json,
+    describe,
+    own_intervals,
+    records_of,
+)
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
 from silotune.modeling.adapters import write_peft_folder
 from silotune.privacy.accounting import run_ledger
@@ -32,6 +43,7 @@ def summarize(
     ledger: Ledger,
     wall_s: float,
     audit: dict[str, Any] | None = None,
+    base_per_record: PerRecord | None = None,
 ) -> dict[str, Any]:
     """The summary.json of one algorithm's run (`audit`: its canary audit, if any)."""
     return {
@@ -43,6 +55,7 @@ def summarize(
         "final": result.final,
         "base": ctx.base,
         "per_client_final": result.per_client_final,
+        **_intervals(spec.name, result.final_per_record, base_per_record or {}),
         "communication": {
             **result.bytes(),
             "adapter_bytes": ctx.adapter_bytes,
@@ -71,9 +84,11 @@ def write_run(
     save_adapter: Any,
     wall_s: float,
     audit: dict[str, Any] | None = None,
+    base_per_record: PerRecord | None = None,
 ) -> dict[str, Any]:
     """Write one algorithm's run folder; `save_adapter(state, path)` writes PEFT folders;
-    `audit` is its canary audit (see silotune.privacy.audit), if the run has one."""
+    `audit` is its canary audit (see silotune.privacy.audit), if the run has one;
+    `base_per_record`: the base model's per-record scores, the reference of its intervals."""
     run = RunFolder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, state in result.adapters.items():
@@ -87,8 +102,9 @@ def write_run(
     rows = [log.to_json() for log in result.rounds]
     lines = [{**row, "privacy": ledger.rows(row["round"])} for row in rows]
     write_atomic(run.metrics, "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8"))
-    summary = summarize(spec, result, ctx, ledger, wall_s, audit)
-    plots = plot_curves({spec.name: rows}, ctx.base, run.plots)
+    summary = summarize(spec, result, ctx, ledger, wall_s, audit, base_per_record)
+    own = {spec.name: summary.get("intervals", {}).get("own", {})}
+    plots = plot_curves({spec.name: rows}, ctx.base, run.plots, own)
     plots += plot_epsilon(ledger.rows(), run.plots)
     markdown = run_markdown(spec, result, summary, ctx.partition_stats, plots, folder)
     write_atomic(run.report, markdown.encode("utf-8"))
@@ -101,13 +117,49 @@ def write_comparison(
     folder: Path,
     runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, Any]]],
     ctx: RunContext,
+    intervals: dict[str, Any] | None = None,
 ) -> None:
-    """Side-by-side report of several algorithms run on the same split and budget."""
+    """Side-by-side report of several algorithms run on the same split and budget;
+    `intervals`: comparison_intervals of their per-record scores."""
     run = RunFolder(folder)
     series = {spec.name: [log.to_json() for log in result.rounds] for spec, result, _ in runs}
-    plots = plot_curves(series, ctx.base, run.plots)
-    write_atomic(run.report, comparison_markdown(runs, ctx, plots, folder).encode("utf-8"))
+    own = {spec.name: s.get("intervals", {}).get("own", {}) for spec, _, s in runs}
+    plots = plot_curves(series, ctx.base, run.plots, own)
+    markdown = comparison_markdown(runs, ctx, plots, folder, intervals)
+    write_atomic(run.report, markdown.encode("utf-8"))
     write_json(
         run.comparison,
-        {"base": ctx.base, "runs": {spec.name: summary for spec, _, summary in runs}},
+        {
+            "base": ctx.base,
+            "runs": {spec.name: summary for spec, _, summary in runs},
+            **({"intervals": intervals} if intervals else {}),
+        },
     )
+
+
+def comparison_intervals(scores: dict[str, PerRecord], references: Sequence[str]) -> dict[str, Any]:
+    """Each model's difference to each reference with its interval, as comparison.json keeps it:
+    {about, records, references, runs: model -> reference -> metric -> {diff, low, high, ...}}.
+    `scores`: model name ("base" for the untuned model) -> its per-record scores."""
+    records = records_of(scores)
+    found = comparison_json(compare(scores, references))
+    if not found:
+        return {}
+    shown = [ref for ref in references if any(ref in refs for refs in found.values())]
+    return {"about": describe(records), "records": records, "references": shown, "runs": found}
+
+
+def _intervals(name: str, own: PerRecord, base: PerRecord) -> dict[str, Any]:
+    """summary.json's per-record scores and intervals (nothing when the run has no scores)."""
+    if not own:
+        return {}
+    found = comparison_intervals({name: own, BASE: base}, [BASE])
+    return {
+        PER_RECORD: own,
+        "intervals": {
+            "about": describe(records_of({name: own})),
+            "records": records_of({name: own}),
+            "vs": found["runs"][name] if found else {},
+            "own": own_intervals(own),
+        },
+    }

@@ -21,8 +21,10 @@ def plot_curves(
     series: dict[str, list[dict[str, float]]],
     base: dict[str, float],
     folder: Path,
+    final_intervals: dict[str, dict[str, Any]] | None = None,
 ) -> list[Path]:
-    """One PNG per metric: a line per series (algorithm) over rounds, the base model dashed."""
+    """One PNG per metric: a line per series (algorithm) over rounds, the base model dashed;
+    `final_intervals` (series -> metric -> {value, low, high}): error bars on the last round."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for key, label in CURVES.items():
@@ -31,7 +33,12 @@ def plot_curves(
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in series.items():
             points = [(row["round"], row[key]) for row in rows if key in row]
-            ax.plot(*zip(*points, strict=True), marker="o", label=name)
+            line = ax.plot(*zip(*points, strict=True), marker="o", label=name)[0]
+            own = (final_intervals or {}).get(name, {}).get(key)
+            if own and own["low"] is not None:  # per-record scores exist for the final model only
+                x, y = points[-1]
+                yerr = [[y - own["low"]], [own["high"] - y]]
+                ax.errorbar([x], [y], yerr=yerr, color=line.get_color(), capsize=3)
         if key in base:
             ax.axhline(base[key], linestyle="--", color="grey", label="base model")
         ax.set_xlabel("round")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from silotune.evaluation.intervals import BASE, Interval
 from silotune.privacy.ledger import largest_epsilon
 from silotune.report.markdown import shown_epsilon, table
 from silotune.report.plots import CURVES, plt, save_figure
@@ -52,6 +53,8 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
     ]
     finals = [results[label][name]["final"] for label in results for name in algorithms]
     columns = [(k, lab) for k, lab in _COLUMNS if any(k in f for f in finals)]  # what runs have
+    summaries = [results[label][name] for label in results for name in algorithms]
+    diffs = [(k, lab) for k, lab in _COLUMNS if any(k in _vs_base(s) for s in summaries)]
     rows = []
     for label, value, _ in variants:
         for name in algorithms:
@@ -60,6 +63,7 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             rows.append(
                 [value, f"[{name}]({label}/{name}/report.md)" if len(algorithms) > 1 else name]
                 + [final.get(k, "–") for k, _ in columns]
+                + _diff_cells(_vs_base(results[label][name]), diffs)
                 + [shown_epsilon(largest_epsilon(results[label][name]))]
                 + [leaked.get(k, "–") for k, _ in leaks]
             )
@@ -71,13 +75,20 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
             f"# Sweep over {key}",
             "",
             "Each value runs the whole experiment (same seed, budget and held-out set); the "
-            "table shows every algorithm's final held-out metrics.",
+            "table shows every algorithm's final held-out metrics"
+            + (
+                f" and its difference to the base model. {_about(summaries)} Error bars: each "
+                "metric's own bootstrap 95 % interval over the same records."
+                if diffs
+                else "."
+            ),
             "",
             table(
                 [
                     key,
                     "algorithm",
                     *(label for _, label in columns),
+                    *(f"Δ {label} vs base" for _, label in diffs),
                     "record-level ε (max over clients)",
                     *(lab for _, lab in leaks),
                 ],
@@ -96,6 +107,26 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
         + "\n",
         encoding="utf-8",
     )
+
+
+def _vs_base(summary: dict[str, Any]) -> dict[str, Any]:
+    """metric -> {diff, low, high, ...} to the base model, from a summary.json (may be empty)."""
+    found: dict[str, Any] = summary.get("intervals", {}).get("vs", {}).get(BASE, {})
+    return found
+
+
+def _diff_cells(vs_base: dict[str, Any], diffs: list[tuple[str, str]]) -> list[str]:
+    return [Interval.from_json(vs_base[k]).cell() if k in vs_base else "–" for k, _ in diffs]
+
+
+def _own(summary: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
+    """The bootstrap interval (low, high) of a run's own final metric; (None, None) if none."""
+    own = summary.get("intervals", {}).get("own", {}).get(metric)
+    return (own["low"], own["high"]) if own else (None, None)
+
+
+def _about(summaries: list[dict[str, Any]]) -> str:
+    return str(next(s["intervals"]["about"] for s in summaries if "intervals" in s))
 
 
 def _plot_epsilon(
@@ -147,8 +178,15 @@ def _plot(
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for name in algorithms:
-            ys = [results[lab][name]["final"].get(metric, math.nan) for lab, _, _ in variants]
-            ax.plot(xs, ys, marker="o", label=name)
+            runs = [results[lab][name] for lab, _, _ in variants]
+            ys = [run["final"].get(metric, math.nan) for run in runs]
+            # A run folder written before per-record scores existed has no bar.
+            bars = [_own(run, metric) for run in runs]
+            yerr = [
+                [y - low if low is not None else 0.0 for y, (low, _) in zip(ys, bars, strict=True)],
+                [hi - y if hi is not None else 0.0 for y, (_, hi) in zip(ys, bars, strict=True)],
+            ]
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=name)
         if min(xs) > 0 and max(xs) / min(xs) >= 100:
             ax.set_xscale("log")
         titles = (key, label, f"final {label} against {key}")

@@ -90,6 +90,7 @@ class ClientReport:
     predictions: list[str]  # held-out generations of the final model
     samples: list[dict[str, str]]
     link: LinkStats
+    per_record: dict[str, list[float]] = field(default_factory=dict)  # the final model's scores
 
     def write(self, outputs: SplitOutputs) -> None:
         """Write the report atomically."""
@@ -110,6 +111,7 @@ class ClientReport:
             predictions=list(data["predictions"]),
             samples=list(data["samples"]),
             link=LinkStats(**data["link"]),
+            per_record=data.get("per_record", {}),  # absent from reports written before it
         )
 
 

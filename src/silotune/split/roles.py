@@ -261,6 +261,7 @@ def run_client(
         predictions=result.predictions,
         samples=result.samples,
         link=dataclasses.replace(link.stats, crypto_s=link.sealer.seconds),
+        per_record=result.per_record,
     )
     _save(adapter_state(model), outputs.adapter)
     report.write(outputs)
