@@ -153,6 +153,22 @@ class SyntheticConfig:
     truncated: TruncatedPolicy = "drop"
     private_data: PrivateData = "local+synthetic"  # what FedPIT's private adapter trains on
     beta: float = 1.0  # FedPIT v2: upload beta * global + (1 - beta) * private
+    # Differentially private instructions (data/dp_synthetic.py): each token is a noisy vote of
+    # dp_groups disjoint groups of sampled records over the top dp_top_k tokens of a prompt with
+    # no record. dp_epsilon budgets one client's generation over the run (the noise is
+    # calibrated to end there); dp_noise_multiplier > 0 sets the noise instead (per token).
+    dp: bool = False
+    dp_epsilon: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_groups: int = 4
+    dp_top_k: int = 20
+
+    def __post_init__(self) -> None:
+        if self.dp and self.dp_epsilon <= 0 and self.dp_noise_multiplier <= 0:
+            raise ConfigError(
+                "synthetic.dp = true needs synthetic.dp_epsilon > 0 (the generation's budget) "
+                "or synthetic.dp_noise_multiplier > 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -229,6 +245,10 @@ MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("synthetic", "min_instruction_words"): (0, True),
     ("synthetic", "min_response_words"): (0, True),
     ("synthetic", "dedup_rouge_l"): (0.0, True),
+    ("synthetic", "dp_epsilon"): (0.0, True),
+    ("synthetic", "dp_noise_multiplier"): (0.0, True),
+    ("synthetic", "dp_groups"): (1, True),
+    ("synthetic", "dp_top_k"): (2, True),
     ("synthetic", "beta"): (0.0, True),
     ("synthetic", "judge_min_score"): (0.0, True),
     ("judge", "timeout_s"): (0.0, False),

@@ -14,6 +14,7 @@ so they evaluate themselves every round; the server also evaluates global alone.
 from __future__ import annotations
 
 from silotune.config import Config
+from silotune.data.dp_synthetic import check_budget
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import self_generate
 from silotune.errors import ConfigError
@@ -24,7 +25,8 @@ from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
 from silotune.modeling.adapters import GLOBAL, PRIVATE, mix_adapters, save_adapter
 from silotune.modeling.memory import Process
-from silotune.privacy.accounting import central_releases
+from silotune.privacy.accounting import central_releases, planned_uses
+from silotune.privacy.ledger import record_delta
 from silotune.privacy.mechanisms import Releases
 from silotune.run_folder import client_adapter_dir
 from silotune.seeds import derive_seed
@@ -39,8 +41,19 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     bench.put(PRIVATE, private)
     # The generator is the current global model: base + global, without the private adapter.
     bench.use([GLOBAL])
+    # With synthetic.dp the instructions are DP (and reported as the ledger's "synthetic" use).
+    private_use = None
+    if syn.dp:
+        private_use = planned_uses(cfg, {"synthetic": None}, len(req.records))["synthetic"]
     synthetic, stats = self_generate(
-        bench.model, bench.tokenizer, req.records, syn, cfg.data, seed, filter_judge(cfg)
+        bench.model,
+        bench.tokenizer,
+        req.records,
+        syn,
+        cfg.data,
+        seed,
+        filter_judge(cfg),
+        private_use,
     )
     synthetic_examples = tokenize_dataset(
         synthetic, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length
@@ -49,6 +62,7 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     # Every client reports the same metric keys (Flower aggregates only consistent replies).
     metrics: dict[str, int | float] = {
         **stats.to_metrics(),
+        **(private_use.metrics("synthetic") if private_use else {}),
         "global_train_loss": 0.0,
         "train_s": 0.0,
     }
@@ -112,8 +126,10 @@ def fedpit_releases(config: Config) -> Releases:
     """The shared adapter learns from synthetic data prompted with real records; with beta < 1
     the upload also mixes in the private adapter, trained on real records."""
     releases: Releases = {
-        "synthetic": "the shared global adapter trains on synthetic data whose generator was "
-        "prompted with real records (no private generator yet)"
+        "synthetic": None
+        if config.synthetic.dp
+        else "the shared global adapter trains on synthetic data whose generator was prompted "
+        "with real records (synthetic.dp = false)"
     }
     if config.synthetic.beta < 1.0:
         releases["adapter"] = (
@@ -138,8 +154,12 @@ def fedpit_releases(config: Config) -> Releases:
 )
 def run_fedpit(job: Job) -> AlgorithmResult:
     """Run FedPIT on Flower's Simulation Engine."""
+    cfg, syn = job.config, job.config.synthetic
+    if syn.dp:  # before any client starts: every client's generation must fit its budget
+        for examples in job.client_examples:
+            delta = record_delta(cfg.privacy.delta, len(examples))
+            check_budget(syn, cfg.train.rounds, len(examples), delta, cfg.privacy.accountant)
     result = run_federated(job, "fedpit")
-    syn = job.config.synthetic
     result.notes += [
         "Headline metrics: the mean over clients of base + global + their own private adapter; "
         "global_* columns in metrics.jsonl: the shared global adapter alone.",

@@ -14,16 +14,19 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from rouge_score import rouge_scorer
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from silotune.config_sections import DataConfig, SyntheticConfig
+from silotune.data import dp_synthetic
 from silotune.data.sft import encode_prompt
 from silotune.modeling.generation import DecodeConfig, Generation, generate
+from silotune.privacy.mechanisms import GaussianUse
+from silotune.seeds import derive_seed
 
 if TYPE_CHECKING:
     from silotune.evaluation.judge import Judge
@@ -196,26 +199,16 @@ def self_generate(
     data: DataConfig,
     seed: int,
     judge: Judge | None = None,
+    private: GaussianUse | None = None,
 ) -> tuple[list[Record], SyntheticStats]:
-    """Generate `cfg.per_round` candidates from `local` with `model` as it is now; filter them."""
-    rng = random.Random(seed)
-    k = min(cfg.icl_examples, len(local))
-    prompts = [
-        tokenizer(self_instruct_prompt(rng.sample(list(local), k)))["input_ids"]
-        for _ in range(cfg.per_round)
-    ]
-    tasks = generate(
-        model,
-        tokenizer,
-        prompts,
-        DecodeConfig(
-            max_new_tokens=cfg.instruction_max_new_tokens,
-            batch_size=cfg.batch_size,
-            temperature=cfg.instruction_temperature,
-            stop=(_TASK,),
-        ),
-        seed=seed,
-    )
+    """Generate `cfg.per_round` candidates from `local` with `model` as it is now; filter them.
+
+    With `private` (the round's planned use, see `dp_synthetic.generation_use`) the
+    instructions are differentially private and no filter looks at `local`."""
+    if private is not None:
+        tasks = private_instructions(model, tokenizer, local, cfg, seed, private)
+    else:
+        tasks = plain_instructions(model, tokenizer, local, cfg, seed)
     parsed = [(parse_task(t.text), task_complete(t)) for t in tasks]
     unparseable = sum(1 for p, _ in parsed if p is None)
     usable = [(p, done) for p, done in parsed if p is not None]
@@ -233,7 +226,70 @@ def self_generate(
         Candidate(ins, inp, ans.text.strip(), done, ans.finished)
         for ((ins, inp), done), ans in zip(usable, answers, strict=True)
     ]
-    kept, stats = filter_candidates(candidates, [r["instruction"] for r in local], cfg, judge)
+    # Under DP the near-duplicate filter sees only synthetic instructions: comparing them with
+    # the records would make what is kept depend on the records.
+    seen = [] if private is not None else [r["instruction"] for r in local]
+    kept, stats = filter_candidates(candidates, seen, cfg, judge)
     stats.generated += unparseable
     stats.dropped_by_filter["unparseable"] += unparseable
     return kept, stats
+
+
+def _instruction_decoding(cfg: SyntheticConfig, batch_size: int = 0) -> DecodeConfig:
+    return DecodeConfig(
+        max_new_tokens=cfg.instruction_max_new_tokens,
+        batch_size=batch_size or cfg.batch_size,
+        temperature=cfg.instruction_temperature,
+        stop=(_TASK,),
+    )
+
+
+def plain_instructions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    local: Sequence[Record],
+    cfg: SyntheticConfig,
+    seed: int,
+) -> list[Generation]:
+    """`cfg.per_round` instructions, each prompted with `icl_examples` random local records."""
+    rng = random.Random(seed)
+    k = min(cfg.icl_examples, len(local))
+    prompts = [
+        tokenizer(self_instruct_prompt(rng.sample(list(local), k)))["input_ids"]
+        for _ in range(cfg.per_round)
+    ]
+    return generate(model, tokenizer, prompts, _instruction_decoding(cfg), seed=seed)
+
+
+def private_instructions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    local: Sequence[Record],
+    cfg: SyntheticConfig,
+    seed: int,
+    use: GaussianUse,
+) -> list[Generation]:
+    """`cfg.per_round` instructions by DP few-shot generation (see `silotune.data.dp_synthetic`):
+    each from its own sample of `local`, its groups' prompts and the public one in one block."""
+    rate = dp_synthetic.sample_rate(cfg, len(local))
+    blocks: list[list[int]] = []
+    for j in range(cfg.per_round):
+        dealt = dp_synthetic.deal(
+            len(local), rate, cfg.dp_groups, cfg.icl_examples, derive_seed(seed, "dp-deal", j)
+        )
+        groups = [[local[i] for i in g] for g in dealt]
+        for demos in ([], *groups):  # the public prompt first
+            blocks.append(tokenizer(self_instruct_prompt(demos))["input_ids"])
+    block = cfg.dp_groups + 1
+    vote = dp_synthetic.DPVote(
+        cfg.dp_groups,
+        cfg.dp_top_k,
+        dp_synthetic.token_noise(cfg, use) * dp_synthetic.SENSITIVITY,
+        derive_seed(seed, "dp-vote"),
+    )
+    # Whole blocks per batch, greedy: every row of a block takes the vote's token.
+    decoding = replace(
+        _instruction_decoding(cfg, block * max(1, cfg.batch_size // block)), temperature=0.0
+    )
+    out = generate(model, tokenizer, blocks, decoding, processors=LogitsProcessorList([vote]))
+    return out[::block]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from silotune.modeling.placement import device_of
 
@@ -45,10 +45,13 @@ def generate(
     prompts: list[list[int]],
     cfg: DecodeConfig,
     seed: int = 0,
+    processors: LogitsProcessorList | None = None,
 ) -> list[Generation]:
-    """Continue each tokenised prompt; sampling (temperature > 0) is seeded."""
+    """Continue each tokenised prompt; sampling (temperature > 0) is seeded. `processors` see
+    each step's scores of a whole batch of `cfg.batch_size` prompts (greedy decoding)."""
     out: list[Generation] = []
     eos = tokenizer.eos_token_id
+    model.eval()  # no dropout: a fresh PEFT model is in training mode
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for start in range(0, len(prompts), cfg.batch_size):
@@ -65,6 +68,8 @@ def generate(
                 extra.update(temperature=cfg.temperature, top_p=cfg.top_p)
             if cfg.stop:
                 extra.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
+            if processors is not None:
+                extra.update(logits_processor=processors)
             device = device_of(model)
             tokens = model.generate(  # type: ignore[operator]
                 input_ids=input_ids.to(device),

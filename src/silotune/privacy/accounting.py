@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from silotune.config import Config
+from silotune.data.dp_synthetic import generation_use
 from silotune.defences.split import calibrated
 from silotune.jobs import RoundLog
 from silotune.privacy.budget import DECLINED
-from silotune.privacy.ledger import Ledger
+from silotune.privacy.ledger import Ledger, record_delta
 from silotune.privacy.mechanisms import GaussianUse, Mechanism, Releases
 from silotune.training.dp import planned_use, sample_rate
 
@@ -41,18 +42,22 @@ def central_releases(config: Config) -> Releases:
 
 
 def planned_uses(config: Config, releases: Releases, records: int) -> dict[Mechanism, GaussianUse]:
-    """What one round of a client's one training loop runs under DP-SGD, per accounted
-    record-level mechanism of `releases`: the adapter's DP-SGD and the split wire's calibrated
-    Gaussian mechanisms, on the same Poisson-sampled batches."""
-    if config.privacy.mode != "dp-sgd":
-        return {}
+    """What one round of a client runs, per accounted record-level mechanism of `releases`:
+    FedPIT's private generation, and under DP-SGD the adapter's DP-SGD and the split wire's
+    calibrated Gaussian mechanisms, on the same Poisson-sampled batches."""
     accounted = {m for m, reason in releases.items() if reason is None and m != "central"}
+    uses: dict[Mechanism, GaussianUse] = {}
+    if "synthetic" in accounted:
+        delta = record_delta(config.privacy.delta, records)
+        uses["synthetic"] = generation_use(
+            config.synthetic, config.train.rounds, records, delta, config.privacy.accountant
+        )
+    if config.privacy.mode != "dp-sgd":
+        return uses
     wire = {m: s for m, s in calibrated(config.defence).items() if m in accounted}
     train = config.train
     rate = sample_rate(train.batch_size, records)
-    uses: dict[Mechanism, GaussianUse] = {
-        m: GaussianUse(s, rate, train.local_steps) for m, s in wire.items()
-    }
+    uses.update({m: GaussianUse(s, rate, train.local_steps) for m, s in wire.items()})
     if "adapter" in accounted:
         uses["adapter"] = planned_use(config.privacy, train, records, tuple(wire.values()))
     return uses
