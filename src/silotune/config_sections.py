@@ -18,6 +18,7 @@ DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
 BadRows = Literal["skip", "fail"]
 PrivateData = Literal["local+synthetic", "local"]
 TruncatedPolicy = Literal["drop", "keep"]
+GeneratorKind = Literal["global", "base", "model", "endpoint"]
 JudgeKind = Literal["none", "openai", "local"]
 ModelDtype = Literal["auto", "float32", "bfloat16"]
 Quantization = Literal["none", "4bit", "8bit"]
@@ -162,6 +163,16 @@ class SyntheticConfig:
     dp_noise_multiplier: float = 0.0
     dp_groups: int = 4
     dp_top_k: int = 20
+    # Who writes the data (data/generators.py): "global" (base + the current global adapter),
+    # "base", "model" (generator_model: a local folder or hub id) or "endpoint" (an
+    # OpenAI-compatible server at generator_url serving generator_model; its prompts hold real
+    # records, so it needs allow_remote_generator = true).
+    generator: GeneratorKind = "global"
+    generator_model: str = ""
+    generator_url: str = ""
+    generator_api_key_env: str = "OPENAI_API_KEY"
+    allow_remote_generator: bool = False
+    timeout_s: float = 120.0  # per endpoint request
 
     def __post_init__(self) -> None:
         if self.dp and self.dp_epsilon <= 0 and self.dp_noise_multiplier <= 0:
@@ -169,6 +180,24 @@ class SyntheticConfig:
                 "synthetic.dp = true needs synthetic.dp_epsilon > 0 (the generation's budget) "
                 "or synthetic.dp_noise_multiplier > 0"
             )
+        if self.generator in ("model", "endpoint") and not self.generator_model:
+            raise ConfigError(
+                f"synthetic.generator = {self.generator!r} needs synthetic.generator_model"
+            )
+        if self.generator == "endpoint":
+            if not self.generator_url:
+                raise ConfigError("synthetic.generator = 'endpoint' needs synthetic.generator_url")
+            if not self.allow_remote_generator:
+                raise ConfigError(
+                    f"synthetic.generator = 'endpoint' sends real records (the in-context "
+                    f"examples) to {self.generator_url}: set synthetic.allow_remote_generator = "
+                    "true if that server may see them"
+                )
+            if self.dp:
+                raise ConfigError(
+                    "synthetic.dp needs the generator's next-token distributions, which an "
+                    "endpoint does not give: use generator 'global', 'base' or 'model'"
+                )
 
 
 @dataclass(frozen=True)
@@ -249,6 +278,7 @@ MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("synthetic", "dp_noise_multiplier"): (0.0, True),
     ("synthetic", "dp_groups"): (1, True),
     ("synthetic", "dp_top_k"): (2, True),
+    ("synthetic", "timeout_s"): (0.0, False),
     ("synthetic", "beta"): (0.0, True),
     ("synthetic", "judge_min_score"): (0.0, True),
     ("judge", "timeout_s"): (0.0, False),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from silotune.config import Config
 from silotune.data.dp_synthetic import check_budget
+from silotune.data.generators import generator_for, generator_note
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import self_generate
 from silotune.errors import ConfigError
@@ -39,15 +40,15 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     private = req.store.get(PRIVATE, bench.initial_private)
     bench.put(GLOBAL, req.global_state)
     bench.put(PRIVATE, private)
-    # The generator is the current global model: base + global, without the private adapter.
-    bench.use([GLOBAL])
+    # The generator (by default the current global model: base + global, never the private
+    # adapter) sees only what it is configured to.
+    generator = generator_for(syn, bench, [GLOBAL])
     # With synthetic.dp the instructions are DP (and reported as the ledger's "synthetic" use).
     private_use = None
     if syn.dp:
         private_use = planned_uses(cfg, {"synthetic": None}, len(req.records))["synthetic"]
     synthetic, stats = self_generate(
-        bench.model,
-        bench.tokenizer,
+        generator,
         req.records,
         syn,
         cfg.data,
@@ -166,5 +167,6 @@ def run_fedpit(job: Job) -> AlgorithmResult:
         f"Per round each client generates {syn.per_round} candidates, trains `global` on the kept "
         f"ones and `private` on {syn.private_data} data ({job.config.train.local_steps} steps "
         f"each); upload = {syn.beta} × global + {1 - syn.beta:g} × private.",
+        generator_note(syn),
     ]
     return result

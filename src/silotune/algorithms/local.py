@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from silotune.data.generators import generator_for
 from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record, SyntheticStats, self_generate
@@ -128,13 +129,11 @@ def _self_generate(
     """Self-generate with the client's current model (base + its adapter), tokenised."""
     cfg, bench = job.config, job.workbench
     bench.put(GLOBAL, state)
-    bench.use([GLOBAL])
-    kept, stats = self_generate(
-        bench.model, bench.tokenizer, records, cfg.synthetic, cfg.data, seed, filter_judge(cfg)
-    )
-    return tokenize_dataset(
-        kept, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length
-    ), stats
+    generator = generator_for(cfg.synthetic, bench, [GLOBAL])
+    judge = filter_judge(cfg)
+    kept, stats = self_generate(generator, records, cfg.synthetic, cfg.data, seed, judge)
+    examples = tokenize_dataset(kept, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length)
+    return examples, stats
 
 
 @register(

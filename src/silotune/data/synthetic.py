@@ -1,6 +1,7 @@
 """FedPIT self-generation: new instruction/response pairs from a client's own few examples.
 
-Two steps per synthetic example, both by the current model (no external API):
+Two steps per synthetic example, both by the generator (`data.generators`; by default the
+current model):
 
     k random local examples ──▶ Self-Instruct-style prompt ──▶ new instruction (+ input)
     new instruction ──▶ the run's prompt style ──▶ response (greedy, repetition penalty)
@@ -23,17 +24,17 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from silotune.config_sections import DataConfig, SyntheticConfig
 from silotune.data import dp_synthetic
-from silotune.data.sft import encode_prompt
 from silotune.modeling.generation import DecodeConfig, Generation, generate
 from silotune.privacy.mechanisms import GaussianUse
 from silotune.seeds import derive_seed
 
 if TYPE_CHECKING:
+    from silotune.data.generators import Generator
     from silotune.evaluation.judge import Judge
 
 Record = dict[str, str]
 FILTERS = ("unparseable", "empty", "truncated", "too_short", "duplicate", "judge")
-_TASK = "### Task"
+TASK_HEADER = "### Task"
 _NO_INPUT = "<none>"
 _HEADER = (
     "Here are example tasks from one domain. Each has an instruction and, if it needs one, an "
@@ -99,9 +100,9 @@ def self_instruct_prompt(demos: Sequence[Record]) -> str:
     for i, rec in enumerate(demos, start=1):
         task_input = rec.get("input", "").strip() or _NO_INPUT
         parts.append(
-            f"{_TASK} {i}\nInstruction: {rec['instruction'].strip()}\nInput: {task_input}\n\n"
+            f"{TASK_HEADER} {i}\nInstruction: {rec['instruction'].strip()}\nInput: {task_input}\n\n"
         )
-    parts.append(f"{_TASK} {len(demos) + 1}\nInstruction:")
+    parts.append(f"{TASK_HEADER} {len(demos) + 1}\nInstruction:")
     return "".join(parts)
 
 
@@ -111,7 +112,7 @@ def parse_task(text: str) -> tuple[str, str] | None:
     The continuation should read ` <instruction>\nInput: <input or <none>>\n\n### Task ...`;
     the task block ends at the first blank line or the next task header.
     """
-    block = text.split(_TASK, 1)[0].strip("\n").split("\n\n", 1)[0]
+    block = text.split(TASK_HEADER, 1)[0].strip("\n").split("\n\n", 1)[0]
     lines = block.split("\n")
     instruction = lines[0].strip()
     if instruction.lower().startswith("input:"):
@@ -192,8 +193,7 @@ def _rejection(c: Candidate, cfg: SyntheticConfig, dedup: NearDuplicates) -> str
 
 
 def self_generate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    generator: Generator,
     local: Sequence[Record],
     cfg: SyntheticConfig,
     data: DataConfig,
@@ -201,27 +201,15 @@ def self_generate(
     judge: Judge | None = None,
     private: GaussianUse | None = None,
 ) -> tuple[list[Record], SyntheticStats]:
-    """Generate `cfg.per_round` candidates from `local` with `model` as it is now; filter them.
+    """Generate `cfg.per_round` candidates from `local` with `generator`; filter them.
 
     With `private` (the round's planned use, see `dp_synthetic.generation_use`) the
     instructions are differentially private and no filter looks at `local`."""
-    if private is not None:
-        tasks = private_instructions(model, tokenizer, local, cfg, seed, private)
-    else:
-        tasks = plain_instructions(model, tokenizer, local, cfg, seed)
+    tasks = generator.instructions(local, cfg, seed, private)
     parsed = [(parse_task(t.text), task_complete(t)) for t in tasks]
     unparseable = sum(1 for p, _ in parsed if p is None)
     usable = [(p, done) for p, done in parsed if p is not None]
-    answers: list[Generation] = generate(
-        model,
-        tokenizer,
-        [encode_prompt(tokenizer, data.prompt_style, ins, inp) for (ins, inp), _ in usable],
-        DecodeConfig(
-            max_new_tokens=cfg.response_max_new_tokens,
-            batch_size=cfg.batch_size,
-            repetition_penalty=cfg.repetition_penalty,
-        ),
-    )
+    answers = generator.responses([p for p, _ in usable], cfg, data)
     candidates = [
         Candidate(ins, inp, ans.text.strip(), done, ans.finished)
         for ((ins, inp), done), ans in zip(usable, answers, strict=True)
@@ -235,12 +223,19 @@ def self_generate(
     return kept, stats
 
 
+def instruction_prompts(local: Sequence[Record], cfg: SyntheticConfig, seed: int) -> list[str]:
+    """`cfg.per_round` in-context prompts, each of `icl_examples` random local records."""
+    rng = random.Random(seed)
+    k = min(cfg.icl_examples, len(local))
+    return [self_instruct_prompt(rng.sample(list(local), k)) for _ in range(cfg.per_round)]
+
+
 def _instruction_decoding(cfg: SyntheticConfig, batch_size: int = 0) -> DecodeConfig:
     return DecodeConfig(
         max_new_tokens=cfg.instruction_max_new_tokens,
         batch_size=batch_size or cfg.batch_size,
         temperature=cfg.instruction_temperature,
-        stop=(_TASK,),
+        stop=(TASK_HEADER,),
     )
 
 
@@ -252,12 +247,7 @@ def plain_instructions(
     seed: int,
 ) -> list[Generation]:
     """`cfg.per_round` instructions, each prompted with `icl_examples` random local records."""
-    rng = random.Random(seed)
-    k = min(cfg.icl_examples, len(local))
-    prompts = [
-        tokenizer(self_instruct_prompt(rng.sample(list(local), k)))["input_ids"]
-        for _ in range(cfg.per_round)
-    ]
+    prompts = [tokenizer(p)["input_ids"] for p in instruction_prompts(local, cfg, seed)]
     return generate(model, tokenizer, prompts, _instruction_decoding(cfg), seed=seed)
 
 
