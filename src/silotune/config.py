@@ -25,6 +25,7 @@ from silotune.config_federation import (
     FederatedConfig,
     SplitConfig,
 )
+from silotune.config_fewfedweight import FEWFEDWEIGHT_MINIMUMS, FewFedWeightConfig
 from silotune.config_privacy import PRIVACY_MINIMUMS, PrivacyConfig
 from silotune.config_sections import (
     MINIMUMS,
@@ -43,7 +44,7 @@ from silotune.errors import ConfigError
 from silotune.typed_values import build_section, reject_unknown
 
 # Numeric lower bounds of every section: (section, key) -> (minimum, inclusive?)
-_MINIMUMS = {**MINIMUMS, **FEDERATION_MINIMUMS, **PRIVACY_MINIMUMS}
+_MINIMUMS = {**MINIMUMS, **FEDERATION_MINIMUMS, **PRIVACY_MINIMUMS, **FEWFEDWEIGHT_MINIMUMS}
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Config:
     defence: DefenceConfig = field(default_factory=DefenceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    fewfedweight: FewFedWeightConfig = field(default_factory=FewFedWeightConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:

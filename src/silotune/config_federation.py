@@ -47,7 +47,7 @@ InversionModel = Literal["linear", "transformer"]
 # Which algorithms' results each attack applies to: extraction and membership need an adapter
 # every participant holds; inversion needs a split run's activations. The algorithms import this
 # module, so these are spelled out; tests/test_registry.py checks them against their traits.
-SHARED_ADAPTER_ALGORITHMS: tuple[Algorithm, ...] = ("fedit", "fedpit", "cenit")
+SHARED_ADAPTER_ALGORITHMS: tuple[Algorithm, ...] = ("fedit", "fedpit", "fewfedweight", "cenit")
 ATTACK_TARGETS: dict[str, tuple[Algorithm, ...]] = {
     "extraction": SHARED_ADAPTER_ALGORITHMS,
     "membership": SHARED_ADAPTER_ALGORITHMS,

@@ -11,7 +11,9 @@ from typing import Literal
 
 from silotune.errors import ConfigError
 
-Algorithm = Literal["fedit", "fedpit", "locit", "locit-sa", "cenit", "split", "split-central"]
+Algorithm = Literal[
+    "fedit", "fedpit", "fewfedweight", "locit", "locit-sa", "cenit", "split", "split-central"
+]
 Partitioner = Literal["iid", "dirichlet"]
 PromptStyle = Literal["alpaca", "chat"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hub"]
