@@ -6,7 +6,8 @@ An experiment's folder (written as OUT.incomplete, renamed to OUT once everythin
     partitions/                  client-N.jsonl, eval.jsonl, canaries.json (0600 in a 0700 folder),
                                  stats.json
     checkpoints/                 resumable state (see silotune.checkpoint); deleted at the end
-    clients/client-N/            each simulated client's own disk (its state/ deleted at the end)
+    clients/client-N/            each simulated client's own disk (its state/ deleted at the end;
+                                 synthetic/<algorithm>/round-K.jsonl: what its generator kept, 0600)
     split/                       a split run: server/ and client-N/ (see SplitOutputs), one log each
     deploy-logs/                 the processes of `silotune deploy local`
     summary.json, metrics.jsonl, adapters/<name>/, report.md, plots/    an algorithm's result
@@ -84,6 +85,11 @@ def client_adapter_dir(client_dir: Path, name: str) -> Path:
     return client_dir / "adapters" / name
 
 
+def client_synthetic_file(client_dir: Path, algorithm: str, round_: int) -> Path:
+    """The synthetic examples a client's generator kept in one round of `algorithm`, on its disk."""
+    return client_dir / "synthetic" / algorithm / f"round-{round_}.jsonl"
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The paths inside one run folder (an experiment's, or one algorithm's result in it)."""
@@ -133,6 +139,15 @@ class RunFolder:
     def client_states(self) -> Iterator[Path]:
         """The simulated clients' resumable state folders."""
         return (client_state_dir(c) for c in self.clients.glob(f"{_CLIENT}*"))
+
+    def synthetic_files(self, algorithm: str) -> list[Path]:
+        """Every simulated client's kept synthetic examples of `algorithm`, one file a round."""
+        return sorted(self.clients.glob(f"{_CLIENT}*/synthetic/{algorithm}/round-*.jsonl"))
+
+    @property
+    def experiment(self) -> RunFolder:
+        """The experiment folder of this result: itself, or its parent when one of several."""
+        return self if self.config.is_file() else RunFolder(self.root.parent)
 
     @property
     def split(self) -> Path:

@@ -18,6 +18,7 @@ from silotune.data.dp_synthetic import check_budget
 from silotune.data.generators import generator_for, generator_note
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import self_generate
+from silotune.data.synthetic_quality import RatedJudge, quality_metrics, write_round
 from silotune.errors import ConfigError
 from silotune.evaluation.evaluator import EvalResult, EvalSet
 from silotune.evaluation.judge import filter_judge
@@ -47,13 +48,15 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     private_use = None
     if syn.dp:
         private_use = planned_uses(cfg, {"synthetic": None}, len(req.records))["synthetic"]
+    # The judge filter's ratings are kept for the round's metrics (it is not asked twice).
+    judge = RatedJudge.around(filter_judge(cfg))
     synthetic, stats = self_generate(
         generator,
         req.records,
         syn,
         cfg.data,
         seed,
-        filter_judge(cfg),
+        judge,
         private_use,
     )
     synthetic_examples = tokenize_dataset(
@@ -63,10 +66,13 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     # Every client reports the same metric keys (Flower aggregates only consistent replies).
     metrics: dict[str, int | float] = {
         **stats.to_metrics(),
+        **quality_metrics(synthetic, judge),
         **(private_use.metrics("synthetic") if private_use else {}),
         "global_train_loss": 0.0,
         "train_s": 0.0,
     }
+    # Closeness to the records is a function of them: it stays on the client's own disk.
+    write_round(req.client_dir, "fedpit", req.round, synthetic, req.records)
     if synthetic_examples:
         trained = bench.fit(
             GLOBAL, synthetic_examples, steps, seed + 1, [GLOBAL], proximal_mu=req.proximal_mu

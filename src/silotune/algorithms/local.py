@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from silotune.data.generators import generator_for
 from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Record, SyntheticStats, self_generate
+from silotune.data.synthetic_quality import RatedJudge, quality_metrics, write_round
 from silotune.evaluation.evaluator import EvalResult
 from silotune.evaluation.intervals import mean_over_models
 from silotune.evaluation.judge import filter_judge
@@ -22,6 +24,7 @@ from silotune.modeling.adapters import GLOBAL, StateDict
 from silotune.modeling.memory import Process
 from silotune.privacy import budget
 from silotune.privacy.accounting import POOLED, dp_sgd_release
+from silotune.run_folder import client_name
 from silotune.seeds import derive_seed
 from silotune.training.loop import Examples
 
@@ -80,10 +83,12 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
                 continue
             extra: dict[str, object] = {}
             if self_augment:
-                synthetic, stats = _self_generate(job, states[cid], records[cid], seed)
+                client_dir = job.run.clients / client_name(cid)
+                synthetic, stats, extra = _self_generate(
+                    job, states[cid], records[cid], seed, client_dir, rnd
+                )
                 examples = examples + synthetic
                 synthetic_total.add(stats)
-                extra = dict(stats.to_metrics())
             states[cid], trained = bench.train(states[cid], examples, cfg.train.local_steps, seed)
             if trained.privacy is not None:
                 budget.record(stores[cid], trained.privacy)
@@ -124,16 +129,19 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
 
 
 def _self_generate(
-    job: Job, state: StateDict, records: list[Record], seed: int
-) -> tuple[Examples, SyntheticStats]:
-    """Self-generate with the client's current model (base + its adapter), tokenised."""
+    job: Job, state: StateDict, records: list[Record], seed: int, client_dir: Path, rnd: int
+) -> tuple[Examples, SyntheticStats, dict[str, object]]:
+    """Self-generate with the client's current model (base + its adapter): tokenised, counted,
+    and the round's metrics; what was kept goes to `client_dir`."""
     cfg, bench = job.config, job.workbench
     bench.put(GLOBAL, state)
     generator = generator_for(cfg.synthetic, bench, [GLOBAL])
-    judge = filter_judge(cfg)
+    judge = RatedJudge.around(filter_judge(cfg))
     kept, stats = self_generate(generator, records, cfg.synthetic, cfg.data, seed, judge)
     examples = tokenize_dataset(kept, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length)
-    return examples, stats
+    # Closeness to the records is a function of them: it stays on the client's own disk.
+    write_round(client_dir, "locit-sa", rnd, kept, records)
+    return examples, stats, {**stats.to_metrics(), **quality_metrics(kept, judge)}
 
 
 @register(

@@ -33,6 +33,7 @@ from silotune.privacy.ledger import Ledger
 from silotune.report.context import RunContext
 from silotune.report.markdown import comparison_markdown, run_markdown
 from silotune.report.plots import plot_curves, plot_epsilon
+from silotune.report.synthetic import generator_markdown
 from silotune.run_folder import RunFolder, write_atomic, write_json
 
 
@@ -106,7 +107,12 @@ def write_run(
     own = {spec.name: summary.get("intervals", {}).get("own", {})}
     plots = plot_curves({spec.name: rows}, ctx.base, run.plots, own)
     plots += plot_epsilon(ledger.rows(), run.plots)
-    markdown = run_markdown(spec, result, summary, ctx.partition_stats, plots, folder)
+    markdown = "\n".join(
+        [
+            run_markdown(spec, result, summary, ctx.partition_stats, plots, folder),
+            *generator_markdown(spec.name, result.rounds, folder),
+        ]
+    )
     write_atomic(run.report, markdown.encode("utf-8"))
     # Last: a summary.json marks the folder as a finished result.
     write_json(run.summary, summary)
