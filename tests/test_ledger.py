@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from silotune.config import load_config
 from silotune.config_privacy import PrivacyConfig
+from silotune.jobs import RoundLog
+from silotune.privacy.accounting import planned_uses, run_ledger
 from silotune.privacy.ledger import Ledger, compose, epsilon_from_json, noise_for_target
 from silotune.privacy.mechanisms import GaussianUse
+from silotune.privacy.noise import mechanism_seed
+
+from .conftest import CONFIGS
 
 DP = GaussianUse(noise_multiplier=1.1, sample_rate=0.05, steps=40)
 NOISY = GaussianUse(noise_multiplier=2.0, sample_rate=0.1, steps=30)
@@ -162,3 +169,23 @@ def test_delta_defaults_to_a_tenth_of_one_over_the_records() -> None:
     assert Ledger.for_config(PrivacyConfig(delta=1e-6), {0: 200}).delta_of(0) == 1e-6
     with pytest.raises(ValueError, match="record count"):
         ledger.account(7, 1, "adapter", DP)
+
+
+def test_noise_is_secret_unless_replayable_and_then_nothing_is_guaranteed() -> None:
+    secret = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0)
+    assert mechanism_seed(secret, 0, "dp-noise") != mechanism_seed(secret, 0, "dp-noise")
+    replay = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, replayable_noise=True)
+    assert mechanism_seed(replay, 0, "dp-noise") == mechanism_seed(replay, 0, "dp-noise")
+    config = load_config(
+        CONFIGS / "tiny.toml", ['privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.1"]
+    )
+    use = planned_uses(config, {"adapter": None}, 40)["adapter"]
+    report = {"client": 0, **use.metrics("adapter")}
+    rounds = [RoundLog(round=1, metrics={}, train_loss=1.0, clients=[report])]
+    assert math.isfinite(run_ledger(config, {"adapter": None}, rounds, {0: 40}).epsilon(0))
+    replayable = dataclasses.replace(
+        config, privacy=dataclasses.replace(config.privacy, replayable_noise=True)
+    )
+    ledger = run_ledger(replayable, {"adapter": None}, rounds, {0: 40})
+    assert ledger.epsilon(0) == math.inf
+    assert "replayable" in ledger.summary()["clients"]["0"]["mechanisms"]["adapter"]["reason"]

@@ -26,6 +26,10 @@ class PrivacyConfig:
     delta: float = 0.0  # 0: 1 / (10 x the client's records)
     max_epsilon: float = 0.0  # > 0: a client whose next round would pass it stops taking part
     accountant: Accountant = "rdp"  # Opacus's RDP or PRV accountant
+    # false: the mechanisms' noise and samples are seeded from the OS's CSPRNG, unknown to all;
+    # true: from experiment.seed, so a run replays exactly, and anyone with the config can
+    # subtract the noise: the ledger then gives every noised release ε = ∞.
+    replayable_noise: bool = False
     # The canary audit: `canaries` random secret records, each put into client `audit_client`'s
     # data with probability 1/2; after each algorithm, an empirical ε lower bound from them.
     audit: bool = False

@@ -30,6 +30,7 @@ from silotune.modeling.memory import Process
 from silotune.privacy.accounting import central_releases, planned_uses
 from silotune.privacy.ledger import record_delta
 from silotune.privacy.mechanisms import Releases
+from silotune.privacy.noise import mechanism_seed
 from silotune.run_folder import client_adapter_dir
 from silotune.seeds import derive_seed
 
@@ -45,9 +46,11 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
     # adapter) sees only what it is configured to.
     generator = generator_for(syn, bench, [GLOBAL])
     # With synthetic.dp the instructions are DP (and reported as the ledger's "synthetic" use).
-    private_use = None
+    private_use, generation_seed = None, seed
     if syn.dp:
         private_use = planned_uses(cfg, {"synthetic": None}, len(req.records))["synthetic"]
+        # The samples and the votes' noise must be unknown to whoever holds the config.
+        generation_seed = mechanism_seed(cfg.privacy, seed, "dp-generation")
     # The judge filter's ratings are kept for the round's metrics (it is not asked twice).
     judge = RatedJudge.around(filter_judge(cfg))
     synthetic, stats = self_generate(
@@ -55,7 +58,7 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
         req.records,
         syn,
         cfg.data,
-        seed,
+        generation_seed,
         judge,
         private_use,
     )

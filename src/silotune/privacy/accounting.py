@@ -19,6 +19,7 @@ from silotune.jobs import RoundLog
 from silotune.privacy.budget import DECLINED
 from silotune.privacy.ledger import Ledger, record_delta
 from silotune.privacy.mechanisms import GaussianUse, Mechanism, Releases
+from silotune.privacy.noise import REPLAYABLE
 from silotune.training.dp import planned_use, sample_rate
 
 # CenIT and split-central: the records themselves leave their clients.
@@ -83,6 +84,8 @@ def run_ledger(
                 if mechanism == "records" and n > 0:
                     continue  # pooled once, before the first round
                 use = _use(config, mechanism, reports.get(client, {}))
+                if reason is None and mechanism != "central" and config.privacy.replayable_noise:
+                    reason = REPLAYABLE  # anyone with the config can subtract the noise
                 if reason is not None:
                     ledger.no_guarantee(client, log.round, mechanism, reason)
                 elif use is None:

@@ -20,8 +20,8 @@ from silotune.config import Config
 from silotune.defences.split import WireNoise
 from silotune.errors import FrameRejected, UserError
 from silotune.modeling.adapters import StateDict
+from silotune.privacy.noise import mechanism_seed
 from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
-from silotune.seeds import derive_seed
 from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, decode, encode, run_id
 from silotune.split.records import LinkStats
 from silotune.split.transport import TimedSealer, open_channel, stream_method
@@ -46,7 +46,8 @@ class MiddleLink:
         self.broken = False  # the stream failed: no goodbye is possible
         # The configured defences: noise on everything this client lets the server see.
         self.noise = WireNoise(
-            config.defence, derive_seed(config.experiment.seed, "wire-noise", client_id)
+            config.defence,
+            mechanism_seed(config.privacy, config.experiment.seed, "wire-noise", client_id),
         )
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._channel = open_channel(target, certs, client_id)

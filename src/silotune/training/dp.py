@@ -29,7 +29,7 @@ from silotune.errors import ConfigError
 from silotune.modeling.placement import device_of
 from silotune.privacy.ledger import noise_for_target, record_delta
 from silotune.privacy.mechanisms import GaussianUse
-from silotune.seeds import derive_seed
+from silotune.privacy.noise import mechanism_seed
 from silotune.training.guards import check_gradients
 
 # Every LoRA input is a frozen activation, so each backward hook fires "with respect to module
@@ -151,11 +151,11 @@ def train_dp(
     rate = sample_rate(cfg.batch_size, records)
     sigma = noise_multiplier_for(privacy, cfg, records)
     device = device_of(model)
-    noise = torch.Generator(device=device).manual_seed(derive_seed(seed, "dp-noise"))
+    noise = torch.Generator(device=device).manual_seed(mechanism_seed(privacy, seed, "dp-noise"))
     sampler = UniformWithReplacementSampler(
         num_samples=records,
         sample_rate=rate,
-        generator=torch.Generator().manual_seed(derive_seed(seed, "dp-sampling")),
+        generator=torch.Generator().manual_seed(mechanism_seed(privacy, seed, "dp-sampling")),
         steps=steps,
     )
     dp_optimizer = DPOptimizer(
