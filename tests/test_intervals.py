@@ -191,3 +191,13 @@ def test_a_clients_per_record_scores_are_screened() -> None:
     assert screen_per_record({"loss": [1.0], "tokens": [3, 4]}) == {}  # ragged
     assert screen_per_record({"secret": [1.0]}) == {}  # not a score evaluation writes
     assert screen_per_record({"loss": "1.0"}) == {}
+
+
+def test_scores_out_of_range_and_uncountable_counts_are_refused() -> None:
+    from silotune.data.synthetic import SyntheticStats
+    from silotune.federated.metering import screen_per_record
+
+    assert screen_per_record({"loss": [1.0], "tokens": [-3]}) == {}
+    assert screen_per_record({"loss": [1.0], "tokens": [3], "rouge_l": [1.5]}) == {}
+    stats = SyntheticStats.from_metrics({"synthetic_kept": float("inf"), "synthetic_generated": -2})
+    assert (stats.kept, stats.generated) == (0, 0)  # a hostile count does not crash the server

@@ -14,7 +14,7 @@ from silotune.config_privacy import PrivacyConfig
 from silotune.jobs import RoundLog
 from silotune.privacy.accounting import planned_uses, run_ledger
 from silotune.privacy.ledger import Ledger, compose, epsilon_from_json, noise_for_target
-from silotune.privacy.mechanisms import GaussianUse
+from silotune.privacy.mechanisms import GaussianUse, joint
 from silotune.privacy.noise import mechanism_seed
 
 from .conftest import CONFIGS
@@ -40,9 +40,24 @@ def test_one_mechanism_equals_opacus_rdp() -> None:
 def test_one_mechanism_equals_opacus_prv() -> None:
     use = GaussianUse(1.1, 0.05, 10)
     ledger = Ledger.for_config(PrivacyConfig(delta=1e-4, accountant="prv"), {0: 200})
-    ledger.account(0, 1, "activations", use)
+    ledger.account(0, 1, "adapter", use)
     expected = _opacus(PRVAccountant(), use, 1e-4)
     assert ledger.epsilon(0) == pytest.approx(expected, rel=1e-9)
+
+
+def test_rows_of_sampled_records_get_no_amplification_by_sampling() -> None:
+    """A split client's activations show which records a step sampled: the round's mechanisms
+    on those batches are accounted at rate 1, not at the sampling rate."""
+    use = GaussianUse(4.0, 0.05, 10)
+    ledger = Ledger({0: 200}, delta=1e-4)
+    ledger.account(0, 1, "activations", use)
+    ledger.account(0, 1, "adapter", use)
+    ledger.account(0, 2, "adapter", use)  # a round without rows: amplified
+    unamplified = dataclasses.replace(use, sample_rate=1.0)
+    assert ledger.epsilon(0, "activations") == pytest.approx(compose([unamplified], 1e-4, "rdp"))
+    expected = compose([joint([unamplified, unamplified]), use], 1e-4, "rdp")
+    assert ledger.epsilon(0) == pytest.approx(expected)
+    assert ledger.epsilon(0, "activations") > compose([use], 1e-4, "rdp")
 
 
 def test_composing_two_mechanisms_gives_more_than_either() -> None:

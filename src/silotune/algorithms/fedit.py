@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from silotune.federated.local import LOCAL_ROLES, LocalReply, LocalRequest, LocalRole
 from silotune.federated.simulation import run_federated
 from silotune.jobs import AlgorithmResult, Job, register
@@ -24,7 +26,8 @@ def fedit_round(req: LocalRequest) -> LocalReply:
         upload=state,
         weight=result.examples,
         metrics={
-            "train_loss": result.loss,
+            # Under DP-SGD the loss on the client's records would leave unnoised: it stays.
+            "train_loss": result.loss if result.privacy is None else math.nan,
             "train_s": result.seconds,
             **(result.privacy.metrics("adapter") if result.privacy else {}),
         },

@@ -141,6 +141,11 @@ def fedpit_releases(config: Config) -> Releases:
         else "the shared global adapter trains on synthetic data whose generator was prompted "
         "with real records (synthetic.dp = false)"
     }
+    # What the report needs from the clients, computed with the private adapter.
+    releases["evaluation"] = (
+        "each client sends its private adapter's training loss and its own held-out scores and "
+        "generations (private adapter on, trained on its records without DP) to the server"
+    )
     if config.synthetic.beta < 1.0:
         releases["adapter"] = (
             "the upload mixes in the private adapter (synthetic.beta < 1), trained on real records"

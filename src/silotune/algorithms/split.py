@@ -66,7 +66,8 @@ def split_releases(config: Config) -> Releases:
 
     Under privacy.mode = dp-sgd all three come from the same Poisson-sampled batches: the wire's
     clipped and noised activations and gradients are Gaussian mechanisms the ledger accounts with
-    the front/back adapters' DP-SGD."""
+    the front/back adapters' DP-SGD, without amplification by sampling (the rows show which
+    records each step sampled)."""
     defence, dp = config.defence, config.privacy.mode == "dp-sgd"
     wire = calibrated(defence)
     shuffled = "clipped and noised, but on shuffled batches (privacy.mode = off): not accounted"
@@ -84,7 +85,9 @@ def split_releases(config: Config) -> Releases:
         if "gradients" in wire
         else "sent without calibrated noise",
     }
-    if config.split.average_clients:
+    # Under DP-SGD the adapters' noised updates are part of the accounted transcript even when
+    # they are not averaged: they shape every later activation and gradient the client sends.
+    if config.split.average_clients or dp:
         releases["adapter"] = dp_sgd_release(config, "front and back adapters")
     return releases
 

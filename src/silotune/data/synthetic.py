@@ -12,6 +12,7 @@ the instruction against every local and already-kept instruction).
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -83,11 +84,14 @@ class SyntheticStats:
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, object]) -> SyntheticStats:
-        """Inverse of to_metrics (missing counts are 0)."""
+        """Inverse of to_metrics (missing counts, and any that is not a count, are 0: a hostile
+        reply's `inf` must not crash the server)."""
 
         def count(key: str) -> int:
             value = metrics.get(key, 0)
-            return int(value) if isinstance(value, int | float) else 0
+            if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+                return int(value)
+            return 0
 
         stats = cls(count("synthetic_generated"), count("synthetic_kept"))
         stats.dropped_by_filter.update({n: count(f"dropped_{n}") for n in FILTERS})

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from silotune.evaluation.intervals import SCORE_NAMES
+from silotune.evaluation.intervals import ACCURACY, ROUGE_L, SCORE_NAMES
 from silotune.federated.screening import Expected, Layout, screen_round
 from silotune.privacy.budget import DECLINED
 from silotune.records import tensor_bytes
@@ -237,6 +237,9 @@ class Metered(Strategy):
         self.strategy.summary()
 
 
+BOUNDED_SCORES = (ROUGE_L, ACCURACY)
+
+
 def screen_per_record(record: dict[str, Any]) -> dict[str, list[float]]:
     """A client's per-record scores if they are what evaluation writes (known score names, equal
     lengths, finite numbers); else nothing: a hostile reply gets no say in the intervals."""
@@ -246,6 +249,10 @@ def screen_per_record(record: dict[str, Any]) -> dict[str, list[float]]:
     if not all(isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in lists):
         return {}
     if len({len(v) for v in lists}) != 1 or not all(math.isfinite(x) for v in lists for x in v):
+        return {}
+    # What evaluation can write: losses and token counts >= 0, ROUGE-L and correctness in [0, 1].
+    bounded = {k: v for k, v in record.items() if k in BOUNDED_SCORES}
+    if any(x < 0 for v in lists for x in v) or any(x > 1 for v in bounded.values() for x in v):
         return {}
     return {k: [float(x) for x in v] for k, v in record.items()}
 

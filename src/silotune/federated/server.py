@@ -273,7 +273,11 @@ def _clients_mean(
     """Record-wise mean of the clients' scores of the whole held-out set (as long as the
     server's own); nothing if no client sent them."""
     size = len(next(iter(server.values()), []))
-    whole = [c for c in clients if all(len(v) == size for v in c.values())]
+    # The server's own scores say which the clients must send: a client leaving one out must
+    # not take that metric's interval away from everyone.
+    whole = [
+        c for c in clients if set(c) == set(server) and all(len(v) == size for v in c.values())
+    ]
     return mean_over_models(whole) if whole and size else {}
 
 

@@ -3,14 +3,17 @@
 Record-level mechanisms of one client act on the same records, so its total ε composes them all
 (Opacus's RDP or PRV accountant over their joint history of (noise_multiplier, sample_rate,
 steps)); those its one training loop released in a round from the same batches count as the
-one mechanism they are (`mechanisms.joint`). "central" is Flower's user-level DP on the averaged
-update: listed with level "user", never composed with the record-level ones. A release without
-a guarantee has ε = ∞ and makes its mechanism's and its client's total ∞ too. JSON has no
-Infinity, so ∞ is written as the string "inf" (see `json_epsilon`).
+one mechanism they are (`mechanisms.joint`), and where a split client sent its sampled records'
+rows that round, which shows the sample, without amplification by sampling (rate 1).
+"central" is Flower's user-level DP on the averaged update: listed with level "user", never
+composed with the record-level ones. A release without a guarantee has ε = ∞ and makes its
+mechanism's and its client's total ∞ too. JSON has no Infinity, so ∞ is written as the string
+"inf" (see `json_epsilon`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -23,7 +26,14 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from silotune.config_privacy import Accountant, PrivacyConfig
-from silotune.privacy.mechanisms import MECHANISMS, ONE_LOOP, GaussianUse, Mechanism, joint
+from silotune.privacy.mechanisms import (
+    MECHANISMS,
+    ONE_LOOP,
+    WIRE,
+    GaussianUse,
+    Mechanism,
+    joint,
+)
 
 USER_LEVEL: frozenset[Mechanism] = frozenset({"central"})
 INFINITY = "inf"  # how ∞ is written in metrics.jsonl, summary.json and checkpoints
@@ -171,7 +181,11 @@ class Ledger:
             return math.inf
         pairs = [(r.round, r.mechanism, r.use) for r in chosen if r.use is not None]
         delta = self.delta_of(client, mechanism or "adapter")
-        return compose(_joined(pairs), delta, self.accountant)
+        return compose(_joined(pairs, self._wire_rounds(client)), delta, self.accountant)
+
+    def _wire_rounds(self, client: int) -> set[int]:
+        """Rounds in which the client sent rows of sampled records (see mechanisms.WIRE)."""
+        return {r.round for r in self.releases if r.client == client and r.mechanism in WIRE}
 
     def would_exceed(
         self, client: int, planned: list[tuple[Mechanism, GaussianUse]], max_epsilon: float
@@ -185,7 +199,10 @@ class Ledger:
         pairs = [(r.round, r.mechanism, r.use) for r in chosen if r.use is not None]
         upcoming = max((r.round for r in self.releases), default=0) + 1
         pairs += [(upcoming, m, use) for m, use in planned]
-        return compose(_joined(pairs), self.delta_of(client), self.accountant) > max_epsilon
+        wire = self._wire_rounds(client) | (
+            {upcoming} if any(m in WIRE for m, _ in planned) else set()
+        )
+        return compose(_joined(pairs, wire), self.delta_of(client), self.accountant) > max_epsilon
 
     def _chosen(self, client: int, mechanism: Mechanism | None, upto: int | None) -> list[Release]:
         return [
@@ -316,12 +333,17 @@ class Ledger:
         return ledger
 
 
-def _joined(pairs: list[tuple[int, Mechanism, GaussianUse]]) -> list[GaussianUse]:
-    """The uses to compose: per round, those of the one training loop joined into one."""
+def _joined(
+    pairs: list[tuple[int, Mechanism, GaussianUse]], wire_rounds: set[int]
+) -> list[GaussianUse]:
+    """The uses to compose: per round, those of the one training loop joined into one, and in
+    `wire_rounds` (rows of sampled records were sent) without amplification by sampling."""
     loops: dict[int, list[GaussianUse]] = {}
     rest: list[GaussianUse] = []
     for round, mechanism, use in pairs:
         if mechanism in ONE_LOOP:
+            if round in wire_rounds:
+                use = dataclasses.replace(use, sample_rate=1.0)
             loops.setdefault(round, []).append(use)
         else:
             rest.append(use)

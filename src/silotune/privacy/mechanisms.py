@@ -13,14 +13,19 @@ from typing import Literal
 # - "activations": a split client's front activations; "gradients": the gradients it returns;
 # - "synthetic": FedPIT's synthetic data (its generator saw real records: not private yet);
 # - "records": the records themselves (pooled for centralized training);
+# - "evaluation": scores and generations a client computes with a model its records trained
+#   without DP and sends for the report (FedPIT's own held-out evaluation, private adapter on);
 # - "central": Flower's server-side or client-side DP on the averaged update (user level).
-Mechanism = Literal["adapter", "activations", "gradients", "synthetic", "records", "central"]
+Mechanism = Literal[
+    "adapter", "activations", "gradients", "synthetic", "records", "evaluation", "central"
+]
 MECHANISMS: tuple[Mechanism, ...] = (
     "adapter",
     "activations",
     "gradients",
     "synthetic",
     "records",
+    "evaluation",
     "central",
 )
 
@@ -28,6 +33,9 @@ MECHANISMS: tuple[Mechanism, ...] = (
 # steps (split: the activations and gradients of each step's batch, and the adapter trained on
 # it): within a round they are one mechanism (see `joint`), not independent ones.
 ONE_LOOP: frozenset[Mechanism] = frozenset({"adapter", "activations", "gradients"})
+# Released row by row, one row per sampled record: whoever sees them sees which records a step
+# sampled, so neither they nor anything else on those batches is amplified by the sampling.
+WIRE: frozenset[Mechanism] = frozenset({"activations", "gradients"})
 
 # What an algorithm lets out of its clients, per mechanism: None when its uses are accounted from
 # the clients' reports, else the reason it has no guarantee.

@@ -62,16 +62,17 @@ def noise_multiplier_for(
     """`privacy.noise_multiplier`, or when 0 the one that makes the planned rounds x local steps
     reach `target_epsilon` at δ with the configured Opacus accountant.
 
-    `shared`: the noise multipliers of other mechanisms on the same batches (a split client's
-    wire); the adapter's noise is then what is left of the target once they are joined with it
-    (`mechanisms.joint`), so the client's total reaches the target.
+    `shared`: the noise multipliers of a split client's wire mechanisms on the same batches; the
+    adapter's noise is then what is left of the target once they are joined with it
+    (`mechanisms.joint`), without amplification by sampling (the wire shows the sample), so the
+    client's total reaches the target.
     """
     if privacy.noise_multiplier > 0:
         return privacy.noise_multiplier
     target = noise_for_target(
         privacy.target_epsilon,
         record_delta(privacy.delta, records),
-        sample_rate(cfg.batch_size, records),
+        1.0 if shared else sample_rate(cfg.batch_size, records),
         cfg.rounds * cfg.local_steps,
         privacy.accountant,
     )
