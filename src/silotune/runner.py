@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -27,7 +26,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 from silotune.algorithms import ALGORITHMS
 from silotune.attacks.audit import audit
@@ -55,9 +53,9 @@ from silotune.privacy.audit import (
     save_canaries,
 )
 from silotune.report.context import RunContext
-from silotune.report.markdown import METRICS, difference_cells, difference_columns
 from silotune.report.outputs import comparison_intervals, write_comparison, write_run
 from silotune.report.sweep import write_sweep_report
+from silotune.report.terminal import clients_table, results_table
 from silotune.run_folder import (
     RunFolder,
     finished_folder,
@@ -172,7 +170,7 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
         + (f", {loaded.describe_dropped()}" if loaded.dropped else "")
         + f"; {len(split.eval)} held out for evaluation"
     )
-    console.print(_partition_table(split))
+    console.print(clients_table(split))
 
     work = RunFolder(work_folder(exp.out))
     if not exp.resume:
@@ -328,7 +326,7 @@ def _run_in(
     intervals = comparison_intervals(scores, cfg.eval.references)
     if len(exp.specs) > 1:
         write_comparison(work.root, runs, ctx, intervals)
-    console.print(_results_table(runs, base, intervals), intervals.get("about", ""))
+    console.print(results_table(runs, base, intervals), intervals.get("about", ""))
 
 
 def _judged(
@@ -353,54 +351,6 @@ def _write_split(work: RunFolder, split: Partitions, cfg: Config) -> None:
     write_partitions(work.partitions, split)
     write_json(work.partition_stats, split.stats())
     write_json(work.config, cfg.to_dict())
-
-
-def _partition_table(split: Partitions) -> Table:
-    table = Table(title="clients")
-    table.add_column("client", justify="right")
-    table.add_column("records", justify="right")
-    table.add_column("label mix")
-    for row in split.stats():
-        labels = row["labels"]
-        assert isinstance(labels, dict)
-        table.add_row(str(row["client"]), str(row["size"]), json.dumps(labels)[1:-1] or "–")
-    return table
-
-
-def _results_table(
-    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]],
-    base: dict[str, float],
-    intervals: dict[str, Any],
-) -> Table:
-    table = Table(title="held-out results")
-    # Only the metrics this run has (ROUGE-L for generation, accuracy for choices, ...).
-    shown = [
-        (k, label) for k, label in METRICS if k in base or any(k in r.final for _, r, _ in runs)
-    ]
-    diffs = difference_columns(intervals)  # per reference and metric: Δ with its interval
-    found = intervals.get("runs", {})
-    headers = [label for _, label in shown] + [header for _, _, header in diffs]
-    for col in ("algorithm", "mode", *headers, "bytes up", "bytes down"):
-        table.add_column(col, justify="left" if col in ("algorithm", "mode") else "right")
-    table.add_row(
-        "base", "–", *_cells(base, shown), *difference_cells(found.get(BASE, {}), diffs), "0", "0"
-    )
-    for spec, result, summary in runs:
-        comm = summary["communication"]
-        assert isinstance(comm, dict)
-        table.add_row(
-            spec.name,
-            spec.mode,
-            *_cells(result.final, shown),
-            *difference_cells(found.get(spec.name, {}), diffs),
-            f"{comm['bytes_up']:,}",
-            f"{comm['bytes_down']:,}",
-        )
-    return table
-
-
-def _cells(metrics: dict[str, float], shown: list[tuple[str, str]]) -> list[str]:
-    return [f"{metrics[k]:.4f}" if k in metrics else "–" for k, _ in shown]
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:
