@@ -41,10 +41,13 @@ def results_table(
     diffs = difference_columns(intervals)  # per reference and metric: Δ with its interval
     found = intervals.get("runs", {})
     headers = [label for _, label in shown] + [header for _, _, header in diffs]
-    for col in ("algorithm", "mode", *headers, "bytes up", "bytes down"):
-        table.add_column(col, justify="left" if col in ("algorithm", "mode") else "right")
+    for col in ("algorithm", "mode"):
+        table.add_column(col)
+    # Narrow terminals wrap a cell rather than cut an interval short.
+    for col in (*headers, "bytes up", "bytes down"):
+        table.add_column(col, justify="right", overflow="fold")
     table.add_row(
-        "base", "–", *_cells(base, shown), *difference_cells(found.get(BASE, {}), diffs), "0", "0"
+        "base", "–", *_cells(base, shown), *_stacked(found.get(BASE, {}), diffs), "0", "0"
     )
     for spec, result, summary in runs:
         comm = summary["communication"]
@@ -53,7 +56,7 @@ def results_table(
             spec.name,
             spec.mode,
             *_cells(result.final, shown),
-            *difference_cells(found.get(spec.name, {}), diffs),
+            *_stacked(found.get(spec.name, {}), diffs),
             f"{comm['bytes_up']:,}",
             f"{comm['bytes_down']:,}",
         )
@@ -62,3 +65,8 @@ def results_table(
 
 def _cells(metrics: dict[str, float], shown: list[tuple[str, str]]) -> list[str]:
     return [f"{metrics[k]:.4f}" if k in metrics else "–" for k, _ in shown]
+
+
+def _stacked(found: dict[str, Any], diffs: list[tuple[str, str, str]]) -> list[str]:
+    """The difference cells with the interval on a line of its own, so the table stays narrow."""
+    return [cell.replace(" [", "\n[", 1) for cell in difference_cells(found, diffs)]
