@@ -26,8 +26,8 @@ from rich.progress import track
 from rich.table import Table
 
 from silotune.config import load_config
+from silotune.data.generators import plain_instructions, private_instructions
 from silotune.data.load import load_records
-from silotune.data.synthetic import plain_instructions, private_instructions
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, load_tokenizer, resolve_model
 from silotune.privacy.mechanisms import GaussianUse

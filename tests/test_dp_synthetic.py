@@ -18,7 +18,8 @@ from silotune.config import load_config
 from silotune.config_sections import SyntheticConfig
 from silotune.data import dp_synthetic
 from silotune.data.dp_synthetic import DPVote, check_budget, deal, generation_use
-from silotune.data.synthetic import private_instructions, self_instruct_prompt
+from silotune.data.generators import private_instructions
+from silotune.data.synthetic import self_instruct_prompt
 from silotune.errors import ConfigError
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.generation import DecodeConfig, generate

@@ -3,12 +3,9 @@ model, and an OpenAI-compatible endpoint (a fake one on loopback)."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +24,7 @@ from silotune.modeling.adapters import GLOBAL
 from silotune.training.workbench import Workbench
 
 from .conftest import CONFIGS
+from .fake_openai import fake_openai
 
 LOCAL = [
     {"instruction": f"What treats a disease of the {organ}?", "input": "", "output": "Rest."}
@@ -95,65 +93,28 @@ QUESTIONS = [
 ]
 
 
-class _FakeOpenAI(BaseHTTPRequestHandler):
-    """Completions answer with a well-formed task block; chat with a fixed answer."""
-
-    requests: ClassVar[list[tuple[str, dict[str, Any]]]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.requests.append((self.path, body))
-        n = len(self.requests)
-        if self.path.endswith("/completions") and "chat" not in self.path:
-            text = f" {QUESTIONS[(n - 1) % len(QUESTIONS)]}\nInput: <none>\n\n"
-            reply = {
-                "id": "x",
-                "object": "text_completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-            }
-        else:
-            message = {"role": "assistant", "content": f"Answer {n}: see a doctor about it soon."}
-            reply = {
-                "id": "y",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            }
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def _writer(path: str, body: dict[str, Any], n: int) -> str:
+    """Completions: a well-formed task block; chat: a numbered answer."""
+    if path.endswith("/chat/completions"):
+        return f"Answer {n}: see a doctor about it soon."
+    return f" {QUESTIONS[(n - 1) % len(QUESTIONS)]}\nInput: <none>\n\n"
 
 
 @pytest.fixture
-def fake_server() -> Iterator[str]:
-    _FakeOpenAI.requests = []
-    server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+def fake_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    with fake_openai(_writer) as server:
+        yield server
 
 
 def test_an_endpoint_generator_writes_through_the_server(
-    fake_server: str, tiny_bench: Workbench
+    fake_server: tuple[str, list[dict[str, Any]]], tiny_bench: Workbench
 ) -> None:
+    url, seen = fake_server
     syn = replace(
         SYN,
         generator="endpoint",
         generator_model="med-7b",
-        generator_url=fake_server,
+        generator_url=url,
         allow_remote_generator=True,
         min_response_words=2,
     )
@@ -163,13 +124,13 @@ def test_an_endpoint_generator_writes_through_the_server(
     assert stats.generated == 3 and len(kept) == 3
     assert [k["instruction"] for k in kept] == QUESTIONS
     assert kept[0]["output"].startswith("Answer 4:")
-    paths = [path for path, _ in _FakeOpenAI.requests]
+    paths = [r["path"] for r in seen]
     assert paths.count("/v1/completions") == 3 and paths.count("/v1/chat/completions") == 3
-    prompt = _FakeOpenAI.requests[0][1]["prompt"]
+    prompt = seen[0]["prompt"]
     # What the note warns about: the in-context examples are real records, sent to the server.
     assert any(r["instruction"] in prompt for r in LOCAL)
-    assert _FakeOpenAI.requests[0][1]["stop"] == ["### Task"]
-    assert fake_server in generator_note(syn) and "real records" in generator_note(syn)
+    assert seen[0]["stop"] == ["### Task"]
+    assert url in generator_note(syn) and "real records" in generator_note(syn)
 
 
 def test_an_unreachable_endpoint_is_one_clear_error(tiny_bench: Workbench) -> None:

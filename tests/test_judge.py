@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -21,6 +18,8 @@ from silotune.evaluation.judge import (
     parse_verdict,
 )
 
+from .fake_openai import fake_openai
+
 Policy = Callable[[str], str]
 
 
@@ -35,42 +34,9 @@ def prefers_marked(prompt: str) -> str:
 
 @pytest.fixture
 def judge_server() -> Iterator[tuple[str, list[dict[str, object]], list[Policy]]]:
-    seen: list[dict[str, object]] = []
     policy: list[Policy] = [prefers_marked]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-            reply = policy[0](body["messages"][-1]["content"])
-            payload = {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": reply},
-                    }
-                ],
-            }
-            data = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", seen, policy
-    server.shutdown()
+    with fake_openai(lambda _, body, __: policy[0](body["messages"][-1]["content"])) as (url, seen):
+        yield url, seen, policy
 
 
 @pytest.fixture

@@ -18,22 +18,28 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from silotune.config_sections import DataConfig, ModelConfig, SyntheticConfig
+from silotune.data import dp_synthetic
 from silotune.data.sft import encode_prompt
+from silotune.data.synthetic import (
+    TASK_HEADER,
+    Record,
+    instruction_prompts,
+    self_instruct_prompt,
+)
 from silotune.errors import ConfigError, UserError
 from silotune.modeling.generation import DecodeConfig, Generation, generate
 from silotune.privacy.mechanisms import GaussianUse
+from silotune.seeds import derive_seed
 
 if TYPE_CHECKING:
     from silotune.training.workbench import Workbench
-
-Record = dict[str, str]
 
 
 class Generator(Protocol):
@@ -75,8 +81,6 @@ class LocalGenerator:
         self, local: Sequence[Record], cfg: SyntheticConfig, seed: int, private: GaussianUse | None
     ) -> list[Generation]:
         """Plain or DP in-context generation (see `data.synthetic`)."""
-        from silotune.data.synthetic import plain_instructions, private_instructions
-
         with self._active():
             if private is not None:
                 return private_instructions(self.model, self.tokenizer, local, cfg, seed, private)
@@ -111,8 +115,6 @@ class EndpointGenerator:
         self, local: Sequence[Record], cfg: SyntheticConfig, seed: int, private: GaussianUse | None
     ) -> list[Generation]:
         """One completion per prompt, stopped at the next task header."""
-        from silotune.data.synthetic import TASK_HEADER, instruction_prompts
-
         if private is not None:
             raise ConfigError("synthetic.dp cannot run on an endpoint generator")
         out = []
@@ -204,3 +206,58 @@ def generator_note(cfg: SyntheticConfig) -> str:
         "model": f"{cfg.generator_model}, a separate model on each client's machine",
     }[cfg.generator]
     return f"Synthetic data: {private}, written by {where}; no record left the client for it."
+
+
+def _instruction_decoding(cfg: SyntheticConfig, batch_size: int = 0) -> DecodeConfig:
+    return DecodeConfig(
+        max_new_tokens=cfg.instruction_max_new_tokens,
+        batch_size=batch_size or cfg.batch_size,
+        temperature=cfg.instruction_temperature,
+        stop=(TASK_HEADER,),
+    )
+
+
+def plain_instructions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    local: Sequence[Record],
+    cfg: SyntheticConfig,
+    seed: int,
+) -> list[Generation]:
+    """`cfg.per_round` instructions, each prompted with `icl_examples` random local records."""
+    prompts = [tokenizer(p)["input_ids"] for p in instruction_prompts(local, cfg, seed)]
+    return generate(model, tokenizer, prompts, _instruction_decoding(cfg), seed=seed)
+
+
+def private_instructions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    local: Sequence[Record],
+    cfg: SyntheticConfig,
+    seed: int,
+    use: GaussianUse,
+) -> list[Generation]:
+    """`cfg.per_round` instructions by DP few-shot generation (see `silotune.data.dp_synthetic`):
+    each from its own sample of `local`, its groups' prompts and the public one in one block."""
+    rate = dp_synthetic.sample_rate(cfg, len(local))
+    blocks: list[list[int]] = []
+    for j in range(cfg.per_round):
+        dealt = dp_synthetic.deal(
+            len(local), rate, cfg.dp_groups, cfg.icl_examples, derive_seed(seed, "dp-deal", j)
+        )
+        groups = [[local[i] for i in g] for g in dealt]
+        for demos in ([], *groups):  # the public prompt first
+            blocks.append(tokenizer(self_instruct_prompt(demos))["input_ids"])
+    block = cfg.dp_groups + 1
+    vote = dp_synthetic.DPVote(
+        cfg.dp_groups,
+        cfg.dp_top_k,
+        dp_synthetic.token_noise(cfg, use) * dp_synthetic.SENSITIVITY,
+        derive_seed(seed, "dp-vote"),
+    )
+    # Whole blocks per batch, greedy: every row of a block takes the vote's token.
+    decoding = replace(
+        _instruction_decoding(cfg, block * max(1, cfg.batch_size // block)), temperature=0.0
+    )
+    out = generate(model, tokenizer, blocks, decoding, processors=LogitsProcessorList([vote]))
+    return out[::block]

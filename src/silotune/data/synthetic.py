@@ -16,18 +16,14 @@ import math
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rouge_score import rouge_scorer
-from torch import nn
-from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from silotune.config_sections import DataConfig, SyntheticConfig
-from silotune.data import dp_synthetic
-from silotune.modeling.generation import DecodeConfig, Generation, generate
+from silotune.modeling.generation import Generation
 from silotune.privacy.mechanisms import GaussianUse
-from silotune.seeds import derive_seed
 
 if TYPE_CHECKING:
     from silotune.data.generators import Generator
@@ -232,58 +228,3 @@ def instruction_prompts(local: Sequence[Record], cfg: SyntheticConfig, seed: int
     rng = random.Random(seed)
     k = min(cfg.icl_examples, len(local))
     return [self_instruct_prompt(rng.sample(list(local), k)) for _ in range(cfg.per_round)]
-
-
-def _instruction_decoding(cfg: SyntheticConfig, batch_size: int = 0) -> DecodeConfig:
-    return DecodeConfig(
-        max_new_tokens=cfg.instruction_max_new_tokens,
-        batch_size=batch_size or cfg.batch_size,
-        temperature=cfg.instruction_temperature,
-        stop=(TASK_HEADER,),
-    )
-
-
-def plain_instructions(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    local: Sequence[Record],
-    cfg: SyntheticConfig,
-    seed: int,
-) -> list[Generation]:
-    """`cfg.per_round` instructions, each prompted with `icl_examples` random local records."""
-    prompts = [tokenizer(p)["input_ids"] for p in instruction_prompts(local, cfg, seed)]
-    return generate(model, tokenizer, prompts, _instruction_decoding(cfg), seed=seed)
-
-
-def private_instructions(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    local: Sequence[Record],
-    cfg: SyntheticConfig,
-    seed: int,
-    use: GaussianUse,
-) -> list[Generation]:
-    """`cfg.per_round` instructions by DP few-shot generation (see `silotune.data.dp_synthetic`):
-    each from its own sample of `local`, its groups' prompts and the public one in one block."""
-    rate = dp_synthetic.sample_rate(cfg, len(local))
-    blocks: list[list[int]] = []
-    for j in range(cfg.per_round):
-        dealt = dp_synthetic.deal(
-            len(local), rate, cfg.dp_groups, cfg.icl_examples, derive_seed(seed, "dp-deal", j)
-        )
-        groups = [[local[i] for i in g] for g in dealt]
-        for demos in ([], *groups):  # the public prompt first
-            blocks.append(tokenizer(self_instruct_prompt(demos))["input_ids"])
-    block = cfg.dp_groups + 1
-    vote = dp_synthetic.DPVote(
-        cfg.dp_groups,
-        cfg.dp_top_k,
-        dp_synthetic.token_noise(cfg, use) * dp_synthetic.SENSITIVITY,
-        derive_seed(seed, "dp-vote"),
-    )
-    # Whole blocks per batch, greedy: every row of a block takes the vote's token.
-    decoding = replace(
-        _instruction_decoding(cfg, block * max(1, cfg.batch_size // block)), temperature=0.0
-    )
-    out = generate(model, tokenizer, blocks, decoding, processors=LogitsProcessorList([vote]))
-    return out[::block]
