@@ -20,8 +20,9 @@ from silotune.evaluation.intervals import (
     paired_difference,
 )
 from silotune.jobs import AlgorithmResult, RoundLog
+from silotune.repeats import resume
 from silotune.run_folder import work_folder
-from silotune.runner import plan_experiment, resume, run_experiment
+from silotune.runner import plan_experiment, run_experiment
 
 from .conftest import CONFIGS
 
@@ -100,7 +101,8 @@ def test_the_mean_over_models_keeps_the_mean_loss() -> None:
 @pytest.fixture(scope="module")
 def fedit_locit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(
-        CONFIGS / "tiny.toml", ["experiment.algorithms=['fedit','locit']", "train.rounds=1"]
+        CONFIGS / "tiny.toml",
+        ["experiment.algorithms=['fedit','locit']", "train.rounds=2", "eval.generate_n=5"],
     )
     out = tmp_path_factory.mktemp("runs") / "intervals"
     return run_experiment(plan_experiment(config, out), Console(file=io.StringIO(), width=300))
@@ -122,6 +124,12 @@ def test_a_run_writes_intervals_to_comparison_json_and_reports(fedit_locit: Path
     summary = json.loads((fedit_locit / "locit" / "summary.json").read_text())
     assert set(summary["intervals"]["vs"]) == {"base"}
     assert len(summary["per_record"]["loss"]) == 8
+    # Loss on every record every round; generation on the first 5, at the last round only.
+    assert len(summary["per_record"]["rouge_l"]) == 5
+    assert intervals["runs"]["fedit"]["base"]["rouge_l"]["records"] == 5
+    for name in ("fedit", "locit"):
+        rounds = [json.loads(line) for line in (fedit_locit / name / "metrics.jsonl").open()]
+        assert ["rouge_l" in r for r in rounds] == [False, True], name
     report = (fedit_locit / "report.md").read_text()
     assert "paired bootstrap 95 % interval over the 8 held-out records" in report
     assert "Δ eval loss vs base" in report and "Δ eval loss vs locit" in report
@@ -191,6 +199,10 @@ def test_a_clients_per_record_scores_are_screened() -> None:
     assert screen_per_record({"loss": [1.0], "tokens": [3, 4]}) == {}  # ragged
     assert screen_per_record({"secret": [1.0]}) == {}  # not a score evaluation writes
     assert screen_per_record({"loss": "1.0"}) == {}
+    # ROUGE-L covers the first eval.generate_n records; the rest, every held-out record.
+    assert screen_per_record({**good, "rouge_l": [0.5]}, records=2)["rouge_l"] == [0.5]
+    assert screen_per_record({**good, "rouge_l": [0.5, 0.5, 0.5]}, records=2) == {}
+    assert screen_per_record(good, records=3) == {}  # not one score per held-out record
 
 
 def test_scores_out_of_range_and_uncountable_counts_are_refused() -> None:
@@ -201,3 +213,15 @@ def test_scores_out_of_range_and_uncountable_counts_are_refused() -> None:
     assert screen_per_record({"loss": [1.0], "tokens": [3], "rouge_l": [1.5]}) == {}
     stats = SyntheticStats.from_metrics({"synthetic_kept": float("inf"), "synthetic_generated": -2})
     assert (stats.kept, stats.generated) == (0, 0)  # a hostile count does not crash the server
+
+
+def test_generation_runs_at_the_last_round_and_every_generate_every() -> None:
+    from silotune.config_sections import EvalConfig
+    from silotune.evaluation.evaluator import generates
+
+    last_only = EvalConfig()
+    assert [generates(last_only, r, 4) for r in (1, 2, 3, 4)] == [False, False, False, True]
+    assert generates(last_only, None, 4)  # a one-off evaluation (the base model) generates
+    every_2 = EvalConfig(generate_every=2)
+    assert [generates(every_2, r, 5) for r in (1, 2, 3, 4, 5)] == [False, True, False, True, True]
+    assert not generates(EvalConfig(generate=False), 4, 4)

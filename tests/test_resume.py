@@ -29,8 +29,9 @@ from silotune.checkpoint import (
 from silotune.config import Config, load_config
 from silotune.errors import UserError
 from silotune.jobs import AlgorithmResult, RoundLog
+from silotune.repeats import resume
 from silotune.run_folder import work_folder
-from silotune.runner import plan_experiment, resume, run_experiment
+from silotune.runner import plan_experiment, run_experiment
 
 from .conftest import CONFIGS
 

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from silotune.config import load_config, sweep_variants
 from silotune.errors import ConfigError
-from silotune.runner import run_sweep
+from silotune.repeats import run_sweep
 
 from .conftest import CONFIGS
 

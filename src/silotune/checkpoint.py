@@ -132,6 +132,7 @@ def save_result(folder: Path, result: AlgorithmResult) -> None:
             "judge": dataclasses.asdict(result.judge) if result.judge else None,
             "adapter_config": result.adapter_config,
             "final_per_record": result.final_per_record,
+            "per_client_eval": result.per_client_eval,
         }
         write_json(tmp / "result.json", data, indent=None)
 
@@ -156,6 +157,7 @@ def load_result(folder: Path) -> AlgorithmResult | None:
         judge=JudgeResult(**data["judge"]) if data["judge"] else None,
         adapter_config=data.get("adapter_config"),  # absent from results kept before it existed
         final_per_record=data.get("final_per_record", {}),  # likewise
+        per_client_eval=data.get("per_client_eval", {}),  # likewise
     )
 
 

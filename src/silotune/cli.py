@@ -1,5 +1,5 @@
-"""`silotune` command line: `run` an experiment; `audit` its ε; `attack` a finished run; `certs`,
-`split-server`, `split-client`."""
+"""`silotune` command line: `run` an experiment; `audit` its ε; `attack` or `eval` a finished run;
+`certs`, `split-server`, `split-client`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "attack": _attack,
         "deploy": _deploy,
         "plan": _plan,
+        "eval": _eval,
     }[args.command]
     go_on = _AFTER_FULL_DISK.get(args.command, "free space and run the command again")
     return run_command(lambda: handler(args, console), go_on)
@@ -44,14 +45,9 @@ _AFTER_FULL_DISK = {"split-server": _SPLIT_GO_ON, "split-client": _SPLIT_GO_ON}
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     from silotune.config import load_config
+    from silotune.repeats import resume, run
     from silotune.run_folder import work_folder
-    from silotune.runner import (
-        default_out,
-        plan_experiment,
-        resume,
-        run_experiment,
-        run_sweep,
-    )
+    from silotune.runner import default_out
 
     if args.resume is not None:
         if args.config is not None or args.overrides or args.out is not None:
@@ -68,10 +64,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     check_writable(out, "--out")
     work = work_folder(out)
     with on_full_disk(f"{work} stays resumable: free space, then `silotune run --resume {work}`"):
-        if config.sweep.key:
-            run_sweep(config, out, console, verbose=args.verbose)
-        else:
-            run_experiment(plan_experiment(config, out), console, verbose=args.verbose)
+        run(config, out, console, verbose=args.verbose)
     return 0
 
 
@@ -138,6 +131,25 @@ def _attack(args: argparse.Namespace, console: Console) -> int:
     check_writable(args.run_dir, "run_dir")  # privacy.json and report.md are written into it
     found = audit(args.run_dir, kinds, settings, log=console.print)
     console.print(f"attacked {', '.join(found)}; see privacy.json and report.md in {args.run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    """`eval TARGET --tasks ...`: lm-eval benchmarks on a finished run's models."""
+    from silotune.evaluation.lm_eval import evaluate_folder
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be 1 or more")
+    check_writable(args.target, "TARGET")  # eval/ is written into it
+    evaluate_folder(
+        args.target,
+        tasks,
+        client=args.client,
+        limit=args.limit or None,
+        batch_size=args.batch_size,
+        log=console.print,
+    )
     return 0
 
 

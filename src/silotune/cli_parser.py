@@ -87,7 +87,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_command(commands)
     _add_plan_command(commands)
     _add_deploy_command(commands)
+    _add_eval_command(commands)
     return parser
+
+
+def _add_eval_command(commands: Any) -> None:
+    """`eval`: standard benchmarks (lm-eval) on a finished run's models."""
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a run's adapters and the base model on lm-eval benchmarks",
+        description=(
+            "Run EleutherAI's lm-evaluation-harness on the models TARGET holds (each algorithm's "
+            "adapter; FedPIT's global + one client's private; a split client's whole model) and "
+            "on the base model, and write the scores with lm-eval's standard errors into "
+            "TARGET/eval/lm-eval.json and eval/lm-eval.md."
+        ),
+        epilog=(
+            "examples:\n"
+            "  silotune eval runs/demo --tasks flowertune-medical\n"
+            "  silotune eval runs/demo/fedpit --tasks pubmedqa --client 2 --limit 100\n"
+            "  silotune eval runs/demo/fedit/adapters/global --tasks my_tasks/qa.yaml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument(
+        "target", type=Path, help="a run folder, one algorithm's folder or an adapter folder"
+    )
+    evaluate.add_argument(
+        "--tasks",
+        required=True,
+        help=(
+            "comma-separated: groups (flowertune-medical, flowertune-general, fl-glm), lm-eval "
+            "task names, or paths of task YAML files or folders"
+        ),
+    )
+    evaluate.add_argument(
+        "--client", type=_count, default=0, help="whose model, where each client has its own"
+    )
+    evaluate.add_argument(
+        "--limit", type=_count, default=0, help="score at most N records per task (0: all)"
+    )
+    evaluate.add_argument("--batch-size", type=_count, default=8, help="lm-eval's batch size")
+    evaluate.add_argument("--verbose", action="store_true", help="show library logs")
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {text!r}")
+    return int(text)
 
 
 def _add_deploy_command(commands: Any) -> None:

@@ -150,6 +150,16 @@ def sweep_variants(config: Config) -> list[tuple[str, Config]]:
     return variants
 
 
+def seed_variants(config: Config) -> list[tuple[str, Config]]:
+    """One (label, config) per seed of experiment.seeds, each with that one seed."""
+    variants = []
+    for seed in config.experiment.seeds:
+        raw = config.to_dict()
+        raw["experiment"].update(seed=seed, seeds=[])
+        variants.append((f"seed={seed}", config_from_dict(raw)))
+    return variants
+
+
 def _section_type(name: str) -> type[Any]:
     hints = get_type_hints(Config)
     cls = hints[name]
@@ -188,6 +198,11 @@ def _check_combinations(config: Config) -> None:
     if config.federated.fraction_train > 1.0:
         raise ConfigError(
             f"federated.fraction_train must be in (0, 1], got {config.federated.fraction_train}"
+        )
+    seeds = config.experiment.seeds
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ConfigError(
+            f"experiment.seeds must be distinct seeds >= 0 (e.g. [0, 1, 2]), got {list(seeds)}"
         )
     if bool(config.sweep.key) != bool(config.sweep.values):
         raise ConfigError("a sweep needs both sweep.key (section.key) and sweep.values")

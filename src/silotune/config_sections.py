@@ -33,6 +33,9 @@ class ExperimentConfig:
     name: str = "experiment"
     algorithms: tuple[Algorithm, ...] = ("fedit",)
     seed: int = 0
+    # Non-empty: the whole experiment (data split, initialisation, sampling) runs once per seed,
+    # in OUT/seed=S/, and a report gives the mean and spread over seeds (`seed` is then unused).
+    seeds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class PartitionConfig:
     # Few-shot cap: at most this many records per client (0 = no cap).
     max_examples_per_client: int = 0
     min_partition_size: int = 2
+    # > 0: each client also holds out up to this many of its own records (never trained on),
+    # on which every final model is scored: how each does on each client's distribution.
+    client_eval_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,11 @@ class EvalConfig:
     generate: bool = True
     max_new_tokens: int = 48
     batch_size: int = 8
+    # Held-out loss covers every eval record every round; generation (ROUGE-L, the judge) is
+    # the slow part, so it runs on the first generate_n records (0: all) at the last round, and
+    # also every generate_every rounds when that is > 0.
+    generate_n: int = 0
+    generate_every: int = 0
     # Non-empty (e.g. ["yes", "no"]): also pick, per held-out item, the choice the model finds
     # most likely after the prompt and report accuracy against the reference output.
     choices: tuple[str, ...] = ()
@@ -216,8 +227,16 @@ class EvalConfig:
     # interval over the held-out records: "base" (the untuned model) or algorithm names; names
     # that did not run are skipped.
     references: tuple[str, ...] = ("base", "locit")
+    # lm-eval tasks to score the run's models on once it has finished (as `silotune eval` does):
+    # group names (e.g. "flowertune-medical"), lm-eval task names or task YAML paths.
+    lm_eval_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(not t.strip() for t in self.lm_eval_tasks):
+            raise ConfigError(
+                f"eval.lm_eval_tasks holds an empty name: {list(self.lm_eval_tasks)}; give lm-eval "
+                "task or group names, or paths of task YAML files"
+            )
         stripped = {c.strip() for c in self.choices} - {""}
         if self.choices and (len(stripped) != len(self.choices) or len(stripped) < 2):
             raise ConfigError(
@@ -260,6 +279,7 @@ MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("partition", "alpha"): (0.0, False),
     ("partition", "max_examples_per_client"): (0, True),
     ("partition", "min_partition_size"): (0, True),
+    ("partition", "client_eval_size"): (0, True),
     ("train", "rounds"): (1, True),
     ("train", "local_steps"): (1, True),
     ("train", "batch_size"): (1, True),
@@ -287,6 +307,8 @@ MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("judge", "max_items"): (0, True),
     ("eval", "max_new_tokens"): (1, True),
     ("eval", "batch_size"): (1, True),
+    ("eval", "generate_n"): (0, True),
+    ("eval", "generate_every"): (0, True),
     ("model", "tiny_layers"): (1, True),
     ("model", "tiny_hidden"): (8, True),
 }

@@ -102,6 +102,9 @@ class AlgorithmResult:
     # Per held-out record, the scores of the model(s) whose metrics are `final` (a record-wise
     # mean where `final` is a mean over clients' models); empty when unknown.
     final_per_record: PerRecord = field(default_factory=dict)
+    # Every client's final model on every client's own held-out records (see
+    # silotune.evaluation.per_client); empty without partition.client_eval_size.
+    per_client_eval: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:

@@ -3,8 +3,8 @@
 An experiment's folder (written as OUT.incomplete, renamed to OUT once everything is in it):
 
     config.json                  the full config (written first: a resume reads it)
-    partitions/                  client-N.jsonl, eval.jsonl, canaries.json (0600 in a 0700 folder),
-                                 stats.json
+    partitions/                  client-N.jsonl, client-N-eval.jsonl (its own held-out records),
+                                 eval.jsonl, canaries.json (0600 in a 0700 folder), stats.json
     checkpoints/                 resumable state (see silotune.checkpoint); deleted at the end
     clients/client-N/            each simulated client's own disk (its state/ deleted at the end;
                                  synthetic/<algorithm>/round-K.jsonl: what its generator kept, 0600)
@@ -14,8 +14,10 @@ An experiment's folder (written as OUT.incomplete, renamed to OUT once everythin
     privacy.json                 what `silotune attack` found
 
 With several algorithms each result is a sub-folder named after the algorithm, beside a
-side-by-side report.md and comparison.json. Whatever a reader must never see half-written
-(checkpoints, results, keys, caches) goes through write_atomic or write_folder_atomic.
+side-by-side report.md and comparison.json. A sweep or experiment.seeds holds one such folder per
+value or seed, beside its report (see silotune.repeats). Whatever a reader must never see
+half-written (checkpoints, results, keys, caches) goes through write_atomic or
+write_folder_atomic.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def client_name(index: int) -> str:
 def partition_file(partitions_dir: str | Path, index: int) -> Path:
     """Where client `index` finds its own records."""
     return Path(partitions_dir) / f"{client_name(index)}.jsonl"
+
+
+def client_eval_file(partitions_dir: str | Path, index: int) -> Path:
+    """Client `index`'s own held-out records (partition.client_eval_size)."""
+    return Path(partitions_dir) / f"{client_name(index)}-eval.jsonl"
 
 
 def eval_file(partitions_dir: str | Path) -> Path:

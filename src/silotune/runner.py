@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -30,7 +31,7 @@ from rich.progress import (
 from silotune.algorithms import ALGORITHMS
 from silotune.attacks.audit import audit
 from silotune.checkpoint import load_result, save_result
-from silotune.config import Config, load_config, sweep_variants
+from silotune.config import Config
 from silotune.data.load import load_records
 from silotune.data.partition import Partitions, split_dataset
 from silotune.data.private import check_partitions, write_partitions
@@ -39,6 +40,12 @@ from silotune.errors import ConfigError, UserError
 from silotune.evaluation.evaluator import EvalSet, build_eval_set
 from silotune.evaluation.intervals import BASE, PER_RECORD, PerRecord
 from silotune.evaluation.judge import Judge, JudgeResult, bilateral_win_rate, build_judge
+from silotune.evaluation.per_client import (
+    base_on_clients,
+    client_models,
+    pooled_loss,
+    score_clients,
+)
 from silotune.jobs import AlgorithmResult, AlgorithmSpec, Job, RoundLog
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
@@ -54,11 +61,10 @@ from silotune.privacy.audit import (
 )
 from silotune.report.context import RunContext
 from silotune.report.outputs import comparison_intervals, write_comparison, write_run
-from silotune.report.sweep import write_sweep_report
+from silotune.report.per_client import own_scores, per_client_table
 from silotune.report.terminal import clients_table, results_table
 from silotune.run_folder import (
     RunFolder,
-    finished_folder,
     refuse_leftover,
     work_folder,
     write_json,
@@ -76,28 +82,6 @@ class Experiment:
     resume: bool = False  # continue from the checkpoints in OUT.incomplete
 
 
-def resume(folder: Path, console: Console, verbose: bool = False) -> Path:
-    """Continue the interrupted run whose output folder (or its .incomplete twin) is `folder`."""
-    out = finished_folder(folder)
-    work = work_folder(out)
-    if not work.is_dir():
-        if out.is_dir():
-            raise UserError(f"{out} has already finished; there is nothing to resume")
-        raise UserError(f"no interrupted run at {folder} (expected a folder {work})")
-    config_file = RunFolder(work).config
-    if not config_file.is_file():
-        raise UserError(
-            f"{work} holds no {config_file.name}: the run stopped before it started training; "
-            f"start it again with `silotune run`"
-        )
-    config = load_config(config_file)
-    console.print(f"resuming {config.experiment.name} in {work}")
-    if config.sweep.key:
-        return run_sweep(config, out, console, verbose, resuming=True)
-    exp = plan_experiment(config, out, resuming=True)
-    return run_experiment(exp, console, verbose)
-
-
 def plan_experiment(config: Config, out: Path | None, resuming: bool = False) -> Experiment:
     """Resolve algorithms and the output folder; refuse to overwrite an existing result."""
     specs = [ALGORITHMS.get(name) for name in config.experiment.algorithms]
@@ -113,45 +97,6 @@ def default_out(config: Config) -> Path:
     """runs/<experiment name>-<timestamp>"""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.experiment.name}-{stamp}"
-
-
-def run_sweep(
-    config: Config,
-    out: Path | None,
-    console: Console,
-    verbose: bool = False,
-    resuming: bool = False,
-) -> Path:
-    """Run the experiment once per swept value into OUT/<key>=<value>/, then compare them."""
-    variants = sweep_variants(config)
-    out = out or default_out(config)
-    if out.exists():
-        raise ConfigError(f"output folder {out} already exists; pass another --out or remove it")
-    if not resuming:
-        refuse_leftover(out)
-    work = RunFolder(work_folder(out))
-    plans = [
-        (
-            label,
-            None
-            if (work.root / label).is_dir()
-            else plan_experiment(sub, work.root / label, resuming),
-        )
-        for label, sub in variants
-    ]  # a resumed sweep skips the values that finished
-    if not resuming:
-        work.root.mkdir(parents=True)
-        write_json(work.config, config.to_dict())  # first: a resume reads it
-    done = []
-    for (label, plan), value in zip(plans, config.sweep.values, strict=True):
-        if plan is not None:
-            console.rule(f"{config.sweep.key} = {value}")
-            run_experiment(plan, console, verbose)
-        done.append((label, value, work.root / label))
-    write_sweep_report(work.root, config.sweep.key, done)
-    work.finish()
-    console.print(f"sweep finished; report: {RunFolder(out).report}")
-    return out
 
 
 def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> Path:
@@ -203,6 +148,17 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
                 f"fix the attack settings and run `silotune attack {','.join(attacks)} {exp.out}`"
             )
             raise
+    if tasks := list(cfg.eval.lm_eval_tasks):  # likewise on the finished folder
+        from silotune.evaluation.lm_eval import evaluate_folder  # lm-eval loads slowly
+
+        try:
+            evaluate_folder(exp.out, tasks, log=console.print)
+        except UserError as exc:
+            console.print(
+                f"[red]lm-eval failed: {exc}[/]\nthe training results in {exp.out} are complete; "
+                f"fix the tasks and run `silotune eval {exp.out} --tasks {','.join(tasks)}`"
+            )
+            raise
     console.print(
         f"finished in {time.perf_counter() - started:.0f} s; report: {RunFolder(exp.out).report}"
     )
@@ -235,6 +191,7 @@ def _run_in(
     with console.status(f"loading model {cfg.model.name} ..."):
         bench = Workbench(source, cfg)
         eval_set = build_eval_set(split.eval, bench.tokenizer, cfg.data)
+        client_sets = [build_eval_set(e, bench.tokenizer, cfg.data) for e in split.client_evals]
         client_examples = [
             tokenize_dataset(part, bench.tokenizer, cfg.data.prompt_style, cfg.data.max_length)
             for part in split.clients
@@ -311,6 +268,14 @@ def _run_in(
                 progress.console.print(f"  {spec.name}: judging against the references ...")
                 result.judge = _judged(judge, cfg, eval_set, result.final_predictions)
                 result.rounds[-1].metrics["judge_win_rate"] = result.judge.win_rate
+            if client_sets:
+                progress.console.print(f"  {spec.name}: scoring on each client's records ...")
+                models = client_models(spec, result, work, len(client_sets))
+                result.per_client_eval = (
+                    {"not_scored": models}
+                    if isinstance(models, str)
+                    else score_clients(bench, models, client_sets)
+                )
             wall_s = time.perf_counter() - t0
             canary_audit = None
             if canaries is not None:
@@ -324,19 +289,31 @@ def _run_in(
             runs.append((spec, result, summary))
     scores = {BASE: base_per_record, **{s.name: r.final_per_record for s, r, _ in runs}}
     intervals = comparison_intervals(scores, cfg.eval.references)
+    per_client: dict[str, Any] = {}
+    if client_sets:
+        summaries = {s.name: summary for s, _, summary in runs}
+        base_own = base_on_clients(bench, client_sets)
+        per_client = comparison_intervals(
+            {BASE: base_own, **own_scores(summaries)}, cfg.eval.references
+        )
+        per_client["base_eval_loss"] = pooled_loss(base_own)
     if len(exp.specs) > 1:
-        write_comparison(work.root, runs, ctx, intervals)
+        write_comparison(work.root, runs, ctx, intervals, per_client)
     console.print(results_table(runs, base, intervals), intervals.get("about", ""))
+    if per_client:
+        summaries = {s.name: summary for s, _, summary in runs}
+        console.print(per_client_table(per_client, summaries, per_client["base_eval_loss"]))
 
 
 def _judged(
     judge: Judge, cfg: Config, eval_set: EvalSet, predictions: list[list[str]]
 ) -> JudgeResult:
     """Bilateral win rate over the references, averaged over the models (e.g. one per client)."""
-    n = cfg.judge.max_items or len(eval_set.references)
-    results = [
+    limit = cfg.judge.max_items or len(eval_set.references)
+    results = [  # a model generated on the first eval.generate_n records only
         bilateral_win_rate(judge, eval_set.instructions[:n], preds[:n], eval_set.references[:n])
         for preds in predictions
+        if (n := min(limit, len(preds)))
     ]
     return JudgeResult(
         win_rate=sum(r.win_rate for r in results) / len(results),

@@ -106,7 +106,7 @@ def fedpit_round(req: LocalRequest) -> LocalReply:
 def fedpit_evaluate(req: LocalRequest, eval_set: EvalSet) -> EvalResult:
     """Held-out metrics of what this client infers with: base + global + its private adapter."""
     private = req.store.get(PRIVATE, req.bench.initial_private)
-    return req.bench.evaluate(req.global_state, eval_set, private=private)
+    return req.bench.evaluate(req.global_state, eval_set, private=private, round_=req.round)
 
 
 LOCAL_ROLES.register("fedpit")(

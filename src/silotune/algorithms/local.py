@@ -76,7 +76,9 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
                 budget.check_round(cfg, stores[cid], len(examples))
             except budget.BudgetSpent:  # it trains no more: its model stays as it is
                 result = (
-                    last_results[cid] if last_results else bench.evaluate(states[cid], job.eval_set)
+                    last_results[cid]
+                    if last_results
+                    else bench.evaluate(states[cid], job.eval_set, round_=rnd)
                 )
                 evals.append(result)
                 clients.append({"client": cid, budget.DECLINED: 1, **result.metrics()})
@@ -93,7 +95,7 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
             if trained.privacy is not None:
                 budget.record(stores[cid], trained.privacy)
                 extra.update(trained.privacy.metrics("adapter"))
-            result = bench.evaluate(states[cid], job.eval_set)
+            result = bench.evaluate(states[cid], job.eval_set, round_=rnd)
             evals.append(result)
             losses.append(trained.loss)
             clients.append(
@@ -168,7 +170,7 @@ def run_cenit(job: Job) -> AlgorithmResult:
         start = time.perf_counter()
         seed = derive_seed(cfg.experiment.seed, "pooled", rnd)
         state, trained = bench.train(state, pooled, steps, seed)
-        result = bench.evaluate(state, job.eval_set)
+        result = bench.evaluate(state, job.eval_set, round_=rnd)
         log = RoundLog(
             round=rnd,
             metrics=result.metrics(),

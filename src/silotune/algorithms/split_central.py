@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from silotune.evaluation.evaluator import evaluate
+from silotune.evaluation.evaluator import evaluate, generates
 from silotune.jobs import AlgorithmResult, Job, RoundLog, register
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.generation import pad_id
@@ -46,7 +46,8 @@ def run_split_central(job: Job) -> AlgorithmResult:
         start = time.perf_counter()
         seed = derive_seed(cfg.experiment.seed, "split-central", rnd)
         trained = train_steps(model, pooled, cfg.train, steps, pad_id(tokenizer), seed)
-        result = evaluate(model, tokenizer, job.eval_set, cfg.eval)
+        now = generates(cfg.eval, rnd, cfg.train.rounds)
+        result = evaluate(model, tokenizer, job.eval_set, cfg.eval, generate_now=now)
         log = RoundLog(
             round=rnd,
             metrics=result.metrics(),

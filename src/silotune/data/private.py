@@ -7,7 +7,7 @@ from pathlib import Path
 
 from silotune.data.partition import Partitions
 from silotune.errors import UserError
-from silotune.run_folder import eval_file, partition_file, write_atomic
+from silotune.run_folder import client_eval_file, eval_file, partition_file, write_atomic
 
 
 def write_private(target: Path, data: bytes) -> None:
@@ -26,6 +26,7 @@ def partition_bytes(split: Partitions) -> dict[str, bytes]:
     """Each client's records and the eval set as JSON Lines, by file name."""
     named = {partition_file(Path(), i).name: part for i, part in enumerate(split.clients)}
     named[eval_file(Path()).name] = split.eval
+    named.update({client_eval_file(Path(), i).name: e for i, e in enumerate(split.client_evals)})
     files = {}
     for name, records in named.items():
         buffer = io.BytesIO()

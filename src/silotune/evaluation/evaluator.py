@@ -82,6 +82,16 @@ def build_eval_set(
     )
 
 
+def generates(cfg: EvalConfig, round_: int | None, rounds: int) -> bool:
+    """Whether an evaluation at `round_` of `rounds` generates (None: a one-off evaluation, as
+    of the base model, which always does when eval.generate is on)."""
+    if not cfg.generate:
+        return False
+    if round_ is None or round_ >= rounds:
+        return True
+    return cfg.generate_every > 0 and round_ % cfg.generate_every == 0
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -89,8 +99,10 @@ def evaluate(
     eval_set: EvalSet,
     cfg: EvalConfig,
     n_samples: int = 3,
+    generate_now: bool = True,
 ) -> EvalResult:
-    """Held-out loss (token-weighted), perplexity, choice accuracy and ROUGE-L of generations."""
+    """Held-out loss (token-weighted), perplexity, choice accuracy and ROUGE-L of generations
+    (only when `generate_now`, on the first eval.generate_n records: see `generates`)."""
     model.eval()
     pad = pad_id(tokenizer)
     device = device_of(model)
@@ -125,17 +137,17 @@ def evaluate(
         correct = choice_correct(model, tokenizer, eval_set, cfg.choices, cfg.batch_size)
         acc = sum(correct) / len(correct) if correct else 0.0
         per_record[ACCURACY] = [float(c) for c in correct]
-    if not cfg.generate:
+    if not (cfg.generate and generate_now):
         return EvalResult(eval_loss, perplexity, None, accuracy=acc, per_record=per_record)
     decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    predictions = [g.text.strip() for g in generate(model, tokenizer, eval_set.prompts, decode)]
+    n = cfg.generate_n or len(eval_set.prompts)
+    predictions = [g.text.strip() for g in generate(model, tokenizer, eval_set.prompts[:n], decode)]
+    instructions, references = eval_set.instructions[:n], eval_set.references[:n]
     samples = [
         {"instruction": i, "reference": r, "prediction": p}
-        for i, r, p in list(
-            zip(eval_set.instructions, eval_set.references, predictions, strict=True)
-        )[:n_samples]
+        for i, r, p in list(zip(instructions, references, predictions, strict=True))[:n_samples]
     ]
-    scores = rouge_scores(predictions, eval_set.references)
+    scores = rouge_scores(predictions, references)
     per_record[ROUGE_L] = scores
     score = float(sum(scores) / len(scores)) if scores else 0.0  # as metrics.rouge_l averages
     return EvalResult(eval_loss, perplexity, score, samples, predictions, acc, per_record)

@@ -85,6 +85,7 @@ class Metered(Strategy):
         # Clients may decline a round (privacy.max_epsilon is set); otherwise a decline is a
         # malformed reply and screening rejects it.
         self.budgeted = False
+        self.eval_records = 0  # held-out records each client's scores must cover (0: unknown)
 
     # A metered FedAdam reads and writes as the FedAdam it wraps: its settings and its server
     # optimiser state (what a checkpoint keeps) pass through to the wrapped strategy.
@@ -228,7 +229,7 @@ class Metered(Strategy):
             scores
             for m in ok
             if (record := m.content.config_records.get(PER_RECORD))
-            and (scores := screen_per_record(dict(record)))
+            and (scores := screen_per_record(dict(record), self.eval_records))
         ]
         return self.strategy.aggregate_evaluate(server_round, replies)
 
@@ -240,15 +241,20 @@ class Metered(Strategy):
 BOUNDED_SCORES = (ROUGE_L, ACCURACY)
 
 
-def screen_per_record(record: dict[str, Any]) -> dict[str, list[float]]:
-    """A client's per-record scores if they are what evaluation writes (known score names, equal
-    lengths, finite numbers); else nothing: a hostile reply gets no say in the intervals."""
+def screen_per_record(record: dict[str, Any], records: int = 0) -> dict[str, list[float]]:
+    """A client's per-record scores if they are what evaluation writes (known score names,
+    finite numbers, one per held-out record (`records`, 0: unknown) except ROUGE-L, which covers
+    the first eval.generate_n); else nothing: a hostile reply gets no say in the intervals."""
     if not record or not set(record) <= set(SCORE_NAMES):
         return {}
     lists = list(record.values())
     if not all(isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in lists):
         return {}
-    if len({len(v) for v in lists}) != 1 or not all(math.isfinite(x) for v in lists for x in v):
+    every = {len(v) for k, v in record.items() if k != ROUGE_L}
+    n = records or max(every, default=0)
+    if every - {n} or len(record.get(ROUGE_L, [])) > n:
+        return {}
+    if not all(math.isfinite(x) for v in lists for x in v):
         return {}
     # What evaluation can write: losses and token counts >= 0, ROUGE-L and correctness in [0, 1].
     bounded = {k: v for k, v in record.items() if k in BOUNDED_SCORES}

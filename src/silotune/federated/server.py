@@ -84,6 +84,7 @@ class FederatedServer:
             known_weights=dict(enumerate(weights)),
         )
         self.strategy.budgeted = config.privacy.max_epsilon > 0
+        self.strategy.eval_records = len(eval_set.examples)
         self.folder = checkpoint
         self.resumed = load_round(self.folder) if self.folder else None
         self.done = self.resumed.round if self.resumed else 0
@@ -155,7 +156,7 @@ class FederatedServer:
                 "stops with the last finite round's checkpoint"
             )
         self.latest = state
-        evaluated = self.bench.evaluate(state, self.eval_set)
+        evaluated = self.bench.evaluate(state, self.eval_set, round_=server_round)
         traffic = self.strategy.traffic[server_round]
         log = _round_log(server_round, traffic, evaluated.metrics())
         self.rounds.append(log)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from silotune.config_sections import LoraConfig
@@ -158,6 +158,11 @@ def save_adapter(model: PeftModel, state: StateDict, target: Path, name: str = G
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(saved), target)
+
+
+def load_adapter_state(folder: Path) -> StateDict:
+    """The tensors of a PEFT adapter folder written by save_adapter, keyed as PEFT saves them."""
+    return dict(load_file(str(folder / "adapter_model.safetensors")))
 
 
 def write_peft_folder(target: Path, state: StateDict, adapter_config: dict[str, Any]) -> None:

@@ -112,7 +112,7 @@ def insert_canaries(split: Partitions, canaries: Canaries) -> Partitions:
     added = datasets.Dataset.from_dict(columns, features=part.features)
     clients = list(split.clients)
     clients[canaries.client] = datasets.concatenate_datasets([part, added])
-    return Partitions(eval=split.eval, clients=clients)
+    return Partitions(eval=split.eval, clients=clients, client_evals=split.client_evals)
 
 
 def released_state(spec: AlgorithmSpec, result: AlgorithmResult, client: int) -> StateDict | str:

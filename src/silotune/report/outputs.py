@@ -32,6 +32,7 @@ from silotune.privacy.accounting import run_ledger
 from silotune.privacy.ledger import Ledger
 from silotune.report.context import RunContext
 from silotune.report.markdown import comparison_markdown, run_markdown
+from silotune.report.per_client import per_client_markdown
 from silotune.report.plots import plot_curves, plot_epsilon
 from silotune.report.synthetic import generator_markdown
 from silotune.run_folder import RunFolder, write_atomic, write_json
@@ -70,6 +71,7 @@ def summarize(
         "privacy": {**ledger.summary(), **({"audit": audit} if audit else {})},
         **({"synthetic": result.synthetic.to_json()} if result.synthetic else {}),
         **({"judge": dataclasses.asdict(result.judge)} if result.judge else {}),
+        **({"per_client_eval": result.per_client_eval} if result.per_client_eval else {}),
         "model": ctx.model,
         "strategy": ctx.config.federated.strategy if spec.mode == "federated" else None,
         "config_fingerprint": ctx.config.fingerprint(),
@@ -124,14 +126,20 @@ def write_comparison(
     runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, Any]]],
     ctx: RunContext,
     intervals: dict[str, Any] | None = None,
+    per_client: dict[str, Any] | None = None,
 ) -> None:
     """Side-by-side report of several algorithms run on the same split and budget;
-    `intervals`: comparison_intervals of their per-record scores."""
+    `intervals`: comparison_intervals of their per-record scores; `per_client`: of their
+    clients' models on the clients' own held-out records."""
     run = RunFolder(folder)
     series = {spec.name: [log.to_json() for log in result.rounds] for spec, result, _ in runs}
     own = {spec.name: s.get("intervals", {}).get("own", {}) for spec, _, s in runs}
     plots = plot_curves(series, ctx.base, run.plots, own)
     markdown = comparison_markdown(runs, ctx, plots, folder, intervals)
+    if per_client:
+        summaries = {spec.name: summary for spec, _, summary in runs}
+        section = per_client_markdown(per_client, summaries, per_client["base_eval_loss"])
+        markdown = markdown.replace("## Per round\n", "\n".join([*section, "## Per round", ""]), 1)
     write_atomic(run.report, markdown.encode("utf-8"))
     write_json(
         run.comparison,
@@ -139,6 +147,7 @@ def write_comparison(
             "base": ctx.base,
             "runs": {spec.name: summary for spec, _, summary in runs},
             **({"intervals": intervals} if intervals else {}),
+            **({"per_client": per_client} if per_client else {}),
         },
     )
 

@@ -33,6 +33,8 @@ def plot_curves(
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in series.items():
             points = [(row["round"], row[key]) for row in rows if key in row]
+            if not points:  # e.g. generation metrics of a run that never generated
+                continue
             line = ax.plot(*zip(*points, strict=True), marker="o", label=name)[0]
             own = (final_intervals or {}).get(name, {}).get(key)
             if own and own["low"] is not None:  # per-record scores exist for the final model only

@@ -21,8 +21,15 @@ _COLUMNS = (
 )
 
 
+SEEDS_FILE = "seeds.json"  # what a folder of repeated seeds holds (see silotune.report.seeds)
+
+
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
-    """algorithm -> summary of a finished experiment folder (one or several algorithms)."""
+    """algorithm -> summary of a finished experiment folder (one or several algorithms); of a
+    folder of repeated seeds, the mean over its seeds."""
+    if (seeds := folder / SEEDS_FILE).is_file():
+        repeated = json.loads(seeds.read_text())["runs"]
+        return {name: dict(run["summary"]) for name, run in repeated.items()}
     comparison = folder / "comparison.json"
     if comparison.is_file():
         runs: dict[str, dict[str, Any]] = json.loads(comparison.read_text())["runs"]
@@ -32,7 +39,19 @@ def load_results(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def load_leakage(folder: Path) -> dict[str, dict[str, float]]:
-    """algorithm -> headline leakage figures of the attacks run on an experiment folder."""
+    """algorithm -> headline leakage figures of the attacks run on an experiment folder (the
+    mean over the seeds of a folder of repeated seeds)."""
+    if (seeds := folder / SEEDS_FILE).is_file():
+        labels = [f"seed={s}" for s in json.loads(seeds.read_text())["seeds"]]
+        found = [load_leakage(folder / label) for label in labels]
+        return {
+            name: {
+                k: sum(f[name][k] for f in found) / len(found)
+                for k in found[0][name]
+                if all(k in f.get(name, {}) for f in found)
+            }
+            for name in found[0]
+        }
     if (folder / "summary.json").is_file():
         summary = json.loads((folder / "summary.json").read_text())
         by_algorithm = {summary["algorithm"]: load_privacy(folder)}
@@ -74,7 +93,7 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
         [
             f"# Sweep over {key}",
             "",
-            "Each value runs the whole experiment (same seed, budget and held-out set); the "
+            "Each value runs the whole experiment (same seeds, budget and held-out set); the "
             "table shows every algorithm's final held-out metrics"
             + (
                 f" and its difference to the base model. {_about(summaries)} Error bars: each "

@@ -21,7 +21,7 @@ from silotune.config_privacy import PrivacyConfig
 from silotune.data.load import load_client_records
 from silotune.data.sft import tokenize_dataset
 from silotune.errors import UserError
-from silotune.evaluation.evaluator import build_eval_set, evaluate
+from silotune.evaluation.evaluator import build_eval_set, evaluate, generates
 from silotune.modeling.generation import pad_id
 from silotune.modeling.load import load_tokenizer, resolve_model
 from silotune.privacy.accounting import planned_uses
@@ -230,7 +230,8 @@ def run_client(
             if config.split.average_clients:
                 averaged = link.average(adapter_state(model), float(len(examples)))
                 load_state(model, averaged)
-            result = evaluate(model, tokenizer, eval_set, config.eval)
+            now = generates(config.eval, rnd, config.train.rounds)
+            result = evaluate(model, tokenizer, eval_set, config.eval, generate_now=now)
             row = ClientRound(
                 round=rnd,
                 metrics={**result.metrics(), **dp_metrics(trained, wire)},

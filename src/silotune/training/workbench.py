@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from silotune.config import Config
-from silotune.evaluation.evaluator import EvalResult, EvalSet, evaluate
+from silotune.evaluation.evaluator import EvalResult, EvalSet, evaluate, generates
 from silotune.modeling.adapters import (
     GLOBAL,
     PRIVATE,
@@ -46,8 +46,7 @@ class Workbench:
         self.initial: StateDict = get_adapter(self.model, GLOBAL)
         self.initial_private: StateDict = {}
         if private:
-            add_named_lora(self.model, config.lora, PRIVATE, seed=derive_seed(seed, PRIVATE))
-            self.initial_private = get_adapter(self.model, PRIVATE)
+            self.add_private()
         use_adapters(self.model, [GLOBAL], [GLOBAL])
         self.description = source.description
         if not self.placement.on_cpu_fp32:
@@ -79,6 +78,14 @@ class Workbench:
             rounded = tensor.detach().cpu().to(torch.bfloat16).view(torch.int16)
             digest.update(rounded.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    def add_private(self) -> None:
+        """Give the bench the private slot FedPIT clients have, unless it has one already."""
+        if self.initial_private:
+            return
+        seed = derive_seed(self.config.experiment.seed, PRIVATE)
+        add_named_lora(self.model, self.config.lora, PRIVATE, seed=seed)
+        self.initial_private = get_adapter(self.model, PRIVATE)
 
     def put(self, name: str, state: StateDict) -> None:
         """Load `state` into slot `name`."""
@@ -128,16 +135,25 @@ class Workbench:
         return self.take(GLOBAL), result
 
     def evaluate(
-        self, state: StateDict, eval_set: EvalSet, private: StateDict | None = None
+        self,
+        state: StateDict,
+        eval_set: EvalSet,
+        private: StateDict | None = None,
+        round_: int | None = None,
+        generate: bool = True,
     ) -> EvalResult:
-        """Held-out metrics of base + `state` (+ a private adapter on top, as FedPIT infers)."""
+        """Held-out metrics of base + `state` (+ a private adapter on top, as FedPIT infers),
+        after round `round_` (which decides whether it generates; None: it does, unless
+        `generate` is False)."""
         self.put(GLOBAL, state)
         if private is None:
             self.use([GLOBAL])
         else:
             self.put(PRIVATE, private)
             self.use([GLOBAL, PRIVATE])
-        return evaluate(self.model, self.tokenizer, eval_set, self.config.eval)
+        cfg = self.config
+        now = generate and generates(cfg.eval, round_, cfg.train.rounds)
+        return evaluate(self.model, self.tokenizer, eval_set, cfg.eval, generate_now=now)
 
     def evaluate_base(self, eval_set: EvalSet) -> EvalResult:
         """Held-out metrics of the base model alone (adapters disabled)."""
