@@ -34,7 +34,10 @@ def test_each_seed_variant_holds_its_one_seed() -> None:
 def test_seeds_run_resume_and_report_their_spread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = load_config(CONFIGS / "tiny.toml", [*_FAST, "experiment.seeds=[0, 1, 2]"])
+    config = load_config(
+        CONFIGS / "tiny.toml",
+        [*_FAST, "experiment.seeds=[0, 1, 2]", "partition.client_eval_size=3"],
+    )
     console = Console(file=io.StringIO(), width=200)
     ran: list[int] = []
     real = runner.run_experiment
@@ -85,6 +88,9 @@ def test_seeds_run_resume_and_report_their_spread(
     report = (out / "report.md").read_text()
     assert report.startswith("# 3 seeds: 0, 1, 2") and "± " in report and "/3 seeds)" in report
     assert (out / "plots" / "seeds_eval_loss.png").is_file()
+    own = seeds["runs"]["cenit"]["per_client"]
+    assert own["own"]["seeds"] == 3 and set(own["vs"]) == {"base", "locit"}
+    assert "## Each client's own distribution, over the seeds" in report
 
 
 def test_a_sweep_repeats_each_value_over_the_seeds(tmp_path: Path) -> None:

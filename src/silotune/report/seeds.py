@@ -31,8 +31,12 @@ def write_seeds_report(folder: Path, seeds: list[tuple[str, str, Path]]) -> None
     report.md and plots/seeds_<metric>.png into `folder`."""
     results = {label: load_results(path) for label, _, path in seeds}
     vs = {label: _intervals(path, results[label]) for label, _, path in seeds}
+    own_vs = {label: _intervals(path, results[label], "per_client") for label, _, path in seeds}
     names = list(next(iter(results.values())))
     runs = {name: _aggregate(name, seeds, results, vs) for name in names}
+    for name in names:
+        if own := _own_distribution(name, seeds, results, own_vs):
+            runs[name]["per_client"] = own
     base = _spread([results[label][names[0]].get("base", {}) for label, _, _ in seeds])
     data = {"seeds": [int(seed) for _, seed, _ in seeds], "base": base, "runs": runs}
     (folder / SEEDS_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -45,6 +49,7 @@ def write_seeds_report(folder: Path, seeds: list[tuple[str, str, Path]]) -> None
             "",
             _summary_table(runs, base),
             "",
+            *_own_table(runs),
             "## Each seed's differences (paired bootstrap 95 % intervals over records)",
             "",
             _per_seed_table(seeds, vs),
@@ -56,13 +61,45 @@ def write_seeds_report(folder: Path, seeds: list[tuple[str, str, Path]]) -> None
     (folder / "report.md").write_text(text, encoding="utf-8")
 
 
-def _intervals(folder: Path, results: dict[str, Any]) -> dict[str, Any]:
-    """algorithm -> reference -> metric -> {diff, low, high, ...} of one seed's experiment."""
+def _intervals(folder: Path, results: dict[str, Any], key: str = "intervals") -> dict[str, Any]:
+    """algorithm -> reference -> metric -> {diff, low, high, ...} of one seed's experiment, on
+    the shared held-out set (`key` "intervals") or the clients' own records ("per_client")."""
     comparison = folder / "comparison.json"
     if comparison.is_file():
-        found: dict[str, Any] = json.loads(comparison.read_text()).get("intervals", {})
+        found: dict[str, Any] = json.loads(comparison.read_text()).get(key, {})
         return dict(found.get("runs", {}))
+    if key != "intervals":
+        return {}
     return {name: s.get("intervals", {}).get("vs", {}) for name, s in results.items()}
+
+
+def _per_seed(
+    name: str, seeds: list[tuple[str, str, Path]], vs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """reference -> metric -> the difference over seeds (see _difference)."""
+    diffs: dict[str, dict[str, Any]] = {}
+    for label, seed, _ in seeds:
+        for ref, metrics in vs[label].get(name, {}).items():
+            for metric, found in metrics.items():
+                diffs.setdefault(ref, {}).setdefault(metric, {})[seed] = found
+    return {
+        ref: {metric: _difference(per_seed) for metric, per_seed in metrics.items()}
+        for ref, metrics in diffs.items()
+    }
+
+
+def _own_distribution(
+    name: str,
+    seeds: list[tuple[str, str, Path]],
+    results: dict[str, dict[str, Any]],
+    own_vs: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Each client's model on its own held-out records, over the seeds (empty without them)."""
+    found = [results[label][name].get("per_client_eval", {}) for label, _, _ in seeds]
+    if not all("own" in f for f in found):
+        return {}
+    rows = [{"own": f["own"]["eval_loss"], "others": f["others_mean"]} for f in found]
+    return {**_spread(rows), "vs": _per_seed(name, seeds, own_vs)}
 
 
 def _aggregate(
@@ -72,17 +109,9 @@ def _aggregate(
     vs: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     summaries = [results[label][name] for label, _, _ in seeds]
-    diffs: dict[str, dict[str, Any]] = {}
-    for label, seed, _ in seeds:
-        for ref, metrics in vs[label].get(name, {}).items():
-            for metric, found in metrics.items():
-                diffs.setdefault(ref, {}).setdefault(metric, {})[seed] = found
     return {
         "final": _spread([s["final"] for s in summaries]),
-        "vs": {
-            ref: {metric: _difference(per_seed) for metric, per_seed in metrics.items()}
-            for ref, metrics in diffs.items()
-        },
+        "vs": _per_seed(name, seeds, vs),
         # What a sweep over these seeds shows: the mean, and the largest ε of any seed.
         "summary": {
             "final": {k: v["mean"] for k, v in _spread([s["final"] for s in summaries]).items()},
@@ -138,6 +167,34 @@ def _summary_table(runs: dict[str, Any], base: dict[str, Any]) -> str:
     header = ["model", *(CURVES[m] for m in metrics)]
     header += [f"Δ {CURVES.get(m, m)} vs {ref}" for ref, m in pairs]
     return table(header, rows)
+
+
+def _own_table(runs: dict[str, Any]) -> list[str]:
+    """Each client's model on its own held-out records, over the seeds (client_eval_size)."""
+    scored = {name: run["per_client"] for name, run in runs.items() if "per_client" in run}
+    if not scored:
+        return []
+    refs = list(dict.fromkeys(ref for own in scored.values() for ref in own["vs"]))
+    rows = [
+        [
+            name,
+            _mean_sd(own.get("own")),
+            _mean_sd(own.get("others")),
+            *(_diff_cell(own["vs"].get(ref, {}).get("eval_loss")) for ref in refs),
+        ]
+        for name, own in scored.items()
+    ]
+    header = ["model", "own held-out loss", "on others' records"]
+    header += [f"Δ own loss vs {ref}" for ref in refs]
+    return [
+        "## Each client's own distribution, over the seeds",
+        "",
+        "Each client's model on that client's own held-out records, pooled over the clients "
+        "(see each seed's report for the matrix of every model on every client's records).",
+        "",
+        table(header, rows),
+        "",
+    ]
 
 
 def _per_seed_table(seeds: list[tuple[str, str, Path]], vs: dict[str, dict[str, Any]]) -> str:
