@@ -111,3 +111,5 @@ def test_a_sweep_repeats_each_value_over_the_seeds(tmp_path: Path) -> None:
     sweep = json.loads((out / "sweep.json").read_text())
     mean = json.loads((out / "alpha=50" / "seeds.json").read_text())["runs"]["locit"]["final"]
     assert sweep["values"]["50"]["locit"]["final"]["eval_loss"] == mean["eval_loss"]["mean"]
+    assert sweep["values"]["50"]["locit"]["spread"]["eval_loss"] == mean["eval_loss"]["sd"]
+    assert "± one standard deviation over the seeds" in (out / "report.md").read_text()

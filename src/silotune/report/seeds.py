@@ -15,7 +15,7 @@ from silotune.evaluation.intervals import CONFIDENCE, Interval
 from silotune.privacy.ledger import largest_epsilon
 from silotune.report.markdown import table
 from silotune.report.plots import CURVES, plt, save_figure
-from silotune.report.sweep import SEEDS_FILE, load_results
+from silotune.report.sweep import SEEDS_FILE, SPREAD, load_results
 
 _ABOUT = (
     "Each seed reruns the whole experiment (data split, initialisation, sampling). A cell "
@@ -115,6 +115,7 @@ def _aggregate(
         # What a sweep over these seeds shows: the mean, and the largest ε of any seed.
         "summary": {
             "final": {k: v["mean"] for k, v in _spread([s["final"] for s in summaries]).items()},
+            SPREAD: {k: v["sd"] for k, v in _spread([s["final"] for s in summaries]).items()},
             "privacy": max(summaries, key=largest_epsilon).get("privacy", {}),
         },
     }

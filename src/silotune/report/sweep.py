@@ -22,6 +22,7 @@ _COLUMNS = (
 
 
 SEEDS_FILE = "seeds.json"  # what a folder of repeated seeds holds (see silotune.report.seeds)
+SPREAD = "spread"  # a mean over seeds' summary: metric -> its standard deviation over the seeds
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -100,6 +101,13 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
                 "metric's own bootstrap 95 % interval over the same records."
                 if diffs
                 else "."
+            )
+            + (
+                " With experiment.seeds, each value shows the mean over its seeds (its own "
+                "report gives the spread and each seed's intervals); error bars: ± one standard "
+                "deviation over the seeds."
+                if any(SPREAD in s for s in summaries)
+                else ""
             ),
             "",
             table(
@@ -139,7 +147,11 @@ def _diff_cells(vs_base: dict[str, Any], diffs: list[tuple[str, str]]) -> list[s
 
 
 def _own(summary: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
-    """The bootstrap interval (low, high) of a run's own final metric; (None, None) if none."""
+    """The bootstrap interval (low, high) of a run's own final metric, or the mean ± one sd of a
+    mean over seeds; (None, None) if neither."""
+    if metric in summary.get(SPREAD, {}):
+        mean, sd = summary["final"][metric], summary[SPREAD][metric]
+        return mean - sd, mean + sd
     own = summary.get("intervals", {}).get("own", {}).get(metric)
     return (own["low"], own["high"]) if own else (None, None)
 
