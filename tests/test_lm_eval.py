@@ -222,3 +222,12 @@ def test_a_run_scores_its_lm_eval_tasks_when_it_finishes(tmp_path: Path, tasks: 
     data = json.loads((run / "eval" / "lm-eval.json").read_text())
     assert list(data["models"]) == ["base", "cenit"]
     assert "acc_stderr,none" in data["models"]["cenit"]["results"][_MC]
+
+
+def test_a_run_with_an_unknown_lm_eval_task_stops_before_training(tmp_path: Path) -> None:
+    from silotune.runner import plan_experiment, run_experiment
+
+    config = load_config(CONFIGS / "tiny.toml", ["eval.lm_eval_tasks=['no_such_task']"])
+    with pytest.raises(UserError, match="unknown lm-eval task no_such_task"):
+        run_experiment(plan_experiment(config, tmp_path / "run"), Console(file=io.StringIO()))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.incomplete").exists()

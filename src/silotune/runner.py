@@ -103,6 +103,10 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     """Run every algorithm of `exp` and return the finished output folder."""
     cfg = exp.config
     started = time.perf_counter()
+    if cfg.eval.lm_eval_tasks:  # a misspelt task fails now, not after the training
+        from silotune.evaluation.lm_eval import resolve_tasks, task_manager
+
+        task_manager(resolve_tasks(list(cfg.eval.lm_eval_tasks)))
     loaded = load_records(cfg.data)
     split = split_dataset(loaded.dataset, cfg.data, cfg.partition, cfg.experiment.seed)
     canaries = None
