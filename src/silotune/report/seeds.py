@@ -109,13 +109,14 @@ def _aggregate(
     vs: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     summaries = [results[label][name] for label, _, _ in seeds]
+    final = _spread([s["final"] for s in summaries])
     return {
-        "final": _spread([s["final"] for s in summaries]),
+        "final": final,
         "vs": _per_seed(name, seeds, vs),
         # What a sweep over these seeds shows: the mean, and the largest ε of any seed.
         "summary": {
-            "final": {k: v["mean"] for k, v in _spread([s["final"] for s in summaries]).items()},
-            SPREAD: {k: v["sd"] for k, v in _spread([s["final"] for s in summaries]).items()},
+            "final": {k: v["mean"] for k, v in final.items()},
+            SPREAD: {k: v["sd"] for k, v in final.items()},
             "privacy": max(summaries, key=largest_epsilon).get("privacy", {}),
         },
     }
