@@ -15,12 +15,15 @@ from silotune.algorithms import ALGORITHMS
 from silotune.checkpoint import RoundCheckpoint, load_result, load_round, save_result, save_round
 from silotune.config import load_config
 from silotune.evaluation.intervals import (
+    Interval,
     mean_over_models,
     own_interval,
     paired_difference,
 )
 from silotune.jobs import AlgorithmResult, RoundLog
 from silotune.repeats import resume
+from silotune.report.outputs import comparison_intervals
+from silotune.report.terminal import differences_table
 from silotune.run_folder import work_folder
 from silotune.runner import plan_experiment, run_experiment
 
@@ -225,3 +228,30 @@ def test_generation_runs_at_the_last_round_and_every_generate_every() -> None:
     every_2 = EvalConfig(generate_every=2)
     assert [generates(every_2, r, 5) for r in (1, 2, 3, 4, 5)] == [False, True, False, True, True]
     assert not generates(EvalConfig(generate=False), 4, 4)
+
+
+def test_the_terminal_keeps_each_interval_on_one_line_at_80_columns() -> None:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(20, 60, 40).astype(float)
+
+    def scores(shift: float) -> dict[str, list[float]]:
+        loss = (tokens * (2.0 + shift + rng.normal(0, 0.05, 40))).tolist()
+        return {"loss": loss, "tokens": tokens.tolist(), "rouge_l": _scores(int(shift * 10))}
+
+    found = comparison_intervals(
+        {"base": scores(0.3), "locit": scores(0.1), "fedit": scores(0.0)}, ["base", "locit"]
+    )
+    table = differences_table(found, "differences")
+    assert table is not None
+    out = io.StringIO()
+    Console(file=out, width=80).print(table)
+    text = out.getvalue()
+    fedit_vs_locit = Interval.from_json(found["runs"]["fedit"]["locit"]["eval_loss"]).cell()
+    assert fedit_vs_locit in text  # unbroken: one row per model and reference
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() + "/" + r.split("│")[2].strip() for r in rows] == [
+        "locit/base",
+        "fedit/base",
+        "fedit/locit",
+    ]
+    assert differences_table({}, "differences") is None

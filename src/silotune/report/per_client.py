@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.table import Table
-
-from silotune.evaluation.intervals import BASE, PerRecord
+from silotune.evaluation.intervals import PerRecord
 from silotune.report.markdown import difference_cells, difference_columns, table
 
 ABOUT = (
@@ -74,30 +72,6 @@ def per_client_markdown(
         "",
         *(line for m in matrices for line in m),
     ]
-
-
-def per_client_table(
-    intervals: dict[str, Any], summaries: dict[str, dict[str, Any]], base_own: float
-) -> Table:
-    """The terminal's view of per_client_markdown's table."""
-    view = Table(title="each client's model on its own held-out records")
-    columns = difference_columns(intervals)
-    for col in ("algorithm", "own loss", "on others'", *(h for _, _, h in columns)):
-        view.add_column(col, justify="left" if col == "algorithm" else "right", overflow="fold")
-    view.add_row(BASE, f"{base_own:.4f}", "–", *("–" for _ in columns))
-    for name, s in summaries.items():
-        found = s.get("per_client_eval", {})
-        if "own" not in found:
-            continue
-        others = found["others_mean"]
-        cells = difference_cells(intervals.get("runs", {}).get(name, {}), columns)
-        view.add_row(
-            name,
-            f"{found['own']['eval_loss']:.4f}",
-            f"{others:.4f}" if others is not None else "–",
-            *(c.replace(" [", "\n[", 1) for c in cells),
-        )
-    return view
 
 
 def _matrix(name: str, matrix: list[list[float]]) -> list[str]:

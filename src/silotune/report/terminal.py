@@ -1,4 +1,6 @@
-"""The tables a run prints in the terminal: its clients, and its held-out results."""
+"""The tables a run prints in the terminal: its clients, its held-out results, and each
+result's differences to the references, one row per (algorithm, reference) so that intervals
+stay on one line in an 80-column terminal."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ from typing import Any
 from rich.table import Table
 
 from silotune.data.partition import Partitions
-from silotune.evaluation.intervals import BASE
+from silotune.evaluation.intervals import BASE, Interval
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
-from silotune.report.markdown import METRICS, difference_cells, difference_columns
+from silotune.report.markdown import METRICS
 
 
 def clients_table(split: Partitions) -> Table:
@@ -27,28 +29,19 @@ def clients_table(split: Partitions) -> Table:
 
 
 def results_table(
-    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]],
-    base: dict[str, float],
-    intervals: dict[str, Any],
+    runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]], base: dict[str, float]
 ) -> Table:
-    """The final held-out metrics of the base model and each algorithm, with each one's
-    difference to the references and its interval, and the traffic."""
+    """The final held-out metrics of the base model and each algorithm, and the traffic."""
     table = Table(title="held-out results")
     # Only the metrics this run has (ROUGE-L for generation, accuracy for choices, ...).
     shown = [
         (k, label) for k, label in METRICS if k in base or any(k in r.final for _, r, _ in runs)
     ]
-    diffs = difference_columns(intervals)  # per reference and metric: Δ with its interval
-    found = intervals.get("runs", {})
-    headers = [label for _, label in shown] + [header for _, _, header in diffs]
     for col in ("algorithm", "mode"):
         table.add_column(col)
-    # Narrow terminals wrap a cell rather than cut an interval short.
-    for col in (*headers, "bytes up", "bytes down"):
+    for col in (*(label for _, label in shown), "bytes up", "bytes down"):
         table.add_column(col, justify="right", overflow="fold")
-    table.add_row(
-        "base", "–", *_cells(base, shown), *_stacked(found.get(BASE, {}), diffs), "0", "0"
-    )
+    table.add_row("base", "–", *_cells(base, shown), "0", "0")
     for spec, result, summary in runs:
         comm = summary["communication"]
         assert isinstance(comm, dict)
@@ -56,17 +49,61 @@ def results_table(
             spec.name,
             spec.mode,
             *_cells(result.final, shown),
-            *_stacked(found.get(spec.name, {}), diffs),
             f"{comm['bytes_up']:,}",
             f"{comm['bytes_down']:,}",
         )
     return table
 
 
+def differences_table(intervals: dict[str, Any], title: str) -> Table | None:
+    """Each model's difference to each reference, metric by metric, with its interval
+    (None when the comparison has no intervals)."""
+    runs = intervals.get("runs", {})
+    references = intervals.get("references", [])
+    metrics = [
+        (key, label)
+        for key, label in METRICS
+        if any(key in found.get(ref, {}) for found in runs.values() for ref in references)
+    ]
+    if not metrics:
+        return None
+    table = Table(title=title)
+    for col in ("model", "vs"):
+        table.add_column(col)
+    for _, label in metrics:
+        table.add_column(f"Δ {label} [95 %]", justify="right", overflow="fold")
+    for name, found in runs.items():
+        if name == BASE:  # base vs a reference is that reference vs base, negated
+            continue
+        for ref in references:
+            if ref == name or ref not in found:
+                continue
+            cells = [
+                Interval.from_json(found[ref][key]).cell() if key in found[ref] else "–"
+                for key, _ in metrics
+            ]
+            table.add_row(name, ref, *cells)
+    return table
+
+
+def per_client_table(summaries: dict[str, dict[str, Any]], base_own: float) -> Table:
+    """Each client's model on its own held-out records and on the other clients' records."""
+    view = Table(title="each client's model on its own held-out records (pooled loss)")
+    for col in ("model", "own records", "others' records"):
+        view.add_column(col, justify="left" if col == "model" else "right")
+    view.add_row(BASE, f"{base_own:.4f}", "–")
+    for name, s in summaries.items():
+        found = s.get("per_client_eval", {})
+        if "own" not in found:
+            continue
+        others = found["others_mean"]
+        view.add_row(
+            name,
+            f"{found['own']['eval_loss']:.4f}",
+            f"{others:.4f}" if others is not None else "–",
+        )
+    return view
+
+
 def _cells(metrics: dict[str, float], shown: list[tuple[str, str]]) -> list[str]:
     return [f"{metrics[k]:.4f}" if k in metrics else "–" for k, _ in shown]
-
-
-def _stacked(found: dict[str, Any], diffs: list[tuple[str, str, str]]) -> list[str]:
-    """The difference cells with the interval on a line of its own, so the table stays narrow."""
-    return [cell.replace(" [", "\n[", 1) for cell in difference_cells(found, diffs)]
