@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from rich.console import Console
 from silotune.cli_parser import build_parser
 from silotune.disk import check_writable, on_full_disk
 from silotune.errors import UserError
-from silotune.procs import quiet_libraries, run_command
+from silotune.logs import install as route_logs
+from silotune.procs import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Tables of results are wide: keep them readable when output goes to a file or a pipe.
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    if not getattr(args, "verbose", False):
-        quiet_libraries()
+    route_logs(verbose=getattr(args, "verbose", False))
     handler = {
         "run": _run,
         "audit": _audit,
@@ -175,7 +174,6 @@ def _split_server(args: argparse.Namespace, console: Console) -> int:
     from silotune.config import load_config
     from silotune.split.roles import run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = load_config(args.config, args.overrides, algorithm_checks=False)
     certs = _split_certs(args)
     if args.out is not None:

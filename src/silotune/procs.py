@@ -20,14 +20,12 @@ forking thread ends rather than the process) and does the same for its own tree.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -86,26 +84,6 @@ def run_command(body: Callable[[], int], after_full_disk: str) -> int:
     except KeyboardInterrupt as exc:
         Console(stderr=True).print(f"stopped ({exc if isinstance(exc, Stopped) else 'SIGINT'})")
         return exit_code(exc)
-
-
-def quiet_libraries(flower: bool = True) -> None:
-    """Keep library chatter (transformers, datasets, and Flower and Ray) out of the results."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    if flower:  # a process that never runs Flower need not load it
-        import flwr.common.logger  # noqa: F401  (configures its logger on import; quiet it after)
-
-        logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 class Supervisor:

@@ -47,6 +47,7 @@ from silotune.evaluation.per_client import (
     score_clients,
 )
 from silotune.jobs import AlgorithmResult, AlgorithmSpec, Job, RoundLog
+from silotune.logs import to_file
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
 from silotune.modeling.memory import model_config, plan_run
@@ -61,8 +62,13 @@ from silotune.privacy.audit import (
 )
 from silotune.report.context import RunContext
 from silotune.report.outputs import comparison_intervals, write_comparison, write_run
-from silotune.report.per_client import own_scores, per_client_table
-from silotune.report.terminal import clients_table, results_table
+from silotune.report.per_client import own_scores
+from silotune.report.terminal import (
+    clients_table,
+    differences_table,
+    per_client_table,
+    results_table,
+)
 from silotune.run_folder import (
     RunFolder,
     refuse_leftover,
@@ -124,25 +130,36 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     work = RunFolder(work_folder(exp.out))
     if not exp.resume:
         work.root.mkdir(parents=True)
-    try:
-        rows = {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)}
-        _run_in(work, exp, split, canaries, rows, console, verbose)
-    except UserError:
-        if not exp.resume:
-            shutil.rmtree(work.root, ignore_errors=True)
-        raise
-    except BaseException:
-        console.print(
-            f"[red]run stopped; partial output left in {work.root} (not a result); continue it "
-            f"with `silotune run --resume {work.root}`[/]"
-        )
-        raise
-    shutil.rmtree(work.checkpoints, ignore_errors=True)
-    for state in work.client_states():
-        shutil.rmtree(state, ignore_errors=True)
-    work.finish()
-    attacks = list(cfg.attack.kinds)
-    if attacks:  # on the finished folder: a failing attack never costs the training results
+    with to_file(work.root):  # third-party logs: not in the terminal, kept with the run
+        try:
+            rows = {"source_rows": loaded.source_rows, "dropped": dict(loaded.dropped)}
+            _run_in(work, exp, split, canaries, rows, console, verbose)
+        except UserError:
+            if not exp.resume:
+                shutil.rmtree(work.root, ignore_errors=True)
+            raise
+        except BaseException:
+            console.print(
+                f"[red]run stopped; partial output left in {work.root} (not a result); continue "
+                f"it with `silotune run --resume {work.root}`[/]"
+            )
+            raise
+        shutil.rmtree(work.checkpoints, ignore_errors=True)
+        for state in work.client_states():
+            shutil.rmtree(state, ignore_errors=True)
+        work.finish()  # the log file stays open through the rename
+        _after_training(exp, console)
+    console.print(
+        f"finished in {time.perf_counter() - started:.0f} s; report: {RunFolder(exp.out).report}"
+    )
+    return exp.out
+
+
+def _after_training(exp: Experiment, console: Console) -> None:
+    """The attacks and lm-eval on the finished folder: a failing one never costs the training
+    results."""
+    cfg = exp.config
+    if attacks := list(cfg.attack.kinds):
         console.print(f"privacy attacks: {', '.join(attacks)}")
         try:
             audit(exp.out, attacks, cfg.attack, log=console.print)
@@ -152,7 +169,7 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
                 f"fix the attack settings and run `silotune attack {','.join(attacks)} {exp.out}`"
             )
             raise
-    if tasks := list(cfg.eval.lm_eval_tasks):  # likewise on the finished folder
+    if tasks := list(cfg.eval.lm_eval_tasks):
         from silotune.evaluation.lm_eval import evaluate_folder  # lm-eval loads slowly
 
         try:
@@ -163,10 +180,6 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
                 f"fix the tasks and run `silotune eval {exp.out} --tasks {','.join(tasks)}`"
             )
             raise
-    console.print(
-        f"finished in {time.perf_counter() - started:.0f} s; report: {RunFolder(exp.out).report}"
-    )
-    return exp.out
 
 
 def _run_in(
@@ -303,10 +316,18 @@ def _run_in(
         per_client["base_eval_loss"] = pooled_loss(base_own)
     if len(exp.specs) > 1:
         write_comparison(work.root, runs, ctx, intervals, per_client)
-    console.print(results_table(runs, base, intervals), intervals.get("about", ""))
+    console.print(results_table(runs, base))
+    _print_differences(console, intervals, "differences on the shared held-out records")
     if per_client:
         summaries = {s.name: summary for s, _, summary in runs}
-        console.print(per_client_table(per_client, summaries, per_client["base_eval_loss"]))
+        console.print(per_client_table(summaries, per_client["base_eval_loss"]))
+        _print_differences(console, per_client, "differences on each client's own records")
+
+
+def _print_differences(console: Console, intervals: dict[str, Any], title: str) -> None:
+    table = differences_table(intervals, title)
+    if table is not None:
+        console.print(table, intervals.get("about", ""))
 
 
 def _judged(

@@ -8,13 +8,13 @@ start split processes on their own machines with `silotune split-server` / `spli
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from silotune.procs import quiet_libraries, run_command
+from silotune.logs import install as route_logs
+from silotune.procs import run_command
 
 _MODULE = "silotune.split.process"
 
@@ -67,7 +67,6 @@ def _run(args: ServerArgs | ClientArgs) -> int:
 
     config = load_config(args.config, algorithm_checks=False)  # runs none of them
     if isinstance(args, ServerArgs):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         run_server(config, args.listen, args.certs, args.clients, args.out)
     else:
         run_client(
@@ -79,7 +78,7 @@ def _run(args: ServerArgs | ClientArgs) -> int:
 def main(argv: list[str]) -> int:
     """Run the process `argv` (from `command`) describes; its exit code."""
     args = parse(argv)
-    quiet_libraries(flower=False)
+    route_logs(flower=False)
     return run_command(lambda: _run(args), "free space, then resume the run with --resume")
 
 
