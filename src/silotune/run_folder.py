@@ -12,6 +12,7 @@ An experiment's folder (written as OUT.incomplete, renamed to OUT once everythin
     deploy-logs/                 the processes of `silotune deploy local`
     summary.json, metrics.jsonl, adapters/<name>/, report.md, plots/    an algorithm's result
     privacy.json                 what `silotune attack` found
+    silotune.log                 what the libraries logged (see silotune.logs)
 
 With several algorithms each result is a sub-folder named after the algorithm, beside a
 side-by-side report.md and comparison.json. A sweep or experiment.seeds holds one such folder per
