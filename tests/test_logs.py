@@ -49,7 +49,7 @@ def test_the_terminal_shows_only_what_a_user_can_act_on(
     assert capsys.readouterr().err == ""
 
 
-def test_help_and_a_run_print_nothing_on_stderr(tmp_path: Path) -> None:
+def test_help_and_a_run_print_nothing_on_stderr_and_a_run_shows_progress(tmp_path: Path) -> None:
     def silotune(*args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "silotune.cli", *args]
         return subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
@@ -61,5 +61,8 @@ def test_help_and_a_run_print_nothing_on_stderr(tmp_path: Path) -> None:
     ran = silotune("run", tiny, "--out", str(out), "--set", "experiment.algorithms=['fedit']")
     assert ran.returncode == 0, ran.stderr
     assert ran.stderr == ""
+    # Not a terminal: one line per event from the clients in Flower's simulation workers.
+    assert "client 0: training" in ran.stdout and "runner: held-out loss" in ran.stdout
+    assert not (out / "progress").exists()
     # Flower warns about its own settings on every simulation: kept, out of sight.
     assert "flwr" in (out / logs.LOG_FILE).read_text()

@@ -455,7 +455,9 @@ def test_certs_command_makes_a_usable_pki(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_split_run_with_real_processes(tmp_path: Path) -> None:
+def test_split_run_with_real_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`silotune run` with split + cenit: a server and 3 client processes over mTLS + AEAD."""
     out = tmp_path / "run"
     code = main(
@@ -473,6 +475,7 @@ def test_split_run_with_real_processes(tmp_path: Path) -> None:
         ]
     )
     assert code == 0
+    assert "split client-1: training 3/3" in capsys.readouterr().out  # from its process
     summary = json.loads((out / "split" / "summary.json").read_text())
     assert summary["mode"] == "split" and summary["final"]["eval_loss"] > 0
     assert summary["communication"]["bytes_up"] > 0

@@ -26,6 +26,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 from silotune.algorithms import ALGORITHMS
@@ -60,6 +61,7 @@ from silotune.privacy.audit import (
     prepare_canaries,
     save_canaries,
 )
+from silotune.progress import PROGRESS_DIR, Watcher, reporting
 from silotune.report.context import RunContext
 from silotune.report.outputs import comparison_intervals, write_comparison, write_run
 from silotune.report.per_client import own_scores
@@ -250,9 +252,11 @@ def _run_in(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
     )
-    with progress:
+    ticks = work.root / PROGRESS_DIR
+    with progress, Watcher(work.root, progress, console) as watcher, reporting(ticks, "runner"):
         for spec in exp.specs:
             folder = work.result(spec.name, several=len(exp.specs) > 1)
             finished = load_result(work.result_checkpoint(spec.name))
@@ -264,6 +268,7 @@ def _run_in(
             task = progress.add_task(f"{spec.name} rounds", total=cfg.train.rounds)
 
             def on_round(log: RoundLog, name: str = spec.name, task_id: TaskID = task) -> None:
+                watcher.drain()  # the workers' last lines before the round's
                 progress.advance(task_id)
                 progress.console.print(f"  {name} round {log.round}: {_fmt_metrics(log.metrics)}")
 
@@ -304,6 +309,7 @@ def _run_in(
             )
             save_result(work.result_checkpoint(spec.name), result)
             runs.append((spec, result, summary))
+            watcher.clear()
     scores = {BASE: base_per_record, **{s.name: r.final_per_record for s, r, _ in runs}}
     intervals = comparison_intervals(scores, cfg.eval.references)
     per_client: dict[str, Any] = {}

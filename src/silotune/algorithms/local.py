@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from silotune import progress
 from silotune.data.generators import generator_for
 from silotune.data.load import as_records
 from silotune.data.sft import tokenize_dataset
@@ -71,42 +72,45 @@ def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:
         clients: list[dict[str, object]] = []
         evals, losses = [], []
         for cid, examples in enumerate(job.client_examples):
-            seed = derive_seed(cfg.experiment.seed, "client", cid, rnd)
-            try:
-                budget.check_round(cfg, stores[cid], len(examples))
-            except budget.BudgetSpent:  # it trains no more: its model stays as it is
-                result = (
-                    last_results[cid]
-                    if last_results
-                    else bench.evaluate(states[cid], job.eval_set, round_=rnd)
+            with progress.reporting(job.run.root / progress.PROGRESS_DIR, f"client {cid}"):
+                seed = derive_seed(cfg.experiment.seed, "client", cid, rnd)
+                try:
+                    budget.check_round(cfg, stores[cid], len(examples))
+                except budget.BudgetSpent:  # it trains no more: its model stays as it is
+                    result = (
+                        last_results[cid]
+                        if last_results
+                        else bench.evaluate(states[cid], job.eval_set, round_=rnd)
+                    )
+                    evals.append(result)
+                    clients.append({"client": cid, budget.DECLINED: 1, **result.metrics()})
+                    continue
+                extra: dict[str, object] = {}
+                if self_augment:
+                    client_dir = job.run.clients / client_name(cid)
+                    synthetic, stats, extra = _self_generate(
+                        job, states[cid], records[cid], seed, client_dir, rnd
+                    )
+                    examples = examples + synthetic
+                    synthetic_total.add(stats)
+                states[cid], trained = bench.train(
+                    states[cid], examples, cfg.train.local_steps, seed
                 )
+                if trained.privacy is not None:
+                    budget.record(stores[cid], trained.privacy)
+                    extra.update(trained.privacy.metrics("adapter"))
+                result = bench.evaluate(states[cid], job.eval_set, round_=rnd)
                 evals.append(result)
-                clients.append({"client": cid, budget.DECLINED: 1, **result.metrics()})
-                continue
-            extra: dict[str, object] = {}
-            if self_augment:
-                client_dir = job.run.clients / client_name(cid)
-                synthetic, stats, extra = _self_generate(
-                    job, states[cid], records[cid], seed, client_dir, rnd
+                losses.append(trained.loss)
+                clients.append(
+                    {
+                        "client": cid,
+                        "train_loss": trained.loss,
+                        "train_s": trained.seconds,
+                        **result.metrics(),
+                        **extra,
+                    }
                 )
-                examples = examples + synthetic
-                synthetic_total.add(stats)
-            states[cid], trained = bench.train(states[cid], examples, cfg.train.local_steps, seed)
-            if trained.privacy is not None:
-                budget.record(stores[cid], trained.privacy)
-                extra.update(trained.privacy.metrics("adapter"))
-            result = bench.evaluate(states[cid], job.eval_set, round_=rnd)
-            evals.append(result)
-            losses.append(trained.loss)
-            clients.append(
-                {
-                    "client": cid,
-                    "train_loss": trained.loss,
-                    "train_s": trained.seconds,
-                    **result.metrics(),
-                    **extra,
-                }
-            )
         last_results = evals
         log = RoundLog(
             round=rnd,

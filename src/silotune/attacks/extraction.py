@@ -125,7 +125,10 @@ def extraction_attack(
         scored = []
         for records in (members, non_members):
             ps = probes(records, tokenizer, data, kind, cfg.prefix_fraction, cfg.max_new_tokens)
-            texts = [g.text for g in generate(model, tokenizer, [p.prompt for p in ps], decode)]
+            prompts = [p.prompt for p in ps]
+            texts = [
+                g.text for g in generate(model, tokenizer, prompts, decode, label="extraction")
+            ]
             refs = [p.reference for p in ps]
             scored.append(
                 (

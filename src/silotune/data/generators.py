@@ -97,7 +97,9 @@ class LocalGenerator:
             repetition_penalty=cfg.repetition_penalty,
         )
         with self._active():
-            return generate(self.model, self.tokenizer, prompts, decoding)
+            return generate(
+                self.model, self.tokenizer, prompts, decoding, label="synthetic answers"
+            )
 
 
 class EndpointGenerator:
@@ -226,7 +228,9 @@ def plain_instructions(
 ) -> list[Generation]:
     """`cfg.per_round` instructions, each prompted with `icl_examples` random local records."""
     prompts = [tokenizer(p)["input_ids"] for p in instruction_prompts(local, cfg, seed)]
-    return generate(model, tokenizer, prompts, _instruction_decoding(cfg), seed=seed)
+    return generate(
+        model, tokenizer, prompts, _instruction_decoding(cfg), seed=seed, label="synthetic tasks"
+    )
 
 
 def private_instructions(
@@ -259,5 +263,12 @@ def private_instructions(
     decoding = replace(
         _instruction_decoding(cfg, block * max(1, cfg.batch_size // block)), temperature=0.0
     )
-    out = generate(model, tokenizer, blocks, decoding, processors=LogitsProcessorList([vote]))
+    out = generate(
+        model,
+        tokenizer,
+        blocks,
+        decoding,
+        processors=LogitsProcessorList([vote]),
+        label="private synthetic tasks",
+    )
     return out[::block]

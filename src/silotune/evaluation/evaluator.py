@@ -18,6 +18,7 @@ from silotune.evaluation.intervals import ACCURACY, LOSS, ROUGE_L, TOKENS
 from silotune.evaluation.metrics import rouge_scores
 from silotune.modeling.generation import DecodeConfig, generate, pad_id
 from silotune.modeling.placement import device_of
+from silotune.progress import tick
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def evaluate(
         tokens += int((targets != IGNORE_INDEX).sum())
         record_loss += nll.sum(dim=1, dtype=torch.float64).tolist()
         record_tokens += (targets != IGNORE_INDEX).sum(dim=1).float().tolist()
+        tick("held-out loss", len(record_loss), len(eval_set.examples))
     eval_loss = loss_sum / max(tokens, 1)
     per_record = {LOSS: record_loss, TOKENS: record_tokens}
     perplexity = math.exp(min(eval_loss, 50.0))
@@ -141,7 +143,10 @@ def evaluate(
         return EvalResult(eval_loss, perplexity, None, accuracy=acc, per_record=per_record)
     decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     n = cfg.generate_n or len(eval_set.prompts)
-    predictions = [g.text.strip() for g in generate(model, tokenizer, eval_set.prompts[:n], decode)]
+    predictions = [
+        g.text.strip()
+        for g in generate(model, tokenizer, eval_set.prompts[:n], decode, label="held-out answers")
+    ]
     instructions, references = eval_set.instructions[:n], eval_set.references[:n]
     samples = [
         {"instruction": i, "reference": r, "prediction": p}

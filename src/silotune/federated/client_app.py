@@ -10,6 +10,7 @@ from which a restarted client (or a resumed run) takes it up again.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from silotune import progress
 from silotune.checkpoint import load_client_state, save_client_state
 from silotune.config import Config
 from silotune.data.load import as_records, load_client_records
@@ -58,6 +60,7 @@ class ClientSpec:
     clients_dir: str
     data_path: str = ""
     eval_path: str = ""
+    progress_dir: str = ""  # where a simulated client's progress goes (see silotune.progress)
 
 
 @cache
@@ -143,7 +146,8 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
         except budget.BudgetSpent:  # released nothing: the server records the decline
             declined = MetricRecord({"client": req.client, budget.DECLINED: 1})
             return Message(content=RecordDict({METRICS: declined}), reply_to=msg)
-        reply = role.train(req)
+        with _reporting(spec, req):
+            reply = role.train(req)
         if (use := GaussianUse.reported("adapter", reply.metrics)) is not None:
             budget.record(req.store, use)
         save_store(context.state, req.store)
@@ -162,7 +166,8 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
             raise RuntimeError(f"{spec.algorithm} clients do not evaluate locally")
         req = _request(spec, msg, context)
         eval_set = _eval_set(spec)
-        result = role.evaluate(req, eval_set)
+        with _reporting(spec, req):
+            result = role.evaluate(req, eval_set)
         metrics = MetricRecord(
             {
                 "num-examples": len(eval_set.examples),
@@ -179,6 +184,14 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _reporting(spec: ClientSpec, req: LocalRequest) -> AbstractContextManager[None]:
+    """A simulated client tells the run's progress display what it does; a deployed node's
+    progress stays in its own logs."""
+    if not spec.progress_dir:
+        return nullcontext()
+    return progress.reporting(Path(spec.progress_dir), f"client {req.client}")
 
 
 class ModelMismatchError(RuntimeError):

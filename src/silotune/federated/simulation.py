@@ -11,6 +11,7 @@ from silotune.federated.client_app import ClientSpec, make_client_app
 from silotune.federated.server import FederatedServer
 from silotune.federated.server_app import make_server_app
 from silotune.jobs import AlgorithmResult, Job
+from silotune.progress import PROGRESS_DIR
 
 
 def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> AlgorithmResult:
@@ -37,7 +38,14 @@ def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> Al
             server.notes.append(secagg.describe(cfg, clients, bound))
         else:
             server_app = make_server_app(server.start)
-        spec = ClientSpec(cfg, job.source, str(job.run.partitions), algorithm, str(job.run.clients))
+        spec = ClientSpec(
+            cfg,
+            job.source,
+            str(job.run.partitions),
+            algorithm,
+            str(job.run.clients),
+            progress_dir=str(job.run.root / PROGRESS_DIR),
+        )
         simulate(make_client_app(spec), server_app, clients, job.verbose, job.client_resources)
     return server.result()
 

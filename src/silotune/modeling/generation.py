@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from silotune.modeling.placement import device_of
+from silotune.progress import tick
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,11 @@ def generate(
     cfg: DecodeConfig,
     seed: int = 0,
     processors: LogitsProcessorList | None = None,
+    label: str = "generating",
 ) -> list[Generation]:
     """Continue each tokenised prompt; sampling (temperature > 0) is seeded. `processors` see
-    each step's scores of a whole batch of `cfg.batch_size` prompts (greedy decoding)."""
+    each step's scores of a whole batch of `cfg.batch_size` prompts (greedy decoding). `label`:
+    what the run's progress display calls it."""
     out: list[Generation] = []
     eos = tokenizer.eos_token_id
     model.eval()  # no dropout: a fresh PEFT model is in training mode
@@ -70,6 +79,7 @@ def generate(
                 extra.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
             if processors is not None:
                 extra.update(logits_processor=processors)
+            ticker = _Ticker(label, start, len(chunk), len(prompts), cfg.max_new_tokens)
             device = device_of(model)
             tokens = model.generate(  # type: ignore[operator]
                 input_ids=input_ids.to(device),
@@ -79,6 +89,7 @@ def generate(
                 repetition_penalty=cfg.repetition_penalty,
                 pad_token_id=pad_id(tokenizer),
                 eos_token_id=eos,
+                stopping_criteria=StoppingCriteriaList([ticker]),
                 **extra,
             )
             for row in tokens[:, width:].cpu():  # (new,)
@@ -87,3 +98,18 @@ def generate(
                 ended = eos in ids or any(s in text for s in cfg.stop)
                 out.append(Generation(text=text, finished=ended))
     return out
+
+
+class _Ticker(StoppingCriteria):
+    """Never stops a batch; tells the progress display how far it is, in prompts."""
+
+    def __init__(self, label: str, start: int, size: int, total: int, new_tokens: int) -> None:
+        self.label, self.start, self.size, self.total = label, start, size, total
+        self.new_tokens = max(new_tokens, 1)
+        self.made = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        self.made += 1
+        done = self.start + self.size * min(self.made, self.new_tokens) // self.new_tokens
+        tick(self.label, done, self.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

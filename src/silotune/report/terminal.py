@@ -5,6 +5,7 @@ stay on one line in an 80-column terminal."""
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Any
 
 from rich.table import Table
@@ -14,18 +15,45 @@ from silotune.evaluation.intervals import BASE, Interval
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
 from silotune.report.markdown import METRICS
 
+WIDE = 10  # more clients than this: a summary, the full table in partitions/stats.json
+
 
 def clients_table(split: Partitions) -> Table:
-    """Each client's record count and label mix."""
+    """Each client's record count and label mix (a summary beyond WIDE clients)."""
+    stats = split.stats()
+    if len(stats) > WIDE:
+        return _clients_summary(stats)
     table = Table(title="clients")
     table.add_column("client", justify="right")
     table.add_column("records", justify="right")
     table.add_column("label mix")
-    for row in split.stats():
+    for row in stats:
         labels = row["labels"]
         assert isinstance(labels, dict)
         table.add_row(str(row["client"]), str(row["size"]), json.dumps(labels)[1:-1] or "–")
     return table
+
+
+def _clients_summary(stats: list[dict[str, object]]) -> Table:
+    """Records per client and how skewed their label mixes are, over all clients."""
+    sizes = [int(str(row["size"])) for row in stats]
+    # A client's skew: the share of its records that carry its most common label.
+    shares = [
+        max(labels.values()) / sum(labels.values())
+        for row in stats
+        if isinstance(labels := row["labels"], dict) and labels
+    ]
+    table = Table(title=f"{len(stats)} clients", caption="each one: partitions/stats.json")
+    for col in ("", "min", "median", "max"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("records", *(f"{v:g}" for v in _spread(sizes)))
+    if shares:
+        table.add_row("top label's share", *(f"{v:.0%}" for v in _spread(shares)))
+    return table
+
+
+def _spread(values: list[int] | list[float]) -> tuple[float, float, float]:
+    return float(min(values)), float(statistics.median(values)), float(max(values))
 
 
 def results_table(

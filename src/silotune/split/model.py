@@ -16,6 +16,7 @@ from torch import nn
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
+    StoppingCriteriaList,
     StopStringCriteria,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -70,11 +71,13 @@ class SplitCausalLM(nn.Module):
         stop_strings: list[str] | None = None,
         tokenizer: Any = None,
         use_cache: bool = True,
+        stopping_criteria: StoppingCriteriaList | None = None,
     ) -> torch.Tensor:
         """Decode as transformers' `generate` does (greedy, or sampling with temperature, top-k
         and top-p; repetition penalty; EOS and stop strings end a row), batched. With KV caches on
         every segment (the server keeps the middle's) each step runs only the newest token;
-        prefix segments, or `use_cache=False`, run the whole sequence again."""
+        prefix segments, or `use_cache=False`, run the whole sequence again. `stopping_criteria`
+        end a row as transformers' do."""
         processors = LogitsProcessorList()
         if repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
@@ -106,6 +109,8 @@ class SplitCausalLM(nn.Module):
                 finished |= token == eos_token_id
             if stop is not None:
                 finished |= stop(ids, scores).to(finished.device)
+            if stopping_criteria is not None:
+                finished |= stopping_criteria(ids, scores).to(finished.device)
             if bool(finished.all()):
                 break
         return ids

@@ -15,6 +15,7 @@ from typing import Any
 
 from silotune.logs import install as route_logs
 from silotune.procs import run_command
+from silotune.progress import PROGRESS_DIR, reporting
 
 _MODULE = "silotune.split.process"
 
@@ -69,9 +70,11 @@ def _run(args: ServerArgs | ClientArgs) -> int:
     if isinstance(args, ServerArgs):
         run_server(config, args.listen, args.certs, args.clients, args.out)
     else:
-        run_client(
-            config, args.client, args.server, args.certs, args.data, args.eval_file, args.out
-        )
+        # The run's progress display shows this client's steps (config.json is in the run folder).
+        with reporting(args.config.parent / PROGRESS_DIR, f"split {args.client}"):
+            run_client(
+                config, args.client, args.server, args.certs, args.data, args.eval_file, args.out
+            )
     return 0
 
 

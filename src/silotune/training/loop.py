@@ -19,6 +19,7 @@ from silotune.config_sections import TrainConfig
 from silotune.data.sft import Batch, batch_stream
 from silotune.modeling.placement import device_of
 from silotune.privacy.mechanisms import GaussianUse
+from silotune.progress import tick
 from silotune.training.dp import train_dp
 from silotune.training.guards import check_gradients
 from silotune.training.optim import clip_and_step, make_optimizer
@@ -54,6 +55,7 @@ def train_steps(
     With `privacy.mode = "dp-sgd"` they are DP-SGD steps on Poisson-sampled batches (the loss is
     the mean over steps that drew examples) and the result carries the GaussianUse they ran.
     """
+    on_step = _ticking(steps, on_step)
     # Only the adapter being trained requires grad (FedPIT freezes the other active one).
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
@@ -99,6 +101,19 @@ def train_steps(
         examples=len(examples),
         seconds=time.perf_counter() - start,
     )
+
+
+def _ticking(
+    steps: int, on_step: Callable[[int, float], None] | None
+) -> Callable[[int, float], None]:
+    """`on_step` that also tells the run's progress display."""
+
+    def step_done(step: int, loss: float) -> None:
+        tick("training", step + 1, steps)
+        if on_step is not None:
+            on_step(step, loss)
+
+    return step_done
 
 
 def _run(
