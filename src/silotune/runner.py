@@ -157,6 +157,30 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     return exp.out
 
 
+def _base_metrics(
+    work: RunFolder,
+    bench: Workbench,
+    eval_set: EvalSet,
+    judge: Judge | None,
+    cfg: Config,
+    console: Console,
+) -> tuple[dict[str, float], PerRecord]:
+    """The base model's held-out metrics and per-record scores (kept: a resume reads them)."""
+    base_file = work.base_metrics
+    if base_file.is_file():
+        base = json.loads(base_file.read_text(encoding="utf-8"))
+        return base, base.pop(PER_RECORD, {})  # absent from older checkpoints
+    console.print("evaluating the base model ...")
+    base_eval = bench.evaluate_base(eval_set)
+    base = base_eval.metrics()
+    if judge is not None:
+        base["judge_win_rate"] = _judged(judge, cfg, eval_set, [base_eval.predictions]).win_rate
+    work.checkpoints.mkdir(exist_ok=True)
+    # Its per-record scores ride along: the reference of every interval.
+    write_json(base_file, {**base, PER_RECORD: base_eval.per_record})
+    return base, base_eval.per_record
+
+
 def _after_training(exp: Experiment, console: Console) -> None:
     """The attacks and lm-eval on the finished folder: a failing one never costs the training
     results."""
@@ -195,7 +219,6 @@ def _run_in(
 ) -> None:
     """Everything after the data split, written into the work folder."""
     cfg = exp.config
-    checkpoints = work.checkpoints
     if exp.resume:
         check_partitions(work.partitions, split)
     else:
@@ -220,32 +243,6 @@ def _run_in(
     if cfg.judge.kind != "none":
         with console.status(f"setting up the {cfg.judge.kind} judge ..."):
             judge = build_judge(cfg.judge)
-    base_file = work.base_metrics
-    if base_file.is_file():
-        base = json.loads(base_file.read_text(encoding="utf-8"))
-        base_per_record: PerRecord = base.pop(PER_RECORD, {})  # absent from older checkpoints
-    else:
-        with console.status("evaluating the base model ..."):
-            base_eval = bench.evaluate_base(eval_set)
-            base = base_eval.metrics()
-            if judge is not None:
-                base["judge_win_rate"] = _judged(
-                    judge, cfg, eval_set, [base_eval.predictions]
-                ).win_rate
-        base_per_record = base_eval.per_record
-        checkpoints.mkdir(exist_ok=True)
-        # Its per-record scores ride along: the reference of every interval.
-        write_json(base_file, {**base, PER_RECORD: base_per_record})
-    console.print(f"base model: {_fmt_metrics(base)}")
-    ctx = RunContext(
-        config=cfg,
-        model=source.description,
-        base=base,
-        partition_stats=split.stats(),
-        adapter_bytes=adapter_nbytes(bench.initial),
-        data_rows=data_rows,
-    )
-
     runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]] = []
     progress = Progress(
         TextColumn("{task.description}"),
@@ -257,6 +254,17 @@ def _run_in(
     )
     ticks = work.root / PROGRESS_DIR
     with progress, Watcher(work.root, progress, console) as watcher, reporting(ticks, "runner"):
+        base, base_per_record = _base_metrics(work, bench, eval_set, judge, cfg, console)
+        console.print(f"base model: {_fmt_metrics(base)}")
+        ctx = RunContext(
+            config=cfg,
+            model=source.description,
+            base=base,
+            partition_stats=split.stats(),
+            adapter_bytes=adapter_nbytes(bench.initial),
+            data_rows=data_rows,
+        )
+
         for spec in exp.specs:
             folder = work.result(spec.name, several=len(exp.specs) > 1)
             finished = load_result(work.result_checkpoint(spec.name))
