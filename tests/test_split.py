@@ -455,9 +455,7 @@ def test_certs_command_makes_a_usable_pki(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_split_run_with_real_processes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_split_run_with_real_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`silotune run` with split + cenit: a server and 3 client processes over mTLS + AEAD."""
     out = tmp_path / "run"
     code = main(

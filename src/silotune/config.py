@@ -38,6 +38,7 @@ from silotune.config_sections import (
     PartitionConfig,
     SweepConfig,
     SyntheticConfig,
+    TrackingConfig,
     TrainConfig,
 )
 from silotune.errors import ConfigError
@@ -67,6 +68,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     fewfedweight: FewFedWeightConfig = field(default_factory=FewFedWeightConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to a run's `config.json`."""

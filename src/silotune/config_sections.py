@@ -260,6 +260,21 @@ class JudgeConfig:
     max_items: int = 0  # judge at most this many held-out items (0 = all)
 
 
+TrackingBackend = Literal["tensorboard", "mlflow", "wandb"]
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers the run also reports to (pip install 'silotune[tracking]')."""
+
+    backends: tuple[TrackingBackend, ...] = ()
+    # MLflow's store: empty = $MLFLOW_TRACKING_URI, else MLflow's default (./mlflow.db).
+    mlflow_uri: str = ""
+    # W&B: offline (files in the run folder's wandb/, `wandb sync` uploads them) or online.
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_project: str = ""  # empty: the experiment's name
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """Run the whole experiment once per value of one key (e.g. partition.alpha)."""

@@ -111,8 +111,17 @@ def _quiet_libraries(flower: bool) -> None:
     if flower:
         from flwr.common.logger import LOGGER_NAME
 
-        # Flower prints through its own console handler: route its records like the others'.
-        flwr_log = logging.getLogger(LOGGER_NAME)
-        for handler in list(flwr_log.handlers):
-            flwr_log.removeHandler(handler)
-        flwr_log.setLevel(logging.WARNING)
+        adopt(LOGGER_NAME)
+
+
+def adopt(name: str) -> None:
+    """Route the records of a library that prints through its own handlers (Flower, MLflow)
+    like every other library's; call after importing it."""
+    router = _router()
+    if router is None or router.verbose:
+        return
+    library = logging.getLogger(name)
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
+    library.setLevel(logging.WARNING)
+    library.propagate = True

@@ -31,7 +31,7 @@ from rich.progress import (
 
 from silotune.algorithms import ALGORITHMS
 from silotune.attacks.audit import audit
-from silotune.checkpoint import load_result, save_result
+from silotune.checkpoint import load_result, load_round, save_result
 from silotune.config import Config
 from silotune.data.load import load_records
 from silotune.data.partition import Partitions, split_dataset
@@ -77,6 +77,7 @@ from silotune.run_folder import (
     work_folder,
     write_json,
 )
+from silotune.tracking import Trackers, check_installed
 from silotune.training.workbench import Workbench
 
 
@@ -111,6 +112,7 @@ def run_experiment(exp: Experiment, console: Console, verbose: bool = False) -> 
     """Run every algorithm of `exp` and return the finished output folder."""
     cfg = exp.config
     started = time.perf_counter()
+    check_installed(cfg)  # a tracker's library, likewise
     if cfg.eval.lm_eval_tasks:  # a misspelt task fails now, not after the training
         from silotune.evaluation.lm_eval import resolve_tasks, task_manager
 
@@ -188,13 +190,16 @@ def _after_training(exp: Experiment, console: Console) -> None:
     if attacks := list(cfg.attack.kinds):
         console.print(f"privacy attacks: {', '.join(attacks)}")
         try:
-            audit(exp.out, attacks, cfg.attack, log=console.print)
+            found = audit(exp.out, attacks, cfg.attack, log=console.print)
         except UserError as exc:
             console.print(
                 f"[red]attack failed: {exc}[/]\nthe training results in {exp.out} are complete; "
                 f"fix the attack settings and run `silotune attack {','.join(attacks)} {exp.out}`"
             )
             raise
+        with Trackers(cfg, exp.out, exp.out) as trackers:  # the training's tracker runs, again
+            for algorithm, results in found.items():
+                trackers.attacks(algorithm, results, cfg.train.rounds)
     if tasks := list(cfg.eval.lm_eval_tasks):
         from silotune.evaluation.lm_eval import evaluate_folder  # lm-eval loads slowly
 
@@ -253,7 +258,12 @@ def _run_in(
         console=console,
     )
     ticks = work.root / PROGRESS_DIR
-    with progress, Watcher(work.root, progress, console) as watcher, reporting(ticks, "runner"):
+    with (
+        progress,
+        Watcher(work.root, progress, console) as watcher,
+        reporting(ticks, "runner"),
+        Trackers(cfg, work.root, exp.out) as trackers,
+    ):
         base, base_per_record = _base_metrics(work, bench, eval_set, judge, cfg, console)
         console.print(f"base model: {_fmt_metrics(base)}")
         ctx = RunContext(
@@ -279,6 +289,7 @@ def _run_in(
                 watcher.drain()  # the workers' last lines before the round's
                 progress.advance(task_id)
                 progress.console.print(f"  {name} round {log.round}: {_fmt_metrics(log.metrics)}")
+                trackers.round(name, log)
 
             job = Job(
                 config=cfg,
@@ -292,6 +303,9 @@ def _run_in(
                 on_round=on_round,
                 verbose=verbose,
             )
+            if exp.resume and (done := load_round(work.round_checkpoint(spec.name))):
+                for log in done.rounds:  # a stop between a checkpoint and its round's log
+                    trackers.round(spec.name, log)
             t0 = time.perf_counter()
             result = spec.run(job)
             if judge is not None:
@@ -315,6 +329,7 @@ def _run_in(
             summary = write_run(
                 folder.root, spec, result, ctx, bench.save, wall_s, canary_audit, base_per_record
             )
+            trackers.finished(spec.name, summary, folder.root, len(result.rounds))
             save_result(work.result_checkpoint(spec.name), result)
             runs.append((spec, result, summary))
             watcher.clear()
