@@ -265,6 +265,7 @@ def _run_in(
         Trackers(cfg, work.root, exp.out) as trackers,
     ):
         base, base_per_record = _base_metrics(work, bench, eval_set, judge, cfg, console)
+        watcher.drain()
         console.print(f"base model: {_fmt_metrics(base)}")
         ctx = RunContext(
             config=cfg,
