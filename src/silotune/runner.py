@@ -335,10 +335,12 @@ def _run_in(
             runs.append((spec, result, summary))
             watcher.clear()
     scores = {BASE: base_per_record, **{s.name: r.final_per_record for s, r, _ in runs}}
+    console.print("  comparing: paired intervals over the held-out records ...")
     intervals = comparison_intervals(scores, cfg.eval.references)
     per_client: dict[str, Any] = {}
     if client_sets:
         summaries = {s.name: summary for s, _, summary in runs}
+        console.print("  base model: scoring on each client's records ...")
         base_own = base_on_clients(bench, client_sets)
         per_client = comparison_intervals(
             {BASE: base_own, **own_scores(summaries)}, cfg.eval.references

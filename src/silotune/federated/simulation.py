@@ -11,7 +11,7 @@ from silotune.federated.client_app import ClientSpec, make_client_app
 from silotune.federated.server import FederatedServer
 from silotune.federated.server_app import make_server_app
 from silotune.jobs import AlgorithmResult, Job
-from silotune.progress import PROGRESS_DIR
+from silotune.progress import PROGRESS_DIR, tick
 
 
 def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> AlgorithmResult:
@@ -64,6 +64,7 @@ def simulate(
         "client_resources": resources or {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "log_to_driver": verbose, "logging_level": "ERROR"},
     }
+    tick("starting Flower's simulation", 0, 1)  # Ray takes a while to start its workers
     run_simulation(
         server_app=server_app,  # type: ignore[arg-type]
         client_app=client_app,  # type: ignore[arg-type]
