@@ -39,7 +39,9 @@ def test_the_terminal_shows_only_what_a_user_can_act_on(
         logging.getLogger("otherlib").warning("during the run")
         import warnings
 
-        warnings.warn("a library's UserWarning", UserWarning, stacklevel=1)
+        with warnings.catch_warnings():  # whatever filters earlier tests or libraries left
+            warnings.simplefilter("always")
+            warnings.warn("a library's UserWarning", UserWarning, stacklevel=1)
     logging.getLogger("otherlib").warning("after the run")
     kept = path.read_text()
     assert path == tmp_path / logs.LOG_FILE
