@@ -63,7 +63,10 @@ def install(verbose: bool = False, flower: bool = True) -> None:
     root.addHandler(_Router(verbose))
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("silotune").setLevel(logging.INFO)
-    logging.captureWarnings(True)  # Python warnings become records of "py.warnings"
+    # Python warnings become records of "py.warnings". Off first: after an earlier install
+    # whose showwarning was since replaced (warnings.catch_warnings), on alone does nothing.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     if not verbose:
         _quiet_libraries(flower)
 
