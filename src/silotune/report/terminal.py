@@ -11,9 +11,9 @@ from typing import Any
 from rich.table import Table
 
 from silotune.data.partition import Partitions
-from silotune.evaluation.intervals import BASE, Interval
+from silotune.evaluation.intervals import BASE
 from silotune.jobs import AlgorithmResult, AlgorithmSpec
-from silotune.report.markdown import METRICS
+from silotune.report.markdown import METRICS, difference_cells
 
 WIDE = 10  # more clients than this: a summary, the full table in partitions/stats.json
 
@@ -106,11 +106,7 @@ def differences_table(intervals: dict[str, Any], title: str) -> Table | None:
         for ref in references:
             if ref == name or ref not in found:
                 continue
-            cells = [
-                Interval.from_json(found[ref][key]).cell() if key in found[ref] else "–"
-                for key, _ in metrics
-            ]
-            table.add_row(name, ref, *cells)
+            table.add_row(name, ref, *difference_cells(found, [(ref, k, "") for k, _ in metrics]))
     return table
 
 
