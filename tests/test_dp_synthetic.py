@@ -15,7 +15,7 @@ from rich.console import Console
 from transformers import LogitsProcessorList
 
 from silotune.config import load_config
-from silotune.config_sections import SyntheticConfig
+from silotune.config_synthetic import SyntheticConfig
 from silotune.data import dp_synthetic
 from silotune.data.dp_synthetic import DPVote, check_budget, deal, generation_use
 from silotune.data.generators import private_instructions

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from silotune.config import load_config
-from silotune.config_sections import SyntheticConfig
+from silotune.config_synthetic import SyntheticConfig
 from silotune.data.generators import (
     EndpointGenerator,
     LocalGenerator,

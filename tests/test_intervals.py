@@ -219,7 +219,7 @@ def test_scores_out_of_range_and_uncountable_counts_are_refused() -> None:
 
 
 def test_generation_runs_at_the_last_round_and_every_generate_every() -> None:
-    from silotune.config_sections import EvalConfig
+    from silotune.config_reporting import EvalConfig
     from silotune.evaluation.evaluator import generates
 
     last_only = EvalConfig()

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from silotune.config import load_config
-from silotune.config_sections import JudgeConfig
+from silotune.config_reporting import JudgeConfig
 from silotune.errors import ConfigError
 from silotune.evaluation.judge import (
     LocalJudge,

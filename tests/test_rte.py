@@ -12,7 +12,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from silotune.config import load_config
-from silotune.config_sections import DataConfig, EvalConfig, PartitionConfig
+from silotune.config_reporting import EvalConfig
+from silotune.config_sections import DataConfig, PartitionConfig
 from silotune.data.load import load_records
 from silotune.data.partition import split_dataset
 from silotune.errors import ConfigError, DataError

@@ -121,6 +121,12 @@ def test_bad_split_points_are_refused() -> None:
         split_model(tiny_llama(layers=2), 1, 1)
 
 
+@pytest.mark.parametrize("algorithm", ["split", "split-central"])
+def test_ffa_lora_is_refused_where_the_segments_do_not_implement_it(algorithm: str) -> None:
+    with pytest.raises(ConfigError, match=r"lora\.freeze_a .* not implemented for split"):
+        split_config(f'experiment.algorithms=["{algorithm}"]', "lora.freeze_a=true")
+
+
 def lora_llama() -> tuple[LlamaForCausalLM, torch.nn.Module]:
     cfg = split_config()
     model = tiny_llama()

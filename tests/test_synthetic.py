@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from silotune.config_sections import SyntheticConfig
+from silotune.config_synthetic import SyntheticConfig
 from silotune.data.synthetic import (
     FILTERS,
     Candidate,

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from silotune.algorithms import fedpit
 from silotune.config import load_config
-from silotune.config_sections import SyntheticConfig
+from silotune.config_synthetic import SyntheticConfig
 from silotune.data.load import as_records, load_records
 from silotune.data.sft import tokenize_dataset
 from silotune.data.synthetic import Candidate, SyntheticStats, filter_candidates

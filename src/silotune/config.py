@@ -27,25 +27,35 @@ from silotune.config_federation import (
 )
 from silotune.config_fewfedweight import FEWFEDWEIGHT_MINIMUMS, FewFedWeightConfig
 from silotune.config_privacy import PRIVACY_MINIMUMS, PrivacyConfig
+from silotune.config_reporting import (
+    REPORTING_MINIMUMS,
+    EvalConfig,
+    JudgeConfig,
+    SweepConfig,
+    TrackingConfig,
+)
 from silotune.config_sections import (
     MINIMUMS,
     DataConfig,
-    EvalConfig,
     ExperimentConfig,
-    JudgeConfig,
     LoraConfig,
     ModelConfig,
     PartitionConfig,
-    SweepConfig,
-    SyntheticConfig,
-    TrackingConfig,
     TrainConfig,
 )
+from silotune.config_synthetic import SYNTHETIC_MINIMUMS, SyntheticConfig
 from silotune.errors import ConfigError
 from silotune.typed_values import build_section, reject_unknown
 
 # Numeric lower bounds of every section: (section, key) -> (minimum, inclusive?)
-_MINIMUMS = {**MINIMUMS, **FEDERATION_MINIMUMS, **PRIVACY_MINIMUMS, **FEWFEDWEIGHT_MINIMUMS}
+MINIMUMS_ALL = {
+    **MINIMUMS,
+    **SYNTHETIC_MINIMUMS,
+    **REPORTING_MINIMUMS,
+    **FEDERATION_MINIMUMS,
+    **PRIVACY_MINIMUMS,
+    **FEWFEDWEIGHT_MINIMUMS,
+}
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ def config_from_dict(raw: dict[str, Any], *, algorithm_checks: bool = True) -> C
         section = raw.get(name, {})
         if not isinstance(section, dict):
             raise ConfigError(f"[{name}] must be a table of keys, got {section!r}")
-        built[name] = build_section(name, _section_type(name), section, _MINIMUMS)
+        built[name] = build_section(name, _section_type(name), section, MINIMUMS_ALL)
     config = Config(**built)
     _check_combinations(config)
     if algorithm_checks:

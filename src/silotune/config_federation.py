@@ -10,6 +10,7 @@ from typing import Literal
 
 from silotune.config_sections import Algorithm
 from silotune.errors import ConfigError
+from silotune.typed_values import setting
 
 Strategy = Literal[
     "fedavg",
@@ -59,25 +60,72 @@ ATTACK_TARGETS: dict[str, tuple[Algorithm, ...]] = {
 class FederatedConfig:
     """Server strategy (Flower's own) and sampling for federated algorithms."""
 
-    strategy: Strategy = "fedavg"
-    fraction_train: float = 1.0
-    proximal_mu: float = 0.01
-    server_lr: float = 0.01  # eta of the server optimiser (fedadam, fedyogi, fedadagrad)
-    server_beta_1: float = 0.9  # fedadam, fedyogi: decay of the first moment
-    server_beta_2: float = 0.99  # fedadam, fedyogi: decay of the second moment
-    server_tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity (added to sqrt(v))
-    server_momentum: float = 0.9  # fedavgm: momentum of the server's SGD
-    momentum_lr: float = 1.0  # fedavgm: learning rate of the server's SGD
-    trim_fraction: float = 0.2  # fedtrimmedavg: share of updates cut from each tail, in [0, 0.5)
-    # krum, multikrum, bulyan: hostile clients tolerated per round (f); krum and multikrum
-    # need 2f + 3 clients a round, bulyan 4f + 3.
-    malicious_clients: int = 1
-    multikrum_select: int = 0  # multikrum: updates averaged (0: clients a round - f)
-    round_timeout_s: float = 3600.0  # clients silent this long are recorded as dropped
-    quorum: int = 1  # fewest valid client updates a round needs; below it the run stops
-    # A client weight (num-examples, or dp-weight with DP) above this multiple of the round's
-    # median is rejected, so that no one client can outweigh the others.
-    max_weight_ratio: float = 10.0
+    strategy: Strategy = setting(
+        "fedavg",
+        "How the server combines the clients' updates, with Flower's own strategy: averages "
+        "(fedavg, fedprox), server optimisers (fedadam, fedavgm, fedyogi, fedadagrad), or "
+        "robust rules that select or trim updates (fedmedian, fedtrimmedavg, krum, multikrum, "
+        "bulyan).",
+    )
+    fraction_train: float = setting(
+        1.0,
+        "Share of the clients sampled to train each round, at most 1: clients × "
+        "fraction_train, rounded down, and at least one client.",
+    )
+    proximal_mu: float = setting(
+        0.01,
+        "fedprox: weight mu of the proximal term (mu / 2) ‖w - w_global‖² each client adds to "
+        "its loss, which keeps its update near the global adapter.",
+    )
+    server_lr: float = setting(
+        0.01, "fedadam, fedyogi, fedadagrad: learning rate (eta) of the server optimiser."
+    )
+    server_beta_1: float = setting(
+        0.9, "fedadam, fedyogi: decay of the server optimiser's first moment, below 1."
+    )
+    server_beta_2: float = setting(
+        0.99, "fedadam, fedyogi: decay of the server optimiser's second moment, below 1."
+    )
+    server_tau: float = setting(
+        1e-3,
+        "fedadam, fedyogi, fedadagrad: adaptivity, added to sqrt(v) in the denominator of the "
+        "server's step.",
+    )
+    server_momentum: float = setting(0.9, "fedavgm: momentum of the server's SGD.")
+    momentum_lr: float = setting(1.0, "fedavgm: learning rate of the server's SGD.")
+    trim_fraction: float = setting(
+        0.2,
+        "fedtrimmedavg: share of the updates cut from each tail of every coordinate, below "
+        "0.5; it must trim at least one update of those sampled a round.",
+    )
+    malicious_clients: int = setting(
+        1,
+        "krum, multikrum, bulyan: hostile clients tolerated per round (f); krum and multikrum "
+        "need 2f + 3 clients a round, bulyan 4f + 3.",
+    )
+    multikrum_select: int = setting(
+        0,
+        "multikrum: updates averaged each round (0: the clients sampled a round minus "
+        "`malicious_clients`).",
+    )
+    round_timeout_s: float = setting(
+        3600.0,
+        "Seconds the server waits for a round's replies; clients silent this long are recorded "
+        "as dropped, and the round aggregates the replies it has if they reach `quorum`.",
+    )
+    quorum: int = setting(
+        1,
+        "Fewest valid client updates a round needs; below it the run stops. After the first "
+        "round the server waits only for this many clients; krum, multikrum and bulyan raise "
+        "it to their minimum.",
+    )
+    max_weight_ratio: float = setting(
+        10.0,
+        "A client update whose weight (num-examples, or dp-weight with DP) is above this "
+        "multiple of the round's median is rejected, so that no one client can outweigh the "
+        "others. Where the server knows each client's records (FedIT in simulation) it checks "
+        "the weight against them instead; split learning caps such a weight.",
+    )
 
     def __post_init__(self) -> None:
         if not self.trim_fraction < 0.5:
@@ -101,78 +149,191 @@ class FederatedConfig:
 class SplitConfig:
     """FL-GLM split learning: where the model is cut, how the server trains, the wire."""
 
-    mode: SplitMode = "serial"
-    front_blocks: int = 1  # embeddings + this many blocks stay on the client
-    back_blocks: int = 1  # this many blocks + final norm + LM head stay on the client
-    adapter: SplitAdapter = "lora"  # each segment's PEFT method: LoRA ([lora]) or p-tuning v2
-    prefix_tokens: int = 16  # adapter = "prefix": virtual tokens per block
-    tls: bool = True  # mutual TLS; turn off only for tests on one machine
-    encrypt: bool = True  # AES-256-GCM on every frame, on top of TLS
-    key_exchange: KeyExchange = "x25519"
-    wire_dtype: WireDtype = "float32"  # activations and gradients on the wire (never fp16)
-    batch_window_s: float = 2.0  # batch mode: wait this long for the other clients' activations
-    average_every: int = 1  # per-client mode: average the middle adapters every K steps
-    average_clients: bool = True  # average the clients' front/back adapters each round (SplitFed)
-    step_timeout_s: float = 120.0  # a client silent this long mid-step is dropped
-    # A session that sends no frame for this long is closed (its client may reconnect); it must
-    # outlast the longest local work between two frames (a client's evaluation, its checkpoint).
-    idle_timeout_s: float = 900.0
-    connect_timeout_s: float = 120.0  # a client waits this long for the server to come up
-    host: str = "127.0.0.1"  # where `silotune run` starts its split server
-    port: int = 0  # 0: any free port
-    # "auto": spread the middle's blocks over every visible GPU (accelerate plans the map);
-    # "single": all on model.device.
-    server_device_map: DeviceMap = "single"
+    mode: SplitMode = setting(
+        "serial",
+        'How the server trains its middle for many clients: "serial" (one client\'s step at a '
+        'time on one middle adapter), "batch" (the clients\' activations stacked into one step) '
+        'or "per-client" (one middle adapter per client, averaged every `average_every` steps).',
+    )
+    front_blocks: int = setting(
+        1,
+        "Blocks after the embeddings that stay on the client (0: it sends the embeddings "
+        "themselves).",
+    )
+    back_blocks: int = setting(
+        1,
+        "Last blocks that stay on the client, with the final norm and the LM head; the server "
+        "holds the blocks between, at least one.",
+    )
+    adapter: SplitAdapter = setting(
+        "lora",
+        'Each segment\'s PEFT method: "lora" (the [lora] settings) or "prefix" (p-tuning v2, '
+        "`prefix_tokens` virtual tokens per block).",
+    )
+    prefix_tokens: int = setting(16, 'adapter = "prefix": virtual tokens per block.')
+    tls: bool = setting(
+        True,
+        "Mutual TLS between the split clients and server (`silotune run` makes throwaway "
+        "certificates for the run); turn it off only for tests on one machine.",
+    )
+    encrypt: bool = setting(
+        True,
+        "AES-256-GCM on every frame, on top of TLS, with a key each session agrees by "
+        "`key_exchange`.",
+    )
+    key_exchange: KeyExchange = setting(
+        "x25519",
+        'How `encrypt` agrees its key: "x25519" (ephemeral X25519 keys on both sides) or "rsa" '
+        "(the FL-GLM paper's: the client wraps a random secret with the server's RSA key).",
+    )
+    wire_dtype: WireDtype = setting(
+        "float32",
+        "Precision of the activations and gradients on the wire (float16 is not offered: it "
+        "underflows gradients).",
+    )
+    batch_window_s: float = setting(
+        2.0,
+        'mode = "batch": seconds the server waits for the other clients\' activations before '
+        "it steps with those that came.",
+    )
+    average_every: int = setting(
+        1, 'mode = "per-client": average the clients\' middle adapters every this many steps.'
+    )
+    average_clients: bool = setting(
+        True,
+        "Average the clients' front and back adapters at the end of each round, weighted by "
+        "their records (SplitFed; a weight above `federated.max_weight_ratio` × the median is "
+        "capped there); false: each client keeps its own.",
+    )
+    step_timeout_s: float = setting(
+        120.0,
+        "A client silent this long mid-step is dropped from the step and the others go on; "
+        "the adapter averages wait at most this long too.",
+    )
+    idle_timeout_s: float = setting(
+        900.0,
+        "A session that sends no frame for this long is closed (its client may reconnect); it "
+        "must outlast the longest local work between two frames (a client's evaluation, its "
+        "checkpoint).",
+    )
+    connect_timeout_s: float = setting(
+        120.0, "Seconds a split client waits for the server to come up."
+    )
+    host: str = setting(
+        "127.0.0.1",
+        "The address `silotune run` starts its split server on (0.0.0.0: every interface); "
+        "`silotune split-server` takes --listen instead.",
+    )
+    port: int = setting(0, "The port `silotune run` starts its split server on; 0: any free port.")
+    server_device_map: DeviceMap = setting(
+        "single",
+        '"auto": spread the middle\'s blocks over every visible GPU (accelerate plans the '
+        'map); "single": all on `model.device`.',
+    )
 
 
 @dataclass(frozen=True)
 class DefenceConfig:
     """Privacy defences: Flower's DP wrappers and SecAgg+ (federated), noise on the split wire."""
 
-    # Federated: Flower's differential-privacy wrapper around the strategy: each client's update
-    # is clipped to dp_clipping_norm (by the client: "client-fixed"; by the server:
-    # "server-fixed") and the average gets Gaussian noise of dp_noise_multiplier x that norm /
-    # the number of clients sampled.
-    dp: DpKind = "none"
-    dp_noise_multiplier: float = 0.0
-    dp_clipping_norm: float = 1.0
-    # Federated: aggregate with Flower's SecAgg+ (SecAggPlusWorkflow + secaggplus_mod), so the
-    # server only learns the weighted sum of the clients' uploads, not any one of them.
-    secagg: bool = False
-    # Split: Gaussian noise on the front activations a client sends. Without activation_clip,
-    # its standard deviation is activation_noise x each token's RMS activation (scale-free, but
-    # no DP guarantee); with activation_clip > 0, each example's whole activation tensor is
-    # clipped to that L2 norm and the noise is activation_noise x activation_clip (a Gaussian
-    # mechanism the privacy ledger accounts under privacy.mode = dp-sgd). 0 = off.
-    activation_noise: float = 0.0
-    activation_clip: float = 0.0
-    # Split: each example's gradient returned to the server is clipped to this L2 norm (0 = off)
-    # and gets Gaussian noise of gradient_noise x gradient_clip.
-    gradient_clip: float = 0.0
-    gradient_noise: float = 0.0
+    dp: DpKind = setting(
+        "none",
+        "Federated: Flower's differential-privacy wrapper around the strategy. Each client's "
+        'update is clipped to `dp_clipping_norm` (by the client: "client-fixed"; by the '
+        'server: "server-fixed") and the average gets Gaussian noise of '
+        "`dp_noise_multiplier` × that norm / the number of clients sampled.",
+    )
+    dp_noise_multiplier: float = setting(
+        0.0,
+        "`dp`: the noise's standard deviation as a multiple of `dp_clipping_norm` (then "
+        "divided by the clients sampled a round).",
+    )
+    dp_clipping_norm: float = setting(1.0, "`dp`: the L2 norm each client's update is clipped to.")
+    secagg: bool = setting(
+        False,
+        "Federated: aggregate with Flower's SecAgg+ (SecAggPlusWorkflow + secaggplus_mod), so "
+        "the server only learns the weighted sum of the uploads, not any one of them. Needs "
+        "strategy fedavg, fedprox or fedadam, two or more clients a round, and no `dp`.",
+    )
+    activation_noise: float = setting(
+        0.0,
+        "Split: Gaussian noise on the front activations a client sends, as a multiple of each "
+        "token's RMS activation (scale-free, but no DP guarantee), or of `activation_clip` "
+        "when that is set (a Gaussian mechanism). 0 = off.",
+    )
+    activation_clip: float = setting(
+        0.0,
+        "Split: > 0 clips each example's whole activation tensor to this L2 norm before the "
+        "noise, which makes `activation_noise` a Gaussian mechanism the privacy ledger "
+        "accounts under privacy.mode = dp-sgd. 0 = off.",
+    )
+    gradient_clip: float = setting(
+        0.0,
+        "Split: each example's gradient a client returns to the server is clipped to this L2 "
+        "norm (0 = off).",
+    )
+    gradient_noise: float = setting(
+        0.0,
+        "Split: Gaussian noise on the returned gradients of `gradient_noise` × "
+        "`gradient_clip`, which must be set. 0 = off.",
+    )
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """Privacy attacks run on each finished algorithm of `silotune run` (also `silotune attack`)."""
 
-    kinds: tuple[AttackKind, ...] = ()
-    # Extraction: at most this many member records (the clients' training records, spread over
-    # clients) and as many non-members of the same data (never trained on). Membership uses
-    # every member and as many non-members; inversion at most this many of the victim's records.
-    max_records: int = 48
-    max_new_tokens: int = 32  # extraction: greedy tokens generated per record
-    prefix_fraction: float = 0.5  # extraction: share of the response given in the prefix prompt
-    rouge_threshold: float = 0.5  # extraction: a record counts as extracted at ROUGE-L >= this
-    # Inversion: front depths (blocks after the embeddings) and activation noise levels
-    # (x RMS, as defence.activation_noise) to measure; the run's own depth is measured always.
-    inversion_blocks: tuple[int, ...] = (0, 1, 2)
-    inversion_noise: tuple[float, ...] = (0.0,)
-    inversion_model: InversionModel = "linear"
-    inversion_steps: int = 200
-    inversion_lr: float = 3e-3
-    victim: int = 0  # the client whose activations are inverted; the others are the shadow data
-    seed: int = 0
+    kinds: tuple[AttackKind, ...] = setting(
+        (),
+        "Attacks run on each finished algorithm they apply to: extraction and membership on "
+        "those whose adapter every participant holds (fedit, fedpit, fewfedweight, cenit), "
+        "inversion on split.",
+    )
+    max_records: int = setting(
+        48,
+        "Extraction: at most this many member records (the clients' training records, spread "
+        "over clients) and as many non-members (never trained on). Membership uses every "
+        "member; inversion at most this many of the victim's records.",
+    )
+    max_new_tokens: int = setting(
+        32,
+        "Extraction: greedy tokens generated per record, scored against as many true tokens.",
+    )
+    prefix_fraction: float = setting(
+        0.5,
+        "Extraction: share of the true response given in the prefix prompt; below 1.",
+    )
+    rouge_threshold: float = setting(
+        0.5,
+        "Extraction: a record counts as extracted when the ROUGE-L F of its continuation "
+        "reaches this.",
+    )
+    inversion_blocks: tuple[int, ...] = setting(
+        (0, 1, 2),
+        "Inversion: front depths (blocks after the embeddings) to measure on the public base "
+        "front; the run's own `split.front_blocks`, with its trained fronts, is measured "
+        "always.",
+    )
+    inversion_noise: tuple[float, ...] = setting(
+        (0.0,),
+        "Inversion: activation noise levels (× each token's RMS, as "
+        "`defence.activation_noise` without a clip) to measure at each depth; the run's own "
+        "setting is measured always.",
+    )
+    inversion_model: InversionModel = setting(
+        "linear",
+        'The inversion model: "linear" (one linear map from an activation to the token at its '
+        'position) or "transformer" (two bidirectional encoder layers first, so that a '
+        "position can use its neighbours).",
+    )
+    inversion_steps: int = setting(200, "Inversion: training steps of the inversion model.")
+    inversion_lr: float = setting(3e-3, "Inversion: AdamW learning rate of the inversion model.")
+    victim: int = setting(
+        0,
+        "Inversion: the client whose activations are inverted; the other clients' records "
+        "are the shadow data the inversion model trains on.",
+    )
+    seed: int = setting(0, "Seeds the attacks' record samples and the inversion model's training.")
 
 
 # Numeric lower bounds of these sections: (section, key) -> (minimum, inclusive?)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from silotune.errors import ConfigError
+from silotune.typed_values import setting
 
 PrivacyMode = Literal["off", "dp-sgd"]
 Accountant = Literal["rdp", "prv"]
@@ -15,28 +16,59 @@ Accountant = Literal["rdp", "prv"]
 class PrivacyConfig:
     """Record-level DP: DP-SGD on what leaves a client, the per-client ledger and the budget."""
 
-    # "dp-sgd": the adapter a client shares trains with per-example clipping and Gaussian noise
-    # (Opacus), on Poisson-sampled batches; "off": nothing is noised (the ledger says ε = ∞).
-    mode: PrivacyMode = "off"
-    clip_norm: float = 1.0  # each example's gradient over the trainable adapter, L2
-    # Noise std = noise_multiplier x clip_norm. 0 with a target_epsilon: calibrated so that the
-    # planned rounds x local steps reach target_epsilon at delta.
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 0.0  # 0: not set
-    delta: float = 0.0  # 0: 1 / (10 x the client's records)
-    max_epsilon: float = 0.0  # > 0: a client whose next round would pass it stops taking part
-    accountant: Accountant = "rdp"  # Opacus's RDP or PRV accountant
-    # false: the mechanisms' noise and samples are seeded from the OS's CSPRNG, unknown to all;
-    # true: from experiment.seed, so a run replays exactly, and anyone with the config can
-    # subtract the noise: the ledger then gives every noised release ε = ∞.
-    replayable_noise: bool = False
-    # The canary audit: `canaries` random secret records, each put into client `audit_client`'s
-    # data with probability 1/2; after each algorithm, an empirical ε lower bound from them.
-    audit: bool = False
-    canaries: int = 100
-    audit_client: int = 0
-    # In/out guesses the auditor makes (half each) on the top and bottom scores; 0: all canaries.
-    audit_guesses: int = 0
+    mode: PrivacyMode = setting(
+        "off",
+        '"dp-sgd": the adapter a client shares trains with per-example clipping and Gaussian '
+        'noise (Opacus), on Poisson-sampled batches; "off": nothing is noised (the ledger says '
+        "ε = ∞).",
+    )
+    clip_norm: float = setting(
+        1.0,
+        "DP-SGD: the L2 norm each example's gradient over the trainable adapter is clipped to.",
+    )
+    noise_multiplier: float = setting(
+        0.0,
+        "DP-SGD: the noise's standard deviation as a multiple of `clip_norm`. 0 with a "
+        "`target_epsilon`: calibrated so that the planned rounds × local steps reach "
+        "`target_epsilon` at `delta`.",
+    )
+    target_epsilon: float = setting(
+        0.0,
+        "DP-SGD: the ε each client should reach over the planned run, from which the noise is "
+        "calibrated when `noise_multiplier` is 0 (0: not set).",
+    )
+    delta: float = setting(
+        0.0,
+        "The δ of every record-level ε (the ledger's, DP-SGD's target, the audit's bound, "
+        "`synthetic.dp_epsilon`), below 1; 0: 1 / (10 × the client's records).",
+    )
+    max_epsilon: float = setting(
+        0.0,
+        "> 0: a client whose next round would take its ε past this stops taking part (needs "
+        "`mode` = dp-sgd; split learning refuses it). 0 = no budget.",
+    )
+    accountant: Accountant = setting(
+        "rdp", 'How ε is counted: Opacus\'s RDP ("rdp") or PRV ("prv") accountant.'
+    )
+    replayable_noise: bool = setting(
+        False,
+        "false: the mechanisms' noise and samples are seeded from the OS's CSPRNG, unknown to "
+        "all; true: from `experiment.seed`, so a run replays exactly, and anyone with the "
+        "config can subtract the noise: the ledger then gives every noised release ε = ∞.",
+    )
+    audit: bool = setting(
+        False,
+        "The canary audit: `canaries` random secret records, each put into client "
+        "`audit_client`'s data with probability 1/2; after each algorithm, an empirical ε "
+        "lower bound from how its released model scores them.",
+    )
+    canaries: int = setting(100, "`audit`: how many canaries are drawn.")
+    audit_client: int = setting(0, "`audit`: the client whose data the canaries go into.")
+    audit_guesses: int = setting(
+        0,
+        "`audit`: in/out guesses the auditor makes (half each) on the highest and lowest "
+        "scores, at most `canaries`; 0: one on every canary.",
+    )
 
     def __post_init__(self) -> None:
         if self.mode == "dp-sgd" and self.noise_multiplier == 0 and self.target_epsilon == 0:

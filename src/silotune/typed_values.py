@@ -11,9 +11,23 @@ import dataclasses
 import difflib
 import math
 import types
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from silotune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def setting(default: T, help: str) -> T:
+    """A config field with its default and its help text: one sentence or two on what it does,
+    its units and what its special values (0, empty) mean. The configuration reference in the
+    docs is generated from these (silotune.config_reference)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def help_of(field: dataclasses.Field[Any]) -> str:
+    """The help text a config field carries ("" when it has none)."""
+    return str(field.metadata.get("help", ""))
 
 
 def build_section(

@@ -92,8 +92,20 @@ def split_releases(config: Config) -> Releases:
     return releases
 
 
+def check_split_adapters(config: Config) -> None:
+    """Refuse what the split segments' adapters do not implement (split and split-central)."""
+    if config.lora.freeze_a:
+        raise ConfigError(
+            "lora.freeze_a (FFA-LoRA) is not implemented for split learning's segment adapters, "
+            "which train A and B: set lora.freeze_a = false, or run split and split-central in "
+            "their own experiment"
+        )
+
+
 def check_split(config: Config) -> None:
-    """Refuse DP-SGD for split where a release would stay without a guarantee anyway."""
+    """Refuse DP-SGD for split where a release would stay without a guarantee anyway, and what
+    the segments' adapters do not implement."""
+    check_split_adapters(config)
     if config.privacy.mode != "dp-sgd":
         return
     missing = {"activations", "gradients"} - set(calibrated(config.defence))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from silotune.algorithms.split import check_split_adapters
 from silotune.evaluation.evaluator import evaluate, generates
 from silotune.jobs import AlgorithmResult, Job, RoundLog, register
 from silotune.modeling.adapters import GLOBAL
@@ -30,6 +31,7 @@ from silotune.training.loop import train_steps
     # A second copy of the model in the runner's process.
     processes=lambda _: (Process("split-central", "resident"),),
     releases=lambda _: {"records": POOLED},
+    check=check_split_adapters,
 )
 def run_split_central(job: Job) -> AlgorithmResult:
     """Train front, middle and back together on the pooled data, as many steps as split takes."""

@@ -30,7 +30,7 @@ import torch
 from transformers import LogitsProcessor
 
 from silotune.config_privacy import Accountant
-from silotune.config_sections import SyntheticConfig
+from silotune.config_synthetic import SyntheticConfig
 from silotune.errors import ConfigError
 from silotune.privacy.ledger import compose, noise_for_target
 from silotune.privacy.mechanisms import GaussianUse

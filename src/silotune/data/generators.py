@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
-from silotune.config_sections import DataConfig, ModelConfig, SyntheticConfig
+from silotune.config_sections import DataConfig, ModelConfig
+from silotune.config_synthetic import SyntheticConfig
 from silotune.data import dp_synthetic
 from silotune.data.sft import encode_prompt
 from silotune.data.synthetic import (

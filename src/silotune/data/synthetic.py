@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from rouge_score import rouge_scorer
 
-from silotune.config_sections import DataConfig, SyntheticConfig
+from silotune.config_sections import DataConfig
+from silotune.config_synthetic import SyntheticConfig
 from silotune.modeling.generation import Generation
 from silotune.privacy.mechanisms import GaussianUse
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from silotune.config_sections import DataConfig, EvalConfig
+from silotune.config_reporting import EvalConfig
+from silotune.config_sections import DataConfig
 from silotune.data.sft import IGNORE_INDEX, collate, encode_example, encode_prompt
 from silotune.errors import DataError
 from silotune.evaluation.intervals import ACCURACY, LOSS, ROUGE_L, TOKENS

@@ -20,7 +20,8 @@ from typing import Literal, Protocol
 import torch
 
 from silotune.config import Config
-from silotune.config_sections import JudgeConfig, ModelConfig
+from silotune.config_reporting import JudgeConfig
+from silotune.config_sections import ModelConfig
 from silotune.errors import ConfigError
 from silotune.registry import Registry
 
