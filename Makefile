@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.silotune-installed
 
-.PHONY: setup demo test test-fast lint check bench clean
+.PHONY: setup demo test test-fast lint check docs bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ lint: setup
 
 check: lint test-fast
 
+# The site under site/; first the pages generated from the README and the config dataclasses.
+docs: setup
+	$(BIN)/python scripts/gen_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: setup
 	$(BIN)/python bench/fl_overhead.py
 	$(BIN)/python bench/split_overhead.py
@@ -38,4 +43,4 @@ bench: setup
 	$(BIN)/python bench/memory_plan.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

