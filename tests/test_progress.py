@@ -43,6 +43,22 @@ def test_a_workers_ticks_become_lines_and_the_files_go_at_the_end(tmp_path: Path
     assert not folder.exists()
 
 
+def test_a_silent_stretch_still_prints_the_last_thing_done_and_its_age(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(progress, "_QUIET_S", 0.6)
+    watcher, out = _watch(tmp_path)
+    with watcher:
+        with progress.reporting(tmp_path / progress.PROGRESS_DIR, "runner"):
+            progress.tick("starting Flower's simulation", 0, 1)
+            time.sleep(4)  # a long step that ticks nothing (Ray starting)
+        lines = [line.strip() for line in out.getvalue().splitlines()]
+    assert lines[0] == "runner: starting Flower's simulation 0/1"
+    again = [line for line in lines[1:] if line.startswith("runner: starting Flower's")]
+    assert len(again) >= 2, lines  # one every _QUIET_S of silence, with the event's age
+    assert all(line.endswith(" s ago)") for line in again)
+
+
 def test_hostile_or_half_written_lines_are_skipped(tmp_path: Path) -> None:
     folder = tmp_path / progress.PROGRESS_DIR
     folder.mkdir()

@@ -2,7 +2,8 @@
 simulated client in a Ray worker) `tick`s what it is doing; inside `reporting` the ticks go, at
 most about once a second, to a small JSON-lines file per worker in the run folder's progress/.
 The runner's `Watcher` follows those files: a live line per worker in a terminal, one line per
-event (at most one per worker every few seconds) where output is not a terminal; it deletes
+event (at most one per worker every few seconds) where output is not a terminal, and when no
+worker has said anything for a few seconds, the last thing one did and how long ago; it deletes
 progress/ when the run's work is done."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.progress import Progress, TaskID
 PROGRESS_DIR = "progress"
 _EVERY_S = 1.0  # how often a worker writes at most (a finished or new task: always)
 _LINE_EVERY_S = 5.0  # without a terminal, how often one worker's progress is printed at most
+_QUIET_S = 8.0  # without a terminal, the longest the watcher stays silent while work goes on
 _POLL_S = 0.5
 
 
@@ -84,6 +86,8 @@ class Watcher:
         self.live = console.is_terminal
         self.files: dict[Path, _Follow] = {}
         self.tasks: dict[str, TaskID] = {}
+        self.latest: tuple[dict[str, Any], float] | None = None  # the last event, when it came
+        self.last_line = time.monotonic()  # without a terminal: when a line was printed last
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -122,10 +126,27 @@ class Watcher:
     def _loop(self) -> None:
         while not self.stop.wait(_POLL_S):
             self.drain()
+            self._still_working()
+
+    def _still_working(self) -> None:
+        """Without a terminal, a line at least every _QUIET_S: the last event and its age."""
+        now = time.monotonic()
+        with self.lock:
+            if self.live or self.latest is None or now - self.last_line < _QUIET_S:
+                return
+            event, when = self.latest
+            self.last_line = now
+            self.console.print(
+                f"    {escape(event['who'][:60])}: {escape(event['what'][:60])} "
+                f"{int(event['done'])}/{int(event['total'])} ({now - when:.0f} s ago)",
+                highlight=False,
+            )
 
     def _show(self, event: dict[str, Any], follow: _Follow) -> None:
         who, what = escape(event["who"][:60]), escape(event["what"][:60])
         done, total = int(event["done"]), max(int(event["total"]), 1)
+        now = time.monotonic()
+        self.latest = (event, now)
         if self.live:  # (the caller holds the lock)
             if who not in self.tasks:
                 self.tasks[who] = self.progress.add_task(who, total=total)
@@ -134,11 +155,11 @@ class Watcher:
                 self.tasks[who], description=description, completed=done, total=total
             )
             return
-        now = time.monotonic()
         last_what, last_when = follow.printed.get(who, ("", 0.0))
         if what == last_what and done < total and now - last_when < _LINE_EVERY_S:
             return
         follow.printed[who] = (what, now)
+        self.last_line = now
         self.console.print(f"    {who}: {what} {done}/{total}", highlight=False)
 
 

@@ -61,7 +61,7 @@ from silotune.privacy.audit import (
     prepare_canaries,
     save_canaries,
 )
-from silotune.progress import PROGRESS_DIR, Watcher, reporting
+from silotune.progress import PROGRESS_DIR, Watcher, reporting, tick
 from silotune.report.context import RunContext
 from silotune.report.outputs import comparison_intervals, write_comparison, write_run
 from silotune.report.per_client import own_scores
@@ -334,20 +334,21 @@ def _run_in(
             save_result(work.result_checkpoint(spec.name), result)
             runs.append((spec, result, summary))
             watcher.clear()
-    scores = {BASE: base_per_record, **{s.name: r.final_per_record for s, r, _ in runs}}
-    console.print("  comparing: paired intervals over the held-out records ...")
-    intervals = comparison_intervals(scores, cfg.eval.references)
-    per_client: dict[str, Any] = {}
-    if client_sets:
-        summaries = {s.name: summary for s, _, summary in runs}
-        console.print("  base model: scoring on each client's records ...")
-        base_own = base_on_clients(bench, client_sets)
-        per_client = comparison_intervals(
-            {BASE: base_own, **own_scores(summaries)}, cfg.eval.references
-        )
-        per_client["base_eval_loss"] = pooled_loss(base_own)
-    if len(exp.specs) > 1:
-        write_comparison(work.root, runs, ctx, intervals, per_client)
+        scores = {BASE: base_per_record, **{s.name: r.final_per_record for s, r, _ in runs}}
+        console.print("  comparing: paired intervals over the held-out records ...")
+        tick("comparing", 0, 1)
+        intervals = comparison_intervals(scores, cfg.eval.references)
+        per_client: dict[str, Any] = {}
+        if client_sets:
+            summaries = {s.name: summary for s, _, summary in runs}
+            console.print("  base model: scoring on each client's records ...")
+            base_own = base_on_clients(bench, client_sets)
+            per_client = comparison_intervals(
+                {BASE: base_own, **own_scores(summaries)}, cfg.eval.references
+            )
+            per_client["base_eval_loss"] = pooled_loss(base_own)
+        if len(exp.specs) > 1:
+            write_comparison(work.root, runs, ctx, intervals, per_client)
     console.print(results_table(runs, base))
     _print_differences(console, intervals, "differences on the shared held-out records")
     if per_client:
