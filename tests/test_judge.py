@@ -136,3 +136,19 @@ def test_local_judge_scores_both_orders() -> None:
     rating = local.rate(QUESTIONS[0], "an answer")
     assert rating is not None and 0.0 < rating < 1.0
     assert "tiny-llama (local" in local.label
+
+
+def test_a_local_judge_and_a_separate_generator_are_placed_as_the_base_model() -> None:
+    """Given the run's placement (here bfloat16; on a GPU machine also its device), the local
+    judge and a separate generator model load there, not as fp32 on the CPU, and still work."""
+    import torch
+
+    from silotune.data.generators import _separate_model
+    from silotune.modeling.placement import Placement
+
+    placed = Placement(torch.device("cpu"), torch.bfloat16, "none")
+    local = LocalJudge(JudgeConfig(kind="local", local_model="tiny-llama"), placed)
+    assert next(local._model.parameters()).dtype == torch.bfloat16
+    assert local.rate(QUESTIONS[0], "an answer") is not None
+    generator, _ = _separate_model("tiny-llama", placed)
+    assert next(generator.parameters()).dtype == torch.bfloat16

@@ -92,8 +92,9 @@ class JudgeConfig:
     timeout_s: float = setting(60.0, 'kind "openai": seconds one request may take (retried twice).')
     local_model: str = setting(
         "smollm2-135m-instruct",
-        'kind "local": the judge model, named as `model.name` is; the packaged default is a '
-        "weak judge, and reports say so.",
+        'kind "local": the judge model, named as `model.name` is and placed as the base model '
+        "is (`model.device`, `dtype`, `quantization`); the packaged default is a weak judge, "
+        "and reports say so.",
     )
     max_items: int = setting(
         0, "Judge at most this many held-out items of each model (0 = all it generated)."

@@ -118,8 +118,9 @@ class SyntheticConfig:
     )
     generator_model: str = setting(
         "",
-        'generator "model": a local model folder or hub id; "endpoint": the model name the '
-        "server serves.",
+        'generator "model": a local model folder or hub id, placed as the base model is '
+        '(`model.device`, `dtype`, `quantization`); "endpoint": the model name the server '
+        "serves.",
     )
     generator_url: str = setting(
         "",

@@ -247,7 +247,7 @@ def _run_in(
     judge = None
     if cfg.judge.kind != "none":
         with console.status(f"setting up the {cfg.judge.kind} judge ..."):
-            judge = build_judge(cfg.judge)
+            judge = build_judge(cfg.judge, bench.placement)
     runs: list[tuple[AlgorithmSpec, AlgorithmResult, dict[str, object]]] = []
     progress = Progress(
         TextColumn("{task.description}"),

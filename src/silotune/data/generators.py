@@ -36,6 +36,7 @@ from silotune.data.synthetic import (
 )
 from silotune.errors import ConfigError, UserError
 from silotune.modeling.generation import DecodeConfig, Generation, generate
+from silotune.modeling.placement import Placement
 from silotune.privacy.mechanisms import GaussianUse
 from silotune.seeds import derive_seed
 
@@ -169,12 +170,13 @@ class EndpointGenerator:
 
 
 @functools.cache
-def _separate_model(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A separate generator model, loaded once per process and kept."""
+def _separate_model(name: str, placement: Placement) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A separate generator model, placed as the base model is (device, dtype, quantization),
+    loaded once per process and kept."""
     from silotune.modeling.load import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(ModelConfig(name=name))
-    return load_model(source), load_tokenizer(source)
+    return load_model(source, placement), load_tokenizer(source)
 
 
 def generator_for(cfg: SyntheticConfig, bench: Workbench, current: list[str]) -> Generator:
@@ -183,7 +185,7 @@ def generator_for(cfg: SyntheticConfig, bench: Workbench, current: list[str]) ->
     if cfg.generator == "endpoint":
         return EndpointGenerator(cfg)
     if cfg.generator == "model":
-        model, tokenizer = _separate_model(cfg.generator_model)
+        model, tokenizer = _separate_model(cfg.generator_model, bench.placement)
         return LocalGenerator(model, tokenizer, f"{cfg.generator_model} (separate generator)")
     bench.use(current)
     if cfg.generator == "base":

@@ -23,6 +23,7 @@ from silotune.config import Config
 from silotune.config_reporting import JudgeConfig
 from silotune.config_sections import ModelConfig
 from silotune.errors import ConfigError
+from silotune.modeling.placement import Placement, device_of, resolve_placement
 from silotune.registry import Registry
 
 Verdict = Literal["first", "second", "tie"]
@@ -118,7 +119,7 @@ def bilateral_win_rate(
 class OpenAIJudge:
     """A judge behind any OpenAI-compatible chat-completions endpoint."""
 
-    def __init__(self, cfg: JudgeConfig) -> None:
+    def __init__(self, cfg: JudgeConfig, placement: Placement | None = None) -> None:
         from openai import OpenAI
 
         key = os.environ.get(cfg.api_key_env)
@@ -152,13 +153,14 @@ class OpenAIJudge:
 
 
 class LocalJudge:
-    """A causal LM on this machine: compares the next-token scores of `1` and `2`."""
+    """A causal LM on this machine: compares the next-token scores of `1` and `2`. It is placed
+    as the run's base model is (`placement`: device, dtype, quantization), else fp32 on the CPU."""
 
-    def __init__(self, cfg: JudgeConfig) -> None:
+    def __init__(self, cfg: JudgeConfig, placement: Placement | None = None) -> None:
         from silotune.modeling.load import load_model, load_tokenizer, resolve_model
 
         source = resolve_model(ModelConfig(name=cfg.local_model))
-        self._model = load_model(source)
+        self._model = load_model(source, placement)
         self._tokenizer = load_tokenizer(source)
         self._options = [self._token_id("1"), self._token_id("2")]
         self._yes_no = [self._token_id("yes"), self._token_id("no")]
@@ -193,26 +195,29 @@ class LocalJudge:
                 )
             )
         ids = self._tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        logits = self._model(input_ids=ids["input_ids"]).logits[0, -1]  # (v,)
+        input_ids = ids["input_ids"].to(device_of(self._model))
+        logits = self._model(input_ids=input_ids).logits[0, -1]  # (v,)
         return [float(logits[i]) for i in token_ids]
 
 
-JUDGES: Registry[Callable[[JudgeConfig], Judge]] = Registry("judge")
+JUDGES: Registry[Callable[[JudgeConfig, Placement | None], Judge]] = Registry("judge")
 JUDGES.register("openai")(OpenAIJudge)
 JUDGES.register("local")(LocalJudge)
 
 
-def build_judge(cfg: JudgeConfig) -> Judge:
-    """The configured judge (`kind` must not be "none")."""
-    return JUDGES.get(cfg.kind)(cfg)
+def build_judge(cfg: JudgeConfig, placement: Placement | None = None) -> Judge:
+    """The configured judge (`kind` must not be "none"); a local one placed as `placement`."""
+    return JUDGES.get(cfg.kind)(cfg, placement)
 
 
 @cache
-def synthetic_judge(cfg: JudgeConfig) -> Judge:
+def synthetic_judge(cfg: JudgeConfig, placement: Placement) -> Judge:
     """The judge that rates self-generated answers, built once per process."""
-    return build_judge(cfg)
+    return build_judge(cfg, placement)
 
 
 def filter_judge(cfg: Config) -> Judge | None:
     """The judge for the synthetic-data filter, or None when that filter is off."""
-    return synthetic_judge(cfg.judge) if cfg.synthetic.judge_min_score > 0 else None
+    if cfg.synthetic.judge_min_score <= 0:
+        return None
+    return synthetic_judge(cfg.judge, resolve_placement(cfg))
