@@ -255,3 +255,19 @@ def test_the_terminal_keeps_each_interval_on_one_line_at_80_columns() -> None:
         "fedit/locit",
     ]
     assert differences_table({}, "differences") is None
+
+
+def test_clients_scores_are_averaged_when_generation_covers_fewer_records_than_loss() -> None:
+    """FedPIT's headline is the mean of its clients' models: with eval.generate_n below the
+    held-out size, ROUGE-L covers fewer records than the loss, and the mean must still form
+    (it once came out empty, so FedPIT's comparisons lost their intervals)."""
+    from silotune.federated.server import _clients_mean
+
+    server = {"loss": [1.0] * 6, "tokens": [4.0] * 6, "rouge_l": [0.1, 0.2]}
+    one = {"loss": [2.0] * 6, "tokens": [4.0] * 6, "rouge_l": [0.2, 0.4]}
+    two = {"loss": [4.0] * 6, "tokens": [4.0] * 6, "rouge_l": [0.4, 0.0]}
+    short = {"loss": [9.0] * 5, "tokens": [4.0] * 5, "rouge_l": [1.0, 1.0]}  # a record missing
+    mean = _clients_mean([one, two, short], server)
+    assert mean["loss"] == [3.0] * 6
+    assert mean["rouge_l"] == pytest.approx([0.3, 0.2])
+    assert _clients_mean([short], server) == {}

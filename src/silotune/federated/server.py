@@ -271,15 +271,17 @@ def _round_log(
 def _clients_mean(
     clients: list[dict[str, list[float]]], server: dict[str, list[float]]
 ) -> dict[str, list[float]]:
-    """Record-wise mean of the clients' scores of the whole held-out set (as long as the
-    server's own); nothing if no client sent them."""
-    size = len(next(iter(server.values()), []))
+    """Record-wise mean of the clients' scores of the whole held-out set (each metric over as
+    many records as the server's own: loss on every record, generation metrics on the first
+    eval.generate_n); nothing if no client sent them."""
     # The server's own scores say which the clients must send: a client leaving one out must
     # not take that metric's interval away from everyone.
     whole = [
-        c for c in clients if set(c) == set(server) and all(len(v) == size for v in c.values())
+        c
+        for c in clients
+        if set(c) == set(server) and all(len(c[k]) == len(v) for k, v in server.items())
     ]
-    return mean_over_models(whole) if whole and size else {}
+    return mean_over_models(whole) if whole and any(server.values()) else {}
 
 
 def _eval_metrics(client: dict[str, object]) -> dict[str, float]:
