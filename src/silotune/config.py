@@ -126,18 +126,18 @@ def load_config(
 
 def config_from_dict(raw: dict[str, Any], *, algorithm_checks: bool = True) -> Config:
     """Build and validate a Config from nested dicts (as parsed from TOML)."""
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    reject_unknown(raw, sections, where="config")
+    types = section_types()
+    reject_unknown(raw, types, where="config")
     sweep = raw.get("sweep")
     if isinstance(sweep, dict) and isinstance(sweep.get("values"), list):
         # Sweep values may be written as TOML numbers or booleans; keep them as --set text.
         sweep["values"] = [v if isinstance(v, str) else json.dumps(v) for v in sweep["values"]]
     built: dict[str, Any] = {}
-    for name in sections:
+    for name in types:
         section = raw.get(name, {})
         if not isinstance(section, dict):
             raise ConfigError(f"[{name}] must be a table of keys, got {section!r}")
-        built[name] = build_section(name, _section_type(name), section, MINIMUMS_ALL)
+        built[name] = build_section(name, types[name], section, MINIMUMS_ALL)
     config = Config(**built)
     _check_combinations(config)
     if algorithm_checks:
@@ -172,11 +172,10 @@ def seed_variants(config: Config) -> list[tuple[str, Config]]:
     return variants
 
 
-def _section_type(name: str) -> type[Any]:
+def section_types() -> dict[str, type[Any]]:
+    """Every section's TOML table name -> its dataclass, in the Config's order."""
     hints = get_type_hints(Config)
-    cls = hints[name]
-    assert isinstance(cls, type)
-    return cls
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

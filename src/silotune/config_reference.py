@@ -12,7 +12,7 @@ import types
 from collections.abc import Iterator
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from silotune.config import MINIMUMS_ALL, Config
+from silotune.config import MINIMUMS_ALL, section_types
 from silotune.typed_values import help_of
 
 
@@ -30,9 +30,7 @@ class Key:
 
 def sections() -> Iterator[tuple[str, type[Any]]]:
     """(TOML table name, its dataclass) for every section of a Config, in the Config's order."""
-    hints = get_type_hints(Config)
-    for section in dataclasses.fields(Config):
-        yield section.name, hints[section.name]
+    yield from section_types().items()
 
 
 def keys() -> Iterator[Key]:
