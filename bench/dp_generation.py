@@ -25,13 +25,13 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from silotune import logs
 from silotune.config import load_config
 from silotune.data.generators import plain_instructions, private_instructions
 from silotune.data.load import load_records
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, load_tokenizer, resolve_model
 from silotune.privacy.mechanisms import GaussianUse
-from silotune.procs import quiet_libraries
 
 MODES = ("non-private", "DP")
 
@@ -103,7 +103,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_libraries()
+    logs.install()
     console = Console()
     report(console, args, run(args, console))
 

@@ -24,11 +24,11 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from silotune import logs
 from silotune.config import load_config
 from silotune.config_privacy import PrivacyConfig
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
-from silotune.procs import quiet_libraries
 from silotune.training.loop import train_steps
 
 PAD = 0
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    quiet_libraries()
+    logs.install()
     console = Console(width=120)
     before = os.getloadavg()[0]
     report(console, args, run(args, console))

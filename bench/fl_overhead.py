@@ -20,8 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from silotune import logs
 from silotune.config import load_config
-from silotune.procs import quiet_libraries
 from silotune.runner import plan_experiment, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    quiet_libraries()
+    logs.install()
     config = load_config(
         args.config,
         [

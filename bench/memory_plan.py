@@ -28,11 +28,11 @@ from rich.console import Console
 from rich.table import Table
 from transformers import Qwen2Config
 
+from silotune import logs
 from silotune.config import load_config
 from silotune.modeling.load import resolve_model
 from silotune.modeling.memory import GIB, model_config, plan_run
 from silotune.modeling.placement import planned_placement, resolve_placement
-from silotune.procs import quiet_libraries
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--skip-measure", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    quiet_libraries()
+    logs.install()
     if args.child is not None:
         child(args.model, json.loads(args.child), args.steps)
         return

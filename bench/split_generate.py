@@ -33,9 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from silotune import logs
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
-from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--no-encrypt", action="store_true")
     args = parser.parse_args()
-    quiet_libraries()
+    logs.install()
     run(args, Console(width=140))
 
 

@@ -34,9 +34,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig
 
+from silotune import logs
 from silotune.config import Config
 from silotune.modeling.load import resolve_model
-from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.link import MiddleLink, SplitError
 from split_overhead import bench_config, spawn_server, wait_for_port
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--hostile", type=int, default=1, help="attacking clients beside them")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
-    quiet_libraries()
+    logs.install()
     console = Console() if sys.stdout.isatty() else Console(width=120)
     report(console, args, run(args, console))
 

@@ -34,10 +34,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from silotune import logs
 from silotune.config import load_config
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
-from silotune.procs import quiet_libraries
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.loading import load_segments
 from silotune.split.model import SplitCausalLM
@@ -79,7 +79,7 @@ def stand_in_middle(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def child(role: str, overrides: list[str], steps: int, seq: int) -> dict[str, Any]:
     """Load and train as `role`; return its peaks (MiB), the weight bytes it holds, timings."""
-    quiet_libraries()
+    logs.install()
     config = load_config(None, overrides)
     resolve_model(config.model)  # converts the packaged model once; not part of any peak
     after_imports = peak_mib()

@@ -45,10 +45,10 @@ from rich.progress import track
 from rich.table import Table
 from torch import nn
 
+from silotune import logs
 from silotune.config import Config, load_config
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
-from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--server", choices=("process", "thread"), default="process")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
-    quiet_libraries()
+    logs.install()
     console = Console(width=120)
     before = os.getloadavg()[0]
     run(args, console)

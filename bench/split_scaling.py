@@ -37,8 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from silotune import logs
 from silotune.config import Config
-from silotune.procs import quiet_libraries
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink
@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="repeats of the compute bound")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
-    quiet_libraries()
+    logs.install()
     console = Console(width=120)
     before = os.getloadavg()[0]
     run(args, console)

@@ -10,9 +10,10 @@ import pytest
 from silotune.algorithms import ALGORITHMS
 from silotune.attacks.audit import ATTACKS
 from silotune.config import Config, load_config
-from silotune.config_federation import AttackKind, SplitAdapter, SplitMode, Strategy
+from silotune.config_federation import AttackKind, Strategy
 from silotune.config_reporting import JudgeKind
 from silotune.config_sections import Algorithm, Partitioner, PromptStyle
+from silotune.config_split import SplitAdapter, SplitMode
 from silotune.data.partition import PARTITIONERS
 from silotune.data.prompts import PROMPT_STYLES
 from silotune.errors import ConfigError

@@ -55,11 +55,10 @@ def test_config_files_for_flower_are_valid_toml() -> None:
     assert tomllib.loads(local._toml(values)) == values
 
 
-@pytest.mark.slow
-def test_deployed_fedit_matches_the_simulation(tmp_path: Path) -> None:
-    config = load_config(
-        CONFIGS / "tiny.toml", ["experiment.algorithms=['fedit']", "eval.generate=false"]
-    )
+def _deployed_as_simulated(tmp_path: Path, *overrides: str) -> Path:
+    """FedIT on the tiny preset with `overrides`, simulated and deployed: the same adapter."""
+    fedit = ["experiment.algorithms=['fedit']", "eval.generate=false"]
+    config = load_config(CONFIGS / "tiny.toml", [*fedit, *overrides])
     console = Console(file=io.StringIO())
     simulated = run_experiment(plan_experiment(config, tmp_path / "sim"), console)
     deployed = deploy_local(config, tmp_path / "dep", console, timeout_s=900)
@@ -67,6 +66,12 @@ def test_deployed_fedit_matches_the_simulation(tmp_path: Path) -> None:
     left, right = load_file(str(simulated / name)), load_file(str(deployed / name))
     for key in left:
         torch.testing.assert_close(left[key], right[key], rtol=0, atol=1e-6)
+    return deployed
+
+
+@pytest.mark.slow
+def test_deployed_fedit_matches_the_simulation(tmp_path: Path) -> None:
+    deployed = _deployed_as_simulated(tmp_path)
     assert sorted(p.name for p in (deployed / "deploy-logs").iterdir()) == [
         "superlink.log",
         "supernode-0.log",
@@ -145,3 +150,21 @@ def test_a_client_killed_mid_run_is_recorded_and_the_quorum_goes_on(tmp_path: Pa
         assert sorted(trained) == [0, 1], "the two living clients train every round"
         assert all("dropped" in f or "failed" in f for f in failed)
     assert any(c.get("failed") for r in rows for c in r["clients"]), "the drop-out is recorded"
+
+
+@pytest.mark.slow
+def test_a_deployed_federation_of_mixed_ranks_and_coded_uploads_matches_the_simulation(
+    tmp_path: Path,
+) -> None:
+    """The deployed node finds its rank in the run config by its partition id and codes its
+    upload as a simulated client does: both federations end on the same adapter."""
+    deployed = _deployed_as_simulated(
+        tmp_path,
+        "lora.r=8",
+        "lora.client_ranks=[2, 4, 8]",
+        "federated.aggregation='hetlora'",
+        "federated.compression='int8'",
+        "train.rounds=1",
+    )
+    rows = [json.loads(line) for line in (deployed / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["bytes_up"] < 0.35 * rows[0]["bytes_down"]

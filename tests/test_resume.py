@@ -184,30 +184,55 @@ def _whole_and_resumed(
     return whole, resumed
 
 
-@pytest.mark.slow
-def test_interrupted_fedadam_run_resumes_to_the_same_adapter(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fedit_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str
+) -> tuple[Path, Path]:
+    """Three rounds of FedIT on the tiny preset with `overrides`, whole and killed after round 2
+    then resumed: both end on the same adapter."""
     config = load_config(
         CONFIGS / "tiny.toml",
-        [
-            "experiment.algorithms=['fedit']",
-            "federated.strategy='fedadam'",
-            "train.rounds=3",
-            "eval.generate=false",
-        ],
+        ["experiment.algorithms=['fedit']", "train.rounds=3", "eval.generate=false", *overrides],
     )
     whole, resumed = _whole_and_resumed(config, tmp_path, monkeypatch, ("fedit", 2))
     _same_adapter(
         whole / "adapters" / "global" / "adapter_model.safetensors",
         resumed / "adapters" / "global" / "adapter_model.safetensors",
     )
+    return whole, resumed
+
+
+@pytest.mark.slow
+def test_interrupted_fedadam_run_resumes_to_the_same_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole, resumed = _fedit_resumes(tmp_path, monkeypatch, "federated.strategy='fedadam'")
     keys = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down")
     # Losses to 1e-6: the clients' training losses are averaged in the order their replies
     # arrive, which a simulation does not fix (differences up to 2e-8 relative were seen).
     want = [pytest.approx({k: r[k] for k in keys}, rel=1e-6) for r in _rows(whole)]
     assert [{k: r[k] for k in keys} for r in _rows(resumed)] == want
     assert json.loads((resumed / "summary.json").read_text())["rounds"] == 3
+
+
+@pytest.mark.slow
+def test_an_interrupted_compressed_mixed_rank_run_resumes_to_the_same_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLoRA over clients of ranks 2, 4 and 8, uploads coded to 4 bits: the codes and the
+    projection are deterministic, so a resumed run ends on the uninterrupted one's adapter."""
+    whole, resumed = _fedit_resumes(
+        tmp_path,
+        monkeypatch,
+        "lora.r=8",
+        "lora.client_ranks=[2, 4, 8]",
+        "federated.aggregation='flora'",
+        "federated.compression='nf4'",
+    )
+    rows = _rows(whole)
+    assert [r["bytes_up"] for r in _rows(resumed)] == [r["bytes_up"] for r in rows]
+    # Ranks 2 + 4 + 8 coded at ~0.14-0.2 of float32 (tiny tensors pad to whole blocks), while
+    # every client receives the server's rank-8 adapter in float32.
+    assert all(r["bytes_up"] < 0.2 * r["bytes_down"] for r in rows)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from rich.console import Console
 from silotune.config import load_config, sweep_variants
 from silotune.errors import ConfigError
 from silotune.repeats import run_sweep
+from silotune.report.sweep_pairs import cell, versus_first
 
 from .conftest import CONFIGS
 
@@ -67,3 +68,37 @@ def test_sweep_runs_every_value_and_reports(tmp_path: Path) -> None:
     assert "# Sweep over partition.alpha" in report and report.count("| 50 |") == 2
     assert (out / "plots" / "sweep_eval_loss.png").is_file()
     assert not out.with_name("sweep.incomplete").exists()
+    # The held-out records do not depend on alpha: alpha = 50 is compared with 0.5 on them.
+    assert "Δ eval loss vs partition.alpha = 0.5" in report
+    versus = sweep["versus_first"]
+    assert versus["0.5"] == {} and set(versus["50"]) == {"locit", "cenit"}
+    assert versus["50"]["cenit"]["eval_loss"]["records"] == 8
+
+
+def _summary(folder: Path, name: str, loss: list[float], tokens: list[float]) -> None:
+    folder.mkdir(parents=True)
+    per_record = {"loss": loss, "tokens": tokens}
+    (folder / "summary.json").write_text(json.dumps({"algorithm": name, "per_record": per_record}))
+
+
+def test_sweep_values_are_paired_with_the_first_seed_by_seed(tmp_path: Path) -> None:
+    tokens = [10.0] * 6
+    first = [20.0, 25.0, 30.0, 22.0, 28.0, 24.0]
+    for seed, shift in ((0, -1.0), (1, -2.0), (2, -1.5)):
+        _summary(tmp_path / "a" / f"seed={seed}", "fedit", first, tokens)
+        # Every record lower by `shift`, less on every other one: about 0.1 a token.
+        better = [x + shift + 0.3 * (i % 2) for i, x in enumerate(first)]
+        _summary(tmp_path / "b" / f"seed={seed}", "fedit", better, tokens)
+    # Other records (another eval set): no paired difference is claimed.
+    _summary(tmp_path / "c" / "seed=0", "fedit", first[:5], tokens[:5])
+    b, c = versus_first([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    found = b["fedit"]["eval_loss"]
+    assert [round(found["per_seed"][f"seed={s}"]["diff"], 4) for s in range(3)] == [
+        -0.085,
+        -0.185,
+        -0.135,
+    ]
+    assert found["mean"] == pytest.approx(-0.135) and found["high"] < 0
+    assert found["distinguishable_seeds"] == 3
+    assert c == {"fedit": {}}
+    assert cell(found).endswith("(3/3 seeds)")

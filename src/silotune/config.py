@@ -18,12 +18,11 @@ from typing import Any, get_type_hints
 from silotune.config_federation import (
     ATTACK_TARGETS,
     FEDERATION_MINIMUMS,
-    ROBUST_STRATEGIES,
-    SECAGG_STRATEGIES,
     AttackConfig,
     DefenceConfig,
     FederatedConfig,
-    SplitConfig,
+    check_strategy,
+    check_uploads,
 )
 from silotune.config_fewfedweight import FEWFEDWEIGHT_MINIMUMS, FewFedWeightConfig
 from silotune.config_privacy import PRIVACY_MINIMUMS, PrivacyConfig
@@ -43,6 +42,7 @@ from silotune.config_sections import (
     PartitionConfig,
     TrainConfig,
 )
+from silotune.config_split import SPLIT_MINIMUMS, SplitConfig
 from silotune.config_synthetic import SYNTHETIC_MINIMUMS, SyntheticConfig
 from silotune.errors import ConfigError
 from silotune.typed_values import build_section, reject_unknown
@@ -53,6 +53,7 @@ MINIMUMS_ALL = {
     **SYNTHETIC_MINIMUMS,
     **REPORTING_MINIMUMS,
     **FEDERATION_MINIMUMS,
+    **SPLIT_MINIMUMS,
     **PRIVACY_MINIMUMS,
     **FEWFEDWEIGHT_MINIMUMS,
 }
@@ -292,7 +293,8 @@ def _check_combinations(config: Config) -> None:
             f"federated.quorum = {config.federated.quorum} but only {sampled} client(s) train "
             f"each round (partition.clients x federated.fraction_train); lower the quorum"
         )
-    _check_strategy(config, sampled)
+    check_strategy(config, sampled)
+    check_uploads(config)
     if config.defence.secagg and sampled < 2:
         raise ConfigError(
             f"defence.secagg needs at least 2 clients training each round (SecAgg+ reveals a "
@@ -310,38 +312,3 @@ def _check_algorithms(config: Config) -> None:
         check = ALGORITHMS.get(name).check
         if check is not None:
             check(config)
-
-
-def _check_strategy(config: Config, sampled: int) -> None:
-    """The federated strategy's own needs, and what it cannot be combined with."""
-    fed = config.federated
-    if config.defence.secagg and fed.strategy not in SECAGG_STRATEGIES:
-        raise ConfigError(
-            f"defence.secagg runs Flower's SecAgg+ workflow, which has the strategies "
-            f"{', '.join(SECAGG_STRATEGIES)} (a robust strategy needs each client's update, "
-            f"which SecAgg+ hides); federated.strategy is {fed.strategy!r}"
-        )
-    if config.defence.dp != "none" and fed.strategy in ROBUST_STRATEGIES:
-        raise ConfigError(
-            f"defence.dp calibrates its noise to an average of clipped updates, which "
-            f"federated.strategy = {fed.strategy!r} does not compute; use fedavg, fedprox, "
-            f"fedadam, fedavgm, fedyogi or fedadagrad with DP, or set defence.dp = 'none'"
-        )
-    if sampled < fed.min_updates():
-        raise ConfigError(
-            f"federated.strategy = {fed.strategy!r} with federated.malicious_clients = "
-            f"{fed.malicious_clients} needs {fed.min_updates()} clients training each round; "
-            f"{sampled} do (partition.clients x federated.fraction_train): lower "
-            f"malicious_clients or add clients"
-        )
-    if fed.strategy == "multikrum" and fed.multikrum_select > sampled:
-        raise ConfigError(
-            f"federated.multikrum_select = {fed.multikrum_select} but only {sampled} clients "
-            f"train each round; lower it (0 picks clients - malicious_clients)"
-        )
-    if fed.strategy == "fedtrimmedavg" and int(fed.trim_fraction * sampled) < 1:
-        raise ConfigError(
-            f"federated.trim_fraction = {fed.trim_fraction} of {sampled} clients a round trims "
-            f"no update (a plain mean); with 3 or more clients a round, set it to at least "
-            f"{1 / sampled:.3g}"
-        )

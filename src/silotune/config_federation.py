@@ -1,16 +1,20 @@
 """The sections of an experiment config for the silos working together: the federated server's
-strategy, FL-GLM split learning, privacy defences and attacks, with their value types and numeric
-lower bounds. `silotune.config` assembles, reads and checks them.
+strategy and what its clients upload, privacy defences and attacks, with their value types and
+numeric lower bounds (split learning's section: silotune.config_split). `silotune.config`
+assembles, reads and checks them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from silotune.config_sections import Algorithm
 from silotune.errors import ConfigError
 from silotune.typed_values import setting
+
+if TYPE_CHECKING:
+    from silotune.config import Config
 
 Strategy = Literal[
     "fedavg",
@@ -36,11 +40,8 @@ ROBUST_STRATEGIES: tuple[Strategy, ...] = (
 )
 # What Flower's legacy SecAgg+ workflow runs (silotune.federated.secagg).
 SECAGG_STRATEGIES: tuple[Strategy, ...] = ("fedavg", "fedprox", "fedadam")
-SplitMode = Literal["serial", "batch", "per-client"]
-KeyExchange = Literal["x25519", "rsa"]
-WireDtype = Literal["float32", "bfloat16"]
-SplitAdapter = Literal["lora", "prefix"]
-DeviceMap = Literal["single", "auto"]
+Aggregation = Literal["fedavg", "hetlora", "flora"]
+Compression = Literal["none", "int8", "nf4"]
 DpKind = Literal["none", "client-fixed", "server-fixed"]
 AttackKind = Literal["extraction", "membership", "inversion"]
 InversionModel = Literal["linear", "transformer"]
@@ -119,6 +120,20 @@ class FederatedConfig:
         "round the server waits only for this many clients; krum, multikrum and bulyan raise "
         "it to their minimum.",
     )
+    aggregation: Aggregation = setting(
+        "fedavg",
+        'How LoRA updates combine: "fedavg" (the strategy averages A and B separately), '
+        '"hetlora" (the same, each client training the first `lora.client_ranks` components of '
+        'the server\'s rank-`lora.r` adapter and its upload zero-padded back) or "flora" (the '
+        "weighted mean of the clients' products B·A, exact by stacking, projected to the best "
+        "rank-`lora.r` pair; needs strategy fedavg).",
+    )
+    compression: Compression = setting(
+        "none",
+        'Uploads coded blockwise by bitsandbytes: "int8" (dynamic 8-bit, blocks of 256: about '
+        '0.25 of float32) or "nf4" (4-bit NormalFloat, blocks of 64: about 0.14); the server '
+        "decodes before screening and aggregating.",
+    )
     max_weight_ratio: float = setting(
         10.0,
         "A client update whose weight (num-examples, or dp-weight with DP) is above this "
@@ -143,93 +158,6 @@ class FederatedConfig:
         return {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(
             self.strategy, 1
         )
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """FL-GLM split learning: where the model is cut, how the server trains, the wire."""
-
-    mode: SplitMode = setting(
-        "serial",
-        'How the server trains its middle for many clients: "serial" (one client\'s step at a '
-        'time on one middle adapter), "batch" (the clients\' activations stacked into one step) '
-        'or "per-client" (one middle adapter per client, averaged every `average_every` steps).',
-    )
-    front_blocks: int = setting(
-        1,
-        "Blocks after the embeddings that stay on the client (0: it sends the embeddings "
-        "themselves).",
-    )
-    back_blocks: int = setting(
-        1,
-        "Last blocks that stay on the client, with the final norm and the LM head; the server "
-        "holds the blocks between, at least one.",
-    )
-    adapter: SplitAdapter = setting(
-        "lora",
-        'Each segment\'s PEFT method: "lora" (the [lora] settings) or "prefix" (p-tuning v2, '
-        "`prefix_tokens` virtual tokens per block).",
-    )
-    prefix_tokens: int = setting(16, 'adapter = "prefix": virtual tokens per block.')
-    tls: bool = setting(
-        True,
-        "Mutual TLS between the split clients and server (`silotune run` makes throwaway "
-        "certificates for the run); turn it off only for tests on one machine.",
-    )
-    encrypt: bool = setting(
-        True,
-        "AES-256-GCM on every frame, on top of TLS, with a key each session agrees by "
-        "`key_exchange`.",
-    )
-    key_exchange: KeyExchange = setting(
-        "x25519",
-        'How `encrypt` agrees its key: "x25519" (ephemeral X25519 keys on both sides) or "rsa" '
-        "(the FL-GLM paper's: the client wraps a random secret with the server's RSA key).",
-    )
-    wire_dtype: WireDtype = setting(
-        "float32",
-        "Precision of the activations and gradients on the wire (float16 is not offered: it "
-        "underflows gradients).",
-    )
-    batch_window_s: float = setting(
-        2.0,
-        'mode = "batch": seconds the server waits for the other clients\' activations before '
-        "it steps with those that came.",
-    )
-    average_every: int = setting(
-        1, 'mode = "per-client": average the clients\' middle adapters every this many steps.'
-    )
-    average_clients: bool = setting(
-        True,
-        "Average the clients' front and back adapters at the end of each round, weighted by "
-        "their records (SplitFed; a weight above `federated.max_weight_ratio` × the median is "
-        "capped there); false: each client keeps its own.",
-    )
-    step_timeout_s: float = setting(
-        120.0,
-        "A client silent this long mid-step is dropped from the step and the others go on; "
-        "the adapter averages wait at most this long too.",
-    )
-    idle_timeout_s: float = setting(
-        900.0,
-        "A session that sends no frame for this long is closed (its client may reconnect); it "
-        "must outlast the longest local work between two frames (a client's evaluation, its "
-        "checkpoint).",
-    )
-    connect_timeout_s: float = setting(
-        120.0, "Seconds a split client waits for the server to come up."
-    )
-    host: str = setting(
-        "127.0.0.1",
-        "The address `silotune run` starts its split server on (0.0.0.0: every interface); "
-        "`silotune split-server` takes --listen instead.",
-    )
-    port: int = setting(0, "The port `silotune run` starts its split server on; 0: any free port.")
-    server_device_map: DeviceMap = setting(
-        "single",
-        '"auto": spread the middle\'s blocks over every visible GPU (accelerate plans the '
-        'map); "single": all on `model.device`.',
-    )
 
 
 @dataclass(frozen=True)
@@ -352,15 +280,6 @@ FEDERATION_MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("federated", "malicious_clients"): (0, True),
     ("federated", "multikrum_select"): (0, True),
     ("federated", "max_weight_ratio"): (1.0, False),
-    ("split", "front_blocks"): (0, True),
-    ("split", "back_blocks"): (1, True),
-    ("split", "prefix_tokens"): (1, True),
-    ("split", "batch_window_s"): (0.0, True),
-    ("split", "average_every"): (1, True),
-    ("split", "step_timeout_s"): (0.0, False),
-    ("split", "idle_timeout_s"): (0.0, False),
-    ("split", "connect_timeout_s"): (0.0, False),
-    ("split", "port"): (0, True),
     ("defence", "dp_noise_multiplier"): (0.0, True),
     ("defence", "dp_clipping_norm"): (0.0, False),
     ("defence", "activation_noise"): (0.0, True),
@@ -375,3 +294,90 @@ FEDERATION_MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("attack", "inversion_lr"): (0.0, False),
     ("attack", "victim"): (0, True),
 }
+
+
+def check_strategy(config: Config, sampled: int) -> None:
+    """The federated strategy's own needs, and what it cannot be combined with."""
+    fed = config.federated
+    if config.defence.secagg and fed.strategy not in SECAGG_STRATEGIES:
+        raise ConfigError(
+            f"defence.secagg runs Flower's SecAgg+ workflow, which has the strategies "
+            f"{', '.join(SECAGG_STRATEGIES)} (a robust strategy needs each client's update, "
+            f"which SecAgg+ hides); federated.strategy is {fed.strategy!r}"
+        )
+    if config.defence.dp != "none" and fed.strategy in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"defence.dp calibrates its noise to an average of clipped updates, which "
+            f"federated.strategy = {fed.strategy!r} does not compute; use fedavg, fedprox, "
+            f"fedadam, fedavgm, fedyogi or fedadagrad with DP, or set defence.dp = 'none'"
+        )
+    if sampled < fed.min_updates():
+        raise ConfigError(
+            f"federated.strategy = {fed.strategy!r} with federated.malicious_clients = "
+            f"{fed.malicious_clients} needs {fed.min_updates()} clients training each round; "
+            f"{sampled} do (partition.clients x federated.fraction_train): lower "
+            f"malicious_clients or add clients"
+        )
+    if fed.strategy == "multikrum" and fed.multikrum_select > sampled:
+        raise ConfigError(
+            f"federated.multikrum_select = {fed.multikrum_select} but only {sampled} clients "
+            f"train each round; lower it (0 picks clients - malicious_clients)"
+        )
+    if fed.strategy == "fedtrimmedavg" and int(fed.trim_fraction * sampled) < 1:
+        raise ConfigError(
+            f"federated.trim_fraction = {fed.trim_fraction} of {sampled} clients a round trims "
+            f"no update (a plain mean); with 3 or more clients a round, set it to at least "
+            f"{1 / sampled:.3g}"
+        )
+
+
+def check_uploads(config: Config) -> None:
+    """Client ranks, FLoRA and compressed uploads, and what they cannot be combined with."""
+    fed, lora, clients = config.federated, config.lora, config.partition.clients
+    ranks = lora.client_ranks
+    if ranks:
+        if len(ranks) != clients or not all(1 <= r <= lora.r for r in ranks):
+            raise ConfigError(
+                f"lora.client_ranks lists one rank per client, each from 1 to lora.r = {lora.r} "
+                f"(the server's); got {list(ranks)} for {clients} clients"
+            )
+        if fed.aggregation == "fedavg":
+            raise ConfigError(
+                'lora.client_ranks needs federated.aggregation = "hetlora" (zero-padded '
+                'averaging) or "flora" (stacked products): plain fedavg cannot average '
+                "adapters of different ranks"
+            )
+        if "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0:
+            raise ConfigError(
+                "lora.client_ranks cannot run FedPIT with synthetic.beta < 1: the upload mixes "
+                "the client's global adapter with its private one, of rank lora.r; set beta = 1"
+            )
+    if fed.aggregation == "flora":
+        if fed.strategy != "fedavg":
+            raise ConfigError(
+                f'federated.aggregation = "flora" replaces the average of the factors with '
+                f"the projected mean of the products; federated.strategy = {fed.strategy!r} "
+                f'would aggregate otherwise: set strategy = "fedavg"'
+            )
+        if config.defence.dp != "none":
+            raise ConfigError(
+                'federated.aggregation = "flora" cannot run with defence.dp: the noise is '
+                "calibrated to the average of clipped factors, not to the projected product"
+            )
+        if lora.freeze_a:
+            raise ConfigError(
+                'federated.aggregation = "flora" rewrites A every round (the projection), which '
+                "lora.freeze_a keeps fixed; turn one of them off"
+            )
+    if config.defence.secagg and (ranks or fed.aggregation == "flora" or fed.compression != "none"):
+        raise ConfigError(
+            "defence.secagg shows the server only the sum of the uploads, which it cannot pad, "
+            "stack or decode client by client: use it without lora.client_ranks, "
+            'aggregation = "flora" and federated.compression'
+        )
+    if fed.compression != "none" and config.defence.dp == "client-fixed":
+        raise ConfigError(
+            'federated.compression cannot run with defence.dp = "client-fixed": Flower\'s '
+            'clipping mod would clip the codes; use defence.dp = "server-fixed", which clips '
+            "the decoded updates"
+        )

@@ -101,6 +101,13 @@ class LoraConfig:
         "parameters under DP noise, and no noise product A·B). Applies to the federated and "
         "local algorithms' adapters; split and split-central refuse it.",
     )
+    client_ranks: tuple[int, ...] = setting(
+        (),
+        "Each federated client's LoRA rank, one per client (e.g. [4, 8, 16]), each at most `r`, "
+        "the server's; a client trains the first components of the server's adapter, scaled by "
+        'alpha / r as the server\'s. Needs federated.aggregation = "hetlora" or "flora"; '
+        "empty: every client trains rank `r`.",
+    )
 
 
 @dataclass(frozen=True)

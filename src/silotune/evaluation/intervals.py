@@ -10,6 +10,8 @@ difficulty, shared by both models, cancels out of the difference.
 
 from __future__ import annotations
 
+import math
+import statistics
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import bootstrap
+from scipy.stats import t as student_t
 
 LOSS, TOKENS, ROUGE_L, ACCURACY = "loss", "tokens", "rouge_l", "accuracy"
 SCORE_NAMES = (LOSS, TOKENS, ROUGE_L, ACCURACY)
@@ -161,6 +164,36 @@ def own_intervals(scores: PerRecord) -> dict[str, Any]:
 def records_of(scores: Mapping[str, PerRecord]) -> int:
     """How many held-out records the scores cover (0 when none has any)."""
     return max((len(next(iter(s.values()))) for s in scores.values() if s), default=0)
+
+
+def over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A difference over seeds: mean, sd, the t-interval of the mean, and each seed's own."""
+    values = [float(found["diff"]) for found in per_seed.values()]
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    low = high = None
+    if len(values) > 1:
+        half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * sd
+        low, high = mean - half / math.sqrt(len(values)), mean + half / math.sqrt(len(values))
+    return {
+        "mean": mean,
+        "sd": sd,
+        "low": low,
+        "high": high,
+        "distinguishable_seeds": sum(bool(f.get("distinguishable")) for f in per_seed.values()),
+        "per_seed": per_seed,
+    }
+
+
+def seeds_cell(found: dict[str, Any] | None) -> str:
+    """`+0.0100 ± 0.0050 [-0.0024, +0.0224] (1/3 seeds)` of an over_seeds result."""
+    if not found:
+        return "–"
+    n = len(found["per_seed"])
+    cell = f"{found['mean']:+.4f} ± {found['sd']:.4f}"
+    if found["low"] is not None:
+        cell += f" [{found['low']:+.4f}, {found['high']:+.4f}]"
+    return f"{cell} ({found['distinguishable_seeds']}/{n} seeds)".replace("-", "−")
 
 
 def _has(scores: PerRecord, columns: tuple[str, ...]) -> bool:

@@ -36,10 +36,11 @@ from silotune.federated.metering import (
     PER_RECORD,
     PREDICTIONS,
 )
+from silotune.federated.uploads import UploadPlan
 from silotune.modeling.load import ModelSource
 from silotune.privacy import budget
 from silotune.privacy.mechanisms import GaussianUse
-from silotune.records import adapter_to_record, load_store, record_to_adapter, save_store
+from silotune.records import load_store, record_to_adapter, save_store
 from silotune.run_folder import client_name, eval_file, partition_file
 from silotune.training.loop import Examples
 from silotune.training.workbench import Workbench
@@ -109,7 +110,10 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
         config=spec.config,
         client=partition_id,
         round=round_,
-        global_state=record_to_adapter(msg.content.array_records[ARRAYS]),
+        # A client of a lower rank (lora.client_ranks) trains the first components only.
+        global_state=UploadPlan.of(spec.config).receive(
+            record_to_adapter(msg.content.array_records[ARRAYS]), partition_id
+        ),
         store=store,
         records=records,
         examples=examples,
@@ -155,7 +159,8 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
         metrics = MetricRecord(
             {"num-examples": reply.weight, EQUAL_WEIGHT: 1, "client": req.client, **reply.metrics}
         )
-        content = RecordDict({ARRAYS: adapter_to_record(reply.upload), METRICS: metrics})
+        upload = UploadPlan.of(spec.config).send(reply.upload, req.global_state)  # coded?
+        content = RecordDict({ARRAYS: upload, METRICS: metrics})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from silotune.evaluation.intervals import ACCURACY, ROUGE_L, SCORE_NAMES
 from silotune.federated.screening import Expected, Layout, screen_round
+from silotune.federated.uploads import UploadPlan
 from silotune.privacy.budget import DECLINED
 from silotune.records import tensor_bytes
 
@@ -61,12 +62,16 @@ class RoundTraffic:
     clients: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # errored, rejected or silent clients
     layout: Layout | None = None  # names and shapes of the adapter sent out
+    sent: ArrayRecord | None = None  # the adapter sent out (coded uploads are updates to it)
     sampled: set[int] = field(default_factory=set)  # node ids asked to train
     rejected: set[int] = field(default_factory=set)  # node ids whose reply failed screening
     client_evals: list[dict[str, Any]] = field(default_factory=list)
     client_predictions: list[list[str]] = field(default_factory=list)
     client_per_record: list[dict[str, list[float]]] = field(default_factory=list)
     declined: set[int] = field(default_factory=set)  # node ids whose privacy budget is spent
+    # Each reply's bytes as it arrived (serialised, raw tensor data), by the reply's id(): counted
+    # before a coded upload is decoded.
+    arrived: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class Metered(Strategy):
@@ -86,6 +91,7 @@ class Metered(Strategy):
         # malformed reply and screening rejects it.
         self.budgeted = False
         self.eval_records = 0  # held-out records each client's scores must cover (0: unknown)
+        self.uploads: UploadPlan | None = None  # uploads of other ranks or coded; None: plain
 
     # A metered FedAdam reads and writes as the FedAdam it wraps: its settings and its server
     # optimiser state (what a checkpoint keeps) pass through to the wrapped strategy.
@@ -115,6 +121,7 @@ class Metered(Strategy):
             bytes_down=sum(r.count_bytes() for r in sent),
             tensor_bytes_down=sum(tensor_bytes(r) for r in sent),
             layout=Layout.of(arrays),
+            sent=arrays,
             sampled={m.metadata.dst_node_id for m in messages},
         )
         return messages
@@ -144,15 +151,18 @@ class Metered(Strategy):
                 f"round {server_round}: {len(ok)} valid update(s), fewer than the quorum of "
                 f"{self.quorum} (federated.quorum): {reasons}"
             )
-        received = [r for m in ok if (r := m.content.array_records.get(ARRAYS)) is not None]
-        traffic.bytes_up = sum(r.count_bytes() for r in received)
-        traffic.tensor_bytes_up = sum(tensor_bytes(r) for r in received)
+        arrived = [traffic.arrived.get(id(m), (0, 0)) for m in ok]
+        traffic.bytes_up = sum(serialised for serialised, _ in arrived)
+        traffic.tensor_bytes_up = sum(raw for _, raw in arrived)
         traffic.clients = [
             dict(metrics) for m in ok if (metrics := m.content.metric_records.get(METRICS))
         ]
         inner = self.strategy
         state = {name: getattr(inner, name) for name in _OPTIMISER_STATE if hasattr(inner, name)}
         arrays, metrics = inner.aggregate_train(server_round, ok)
+        if arrays is not None and self.uploads is not None and self.uploads.stacking:
+            weights = [float(m.content[METRICS][self.weighted_by_key]) for m in ok]
+            arrays = self.uploads.combine([m.content[ARRAYS] for m in ok], weights)
         if arrays is not None and (bad := _non_finite(arrays)):
             # Overflow in the average or the server optimiser: keep the last good state, so
             # nothing poisoned is evaluated, checkpointed or sent out next round.
@@ -177,6 +187,14 @@ class Metered(Strategy):
                 traffic.declined.add(m.metadata.src_node_id)
             else:
                 replies.append(m)
+        arrived = []
+        for m in replies:
+            if not m.has_error() and (reason := self._arrive(traffic, m)) is not None:
+                traffic.failures.append(f"{_sender(m)} rejected: {reason}")
+                traffic.rejected.add(m.metadata.src_node_id)
+            else:
+                arrived.append(m)
+        replies = arrived
         answered = [m.content for m in replies if not m.has_error()]
         verdicts = iter(screen_round(answered, self._expected(traffic.layout)))
         kept = []
@@ -187,6 +205,24 @@ class Metered(Strategy):
                 traffic.failures.append(f"{_sender(m)} rejected: {reason}")
                 traffic.rejected.add(m.metadata.src_node_id)
         return kept
+
+    def _arrive(self, traffic: RoundTraffic, message: Message) -> str | None:
+        """Count a reply's upload as it came and, where uploads are of another rank or coded,
+        put it into the server's layout in float32; why it cannot be, if it cannot."""
+        key = id(message)  # the same object both times a DP round screens it
+        record = message.content.array_records.get(ARRAYS)
+        if key in traffic.arrived or record is None:  # seen (DP screens twice), or no upload
+            return None
+        traffic.arrived[key] = (record.count_bytes(), tensor_bytes(record))
+        if self.uploads is None or self.uploads.plain or traffic.sent is None:
+            return None
+        metrics = message.content.metric_records.get(METRICS)
+        client = metrics.get("client") if metrics else None
+        decoded = self.uploads.decode(record, client, traffic.sent)
+        if isinstance(decoded, str):
+            return decoded
+        message.content[ARRAYS] = decoded
+        return None
 
     def _expected(self, layout: Layout | None) -> Expected:
         weight = self.strategy.weighted_by_key

@@ -44,6 +44,7 @@ from silotune.federated.strategies import (
     build_strategy,
     sampled_per_round,
 )
+from silotune.federated.uploads import UploadPlan
 from silotune.jobs import AlgorithmResult, RoundLog, mean_metrics
 from silotune.modeling.adapters import StateDict
 from silotune.records import adapter_to_record, record_to_adapter
@@ -84,6 +85,7 @@ class FederatedServer:
             known_weights=dict(enumerate(weights)),
         )
         self.strategy.budgeted = config.privacy.max_epsilon > 0
+        self.strategy.uploads = UploadPlan.of(config)
         self.strategy.eval_records = len(eval_set.examples)
         self.folder = checkpoint
         self.resumed = load_round(self.folder) if self.folder else None
@@ -95,6 +97,8 @@ class FederatedServer:
         self.initial: StateDict = self.resumed.arrays if self.resumed else bench.initial
         self.results: list[Result] = []
         self.notes: list[str] = []
+        if not self.strategy.uploads.plain or self.strategy.uploads.stacking:
+            self.notes.append("Uploads: " + self.strategy.uploads.describe(clients))
         self.latest = self.initial  # the last evaluated global adapter
         self.ended_early = False  # too few clients had privacy budget left
         if self.resumed:

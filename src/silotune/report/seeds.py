@@ -9,9 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import t as student_t
-
-from silotune.evaluation.intervals import CONFIDENCE, Interval
+from silotune.evaluation.intervals import Interval, over_seeds, seeds_cell
 from silotune.privacy.ledger import largest_epsilon
 from silotune.report.markdown import table
 from silotune.report.plots import CURVES, plt, save_figure
@@ -83,7 +81,7 @@ def _per_seed(
             for metric, found in metrics.items():
                 diffs.setdefault(ref, {}).setdefault(metric, {})[seed] = found
     return {
-        ref: {metric: _difference(per_seed) for metric, per_seed in metrics.items()}
+        ref: {metric: over_seeds(per_seed) for metric, per_seed in metrics.items()}
         for ref, metrics in diffs.items()
     }
 
@@ -138,25 +136,6 @@ def _spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _difference(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A difference over seeds: mean, sd, the t-interval of the mean, and each seed's own."""
-    values = [float(found["diff"]) for found in per_seed.values()]
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    low = high = None
-    if len(values) > 1:
-        half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * sd
-        low, high = mean - half / math.sqrt(len(values)), mean + half / math.sqrt(len(values))
-    return {
-        "mean": mean,
-        "sd": sd,
-        "low": low,
-        "high": high,
-        "distinguishable_seeds": sum(bool(f.get("distinguishable")) for f in per_seed.values()),
-        "per_seed": per_seed,
-    }
-
-
 def _summary_table(runs: dict[str, Any], base: dict[str, Any]) -> str:
     metrics = [m for m in CURVES if any(m in r["final"] for r in runs.values())]
     pairs = list(
@@ -164,7 +143,7 @@ def _summary_table(runs: dict[str, Any], base: dict[str, Any]) -> str:
     )
     rows = [["base (no tuning)", *(_mean_sd(base.get(m)) for m in metrics), *("–" for _ in pairs)]]
     for name, run in runs.items():
-        cells = [_diff_cell(run["vs"].get(ref, {}).get(m)) for ref, m in pairs]
+        cells = [seeds_cell(run["vs"].get(ref, {}).get(m)) for ref, m in pairs]
         rows.append([name, *(_mean_sd(run["final"].get(m)) for m in metrics), *cells])
     header = ["model", *(CURVES[m] for m in metrics)]
     header += [f"Δ {CURVES.get(m, m)} vs {ref}" for ref, m in pairs]
@@ -182,7 +161,7 @@ def _own_table(runs: dict[str, Any]) -> list[str]:
             name,
             _mean_sd(own.get("own")),
             _mean_sd(own.get("others")),
-            *(_diff_cell(own["vs"].get(ref, {}).get("eval_loss")) for ref in refs),
+            *(seeds_cell(own["vs"].get(ref, {}).get("eval_loss")) for ref in refs),
         ]
         for name, own in scored.items()
     ]
@@ -219,16 +198,6 @@ def _per_seed_table(seeds: list[tuple[str, str, Path]], vs: dict[str, dict[str, 
 
 def _mean_sd(found: dict[str, float] | None) -> str:
     return f"{found['mean']:.4f} ± {found['sd']:.4f}" if found else "–"
-
-
-def _diff_cell(found: dict[str, Any] | None) -> str:
-    if not found:
-        return "–"
-    n = len(found["per_seed"])
-    cell = f"{found['mean']:+.4f} ± {found['sd']:.4f}"
-    if found["low"] is not None:
-        cell += f" [{found['low']:+.4f}, {found['high']:+.4f}]"
-    return f"{cell} ({found['distinguishable_seeds']}/{n} seeds)".replace("-", "−")
 
 
 def _interval_cell(found: dict[str, Any] | None) -> str:

@@ -12,6 +12,7 @@ from silotune.privacy.ledger import largest_epsilon
 from silotune.report.markdown import shown_epsilon, table
 from silotune.report.plots import CURVES, plt, save_figure
 from silotune.report.privacy import LEAKAGE, leakage_headlines, load_privacy
+from silotune.report.sweep_pairs import cell, versus_first
 
 _COLUMNS = (
     ("eval_loss", "eval loss"),
@@ -75,8 +76,11 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
     columns = [(k, lab) for k, lab in _COLUMNS if any(k in f for f in finals)]  # what runs have
     summaries = [results[label][name] for label in results for name in algorithms]
     diffs = [(k, lab) for k, lab in _COLUMNS if any(k in _vs_base(s) for s in summaries)]
+    # Each value after the first against the first, paired on the same records.
+    paired = [{}, *versus_first([path for _, _, path in variants])]
+    versus = [(k, lab) for k, lab in _COLUMNS if any(k in f for p in paired for f in p.values())]
     rows = []
-    for label, value, _ in variants:
+    for (label, value, _), against in zip(variants, paired, strict=True):
         for name in algorithms:
             final = results[label][name]["final"]
             leaked = leakage[label].get(name, {})
@@ -84,6 +88,7 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
                 [value, f"[{name}]({label}/{name}/report.md)" if len(algorithms) > 1 else name]
                 + [final.get(k, "–") for k, _ in columns]
                 + _diff_cells(_vs_base(results[label][name]), diffs)
+                + [cell(against.get(name, {}).get(k)) for k, _ in versus]
                 + [shown_epsilon(largest_epsilon(results[label][name]))]
                 + [leaked.get(k, "–") for k, _ in leaks]
             )
@@ -108,6 +113,19 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
                 "deviation over the seeds."
                 if any(SPREAD in s for s in summaries)
                 else ""
+            )
+            + (
+                f" Δ … vs {key} = {variants[0][1]}: each value against the first on the same "
+                "held-out records, paired over them"
+                + (
+                    "; with seeds, the mean ± sd over the seeds of each seed's paired "
+                    "difference, its 95 % t-interval, and in how many seeds that difference's "
+                    "own interval excludes 0."
+                    if any(SPREAD in s for s in summaries)
+                    else "."
+                )
+                if versus
+                else ""
             ),
             "",
             table(
@@ -116,6 +134,7 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
                     "algorithm",
                     *(label for _, label in columns),
                     *(f"Δ {label} vs base" for _, label in diffs),
+                    *(f"Δ {label} vs {key} = {variants[0][1]}" for _, label in versus),
                     "record-level ε (max over clients)",
                     *(lab for _, lab in leaks),
                 ],
@@ -129,7 +148,12 @@ def write_sweep_report(folder: Path, key: str, variants: list[tuple[str, str, Pa
     (folder / "report.md").write_text(text, encoding="utf-8")
     (folder / "sweep.json").write_text(
         json.dumps(
-            {"key": key, "values": {v: results[label] for label, v, _ in variants}}, indent=2
+            {
+                "key": key,
+                "values": {v: results[label] for label, v, _ in variants},
+                "versus_first": {v: p for (_, v, _), p in zip(variants, paired, strict=True)},
+            },
+            indent=2,
         )
         + "\n",
         encoding="utf-8",

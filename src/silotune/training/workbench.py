@@ -2,11 +2,14 @@
 
 The frozen base is loaded once per process; every call swaps in the adapter states it is given,
 so nothing one client trains stays in the model for the next (optimizer state is per call too).
-Slots: `global` always; `private` (FedPIT's never-shared adapter) when asked for.
+Slots: `global` always; `private` (FedPIT's never-shared adapter) when asked for. A client that
+trains a lower rank than the server's (lora.client_ranks) puts its `global` adapter into a slot of
+its own rank, which `global` then names until another rank is put there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 
 from silotune.config import Config
 from silotune.evaluation.evaluator import EvalResult, EvalSet, evaluate, generates
+from silotune.federated.lora_ranks import client_alpha, rank_of
 from silotune.modeling.adapters import (
     GLOBAL,
     PRIVATE,
@@ -43,6 +47,7 @@ class Workbench:
         prepare_for_training(base, self.placement)
         seed = config.experiment.seed
         self.model = add_lora(base, config.lora, GLOBAL, seed=seed)
+        self._slots = {GLOBAL: GLOBAL}  # what each name means now: the PEFT adapter it is
         self.initial: StateDict = get_adapter(self.model, GLOBAL)
         self.initial_private: StateDict = {}
         if private:
@@ -88,16 +93,35 @@ class Workbench:
         self.initial_private = get_adapter(self.model, PRIVATE)
 
     def put(self, name: str, state: StateDict) -> None:
-        """Load `state` into slot `name`."""
-        set_adapter(self.model, state, name)
+        """Load `state` into slot `name` (`global` of a lower rank: into that rank's slot)."""
+        if name == GLOBAL:
+            self._slots[GLOBAL] = self._rank_slot(rank_of(_shapes(state)))
+        set_adapter(self.model, state, self._slot(name))
 
     def take(self, name: str) -> StateDict:
         """A copy of slot `name`'s current tensors."""
-        return get_adapter(self.model, name)
+        return get_adapter(self.model, self._slot(name))
 
     def use(self, active: list[str], trainable: list[str] | None = None) -> None:
         """Choose the slots that take part in the forward pass (and those that train)."""
-        use_adapters(self.model, active, trainable or [])
+        slots = [self._slot(n) for n in trainable or []]
+        use_adapters(self.model, [self._slot(n) for n in active], slots)
+
+    def _slot(self, name: str) -> str:
+        return self._slots.get(name, name)
+
+    def _rank_slot(self, rank: int) -> str:
+        """The adapter for a `global` of rank `rank`: created on first use, scaled as the
+        server's rank-lora.r adapter is."""
+        lora = self.config.lora
+        if rank == lora.r:
+            return GLOBAL
+        name = f"{GLOBAL}-r{rank}"
+        if name not in self.model.peft_config:
+            alpha = client_alpha(lora.alpha, rank, lora.r)
+            add_named_lora(self.model, dataclasses.replace(lora, r=rank, alpha=alpha), name)
+            self.model.train(self.model.training)  # its dropout as the rest: off in eval mode
+        return name
 
     def fit(
         self,
@@ -162,5 +186,10 @@ class Workbench:
 
     def save(self, state: StateDict, target: Path) -> None:
         """Write `state` as a stock PEFT adapter folder."""
+        self.put(GLOBAL, state)
         self.use([GLOBAL])
-        save_adapter(self.model, state, target, GLOBAL)
+        save_adapter(self.model, state, target, self._slot(GLOBAL))
+
+
+def _shapes(state: StateDict) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state.items()}

@@ -1,0 +1,121 @@
+"""LoRA adapters of different ranks on one federation: truncate, pad, stack and project.
+
+PEFT keys a LoRA pair as `<module>.lora_A.weight` (rank x in) and `<module>.lora_B.weight`
+(out x rank). A client of rank r trains the first r components of the server's rank-R adapter
+(`truncate`); the server pads its upload back with zeros (`pad`, HetLoRA). Stacking (FLoRA)
+concatenates the clients' pairs along the rank, B weighted, so that the stacked product is
+exactly the weighted sum of the clients' products; `project` then gives the best rank-R pair
+of that sum (truncated SVD), so the next round starts from it. Every client's adapter scales by
+lora.alpha / lora.r whatever its rank (see `client_alpha`), so components mean the same on all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from silotune.modeling.adapters import StateDict
+
+A, B = ".lora_A.", ".lora_B."
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def is_a(name: str) -> bool:
+    """Whether `name` is a LoRA A matrix."""
+    return A in name
+
+
+def partner(name: str) -> str:
+    """The B matrix of A matrix `name`."""
+    return name.replace(A, B)
+
+
+def client_alpha(alpha: float, rank: int, server_rank: int) -> float:
+    """The lora_alpha that gives a rank-`rank` adapter the scaling alpha / server_rank."""
+    return alpha * rank / server_rank
+
+
+def rank_of(shapes: Shapes) -> int:
+    """The rank of an adapter layout (its A matrices' first dimension)."""
+    ranks = {shape[0] for name, shape in shapes.items() if is_a(name)}
+    if len(ranks) != 1:
+        raise ValueError(f"an adapter has one rank; these tensors have {sorted(ranks)}")
+    return ranks.pop()
+
+
+def truncated_shapes(shapes: Shapes, rank: int) -> dict[str, tuple[int, ...]]:
+    """The layout of the first `rank` components of an adapter laid out as `shapes`."""
+    return {
+        name: (rank, *shape[1:]) if is_a(name) else (*shape[:-1], rank)
+        for name, shape in shapes.items()
+    }
+
+
+def a_only(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    """The A matrices of a layout (what a shared-A client uploads)."""
+    return {name: shape for name, shape in shapes.items() if is_a(name)}
+
+
+def truncate(state: StateDict, rank: int) -> StateDict:
+    """The first `rank` components of `state`."""
+    return {name: (t[:rank] if is_a(name) else t[..., :rank]).clone() for name, t in state.items()}
+
+
+def pad(state: StateDict, shapes: Shapes) -> StateDict:
+    """`state` (a truncation of `shapes`) zero-padded to `shapes`."""
+    out = {}
+    for name, t in state.items():
+        full = torch.zeros(shapes[name], dtype=t.dtype)
+        if is_a(name):
+            full[: t.shape[0]] = t
+        else:
+            full[..., : t.shape[-1]] = t
+        out[name] = full
+    return out
+
+
+def stack(states: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+    """One pair per module whose product is the weighted mean of the clients' products:
+    A's concatenated along the rank, B's scaled by each client's weight share (float64)."""
+    total = float(sum(weights))
+    out: StateDict = {}
+    for name in states[0]:
+        if not is_a(name):
+            continue
+        b = partner(name)
+        out[name] = torch.cat([s[name].to(torch.float64) for s in states], dim=0)
+        out[b] = torch.cat(
+            [s[b].to(torch.float64) * (w / total) for s, w in zip(states, weights, strict=True)],
+            dim=-1,
+        )
+    return out
+
+
+def project(stacked: StateDict, rank: int, like: StateDict) -> StateDict:
+    """The best rank-`rank` pair (Frobenius) of each stacked product, split evenly between A
+    and B (each carries the singular values' square roots), in `like`'s dtypes; zero-padded
+    where the product's rank is lower."""
+    out: StateDict = {}
+    for name, a in stacked.items():
+        if not is_a(name):
+            continue
+        b = stacked[partner(name)]
+        # B A = Qb (Rb Ra^T) Qa^T: the SVD of the small core gives the product's.
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        keep = min(rank, s.numel())
+        root = s[:keep].sqrt()
+        new_b = torch.zeros(b.shape[0], rank, dtype=torch.float64)
+        new_a = torch.zeros(rank, a.shape[1], dtype=torch.float64)
+        new_b[:, :keep] = (qb @ u[:, :keep]) * root
+        new_a[:keep] = root[:, None] * (vh[:keep] @ qa.T)
+        out[name] = new_a.to(like[name].dtype)
+        out[partner(name)] = new_b.to(like[partner(name)].dtype)
+    return out
+
+
+def product(state: StateDict, name: str) -> torch.Tensor:
+    """B·A of A matrix `name`'s pair, in float64."""
+    return state[partner(name)].to(torch.float64) @ state[name].to(torch.float64)

@@ -1,0 +1,119 @@
+"""What a client's upload is, when it is not the adapter the server sent: another rank, coded.
+
+`UploadPlan.of(config)` reads `lora.client_ranks`, `federated.aggregation` and
+`federated.compression`. A client truncates the server's adapter to its own rank (`receive`)
+and codes its update, what it trained less what it received (`send`); the server decodes a reply
+against the layout that client must send, adds what it sent that client, pads it back to the
+server's rank (`decode`), and only then screens and aggregates it as any other. With
+`aggregation = "flora"` the round's aggregate is not the strategy's average but the best rank-r
+pair of the weighted mean of the clients' products (`combine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord
+
+from silotune.config import Config
+from silotune.federated import lora_ranks
+from silotune.federated.compression import Codec, codec
+from silotune.federated.screening import Layout, screen
+from silotune.modeling.adapters import StateDict
+from silotune.records import adapter_to_record, record_to_adapter
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """How every client's upload relates to the server's adapter."""
+
+    server_rank: int
+    ranks: tuple[int, ...] = ()  # each client's rank; empty: every client the server's
+    codec: Codec | None = None
+    stacking: bool = False  # FLoRA: aggregate the products, not the factors
+
+    @classmethod
+    def of(cls, config: Config) -> UploadPlan:
+        """The plan `config` asks for."""
+        fed = config.federated
+        return cls(
+            server_rank=config.lora.r,
+            ranks=tuple(config.lora.client_ranks),
+            codec=codec(fed.compression),
+            stacking=fed.aggregation == "flora",
+        )
+
+    @property
+    def plain(self) -> bool:
+        """Whether uploads are the server's layout in float32 (no decoding)."""
+        return not self.ranks and self.codec is None
+
+    def rank(self, client: int) -> int:
+        """The rank client `client` trains."""
+        return self.ranks[client] if self.ranks else self.server_rank
+
+    def receive(self, state: StateDict, client: int) -> StateDict:
+        """The part of the server's adapter `state` that client `client` trains."""
+        if self.rank(client) == self.server_rank:
+            return state
+        return lora_ranks.truncate(state, self.rank(client))
+
+    def send(self, trained: StateDict, received: StateDict) -> ArrayRecord:
+        """A client's trained adapter as it travels: coded, the update since `received` (what
+        rounds to the codes' precision is the update, not the whole adapter)."""
+        if self.codec is None:
+            return adapter_to_record(trained)
+        return self.codec.encode({k: trained[k] - received[k] for k in trained})
+
+    def decode(self, record: ArrayRecord, client: object, sent: ArrayRecord) -> ArrayRecord | str:
+        """`record` from client `client` as the server's adapter `sent` is laid out, in float32,
+        or why it cannot be."""
+        if not isinstance(client, int) or client < 0 or (self.ranks and client >= len(self.ranks)):
+            return f"client id {client!r} is not one of this run's clients"
+        layout = Layout.of(sent)
+        shapes = lora_ranks.truncated_shapes(layout.shapes, self.rank(client))
+        if self.codec is not None:
+            update = self.codec.decode(record, shapes)
+            if isinstance(update, str):
+                return update
+            received = self.receive(record_to_adapter(sent), client)
+            record = adapter_to_record(
+                {k: received[k] + v for k, v in record_to_adapter(update).items()}
+            )
+        if reason := screen(record, Layout(shapes)):
+            return reason
+        if shapes == layout.shapes:
+            return record
+        return adapter_to_record(lora_ranks.pad(record_to_adapter(record), layout.shapes))
+
+    def combine(self, records: Sequence[ArrayRecord], weights: Sequence[float]) -> ArrayRecord:
+        """FLoRA: the best server-rank pair of the weighted mean of the clients' products."""
+        states = [record_to_adapter(r) for r in records]
+        stacked = lora_ranks.stack(states, weights)
+        return adapter_to_record(lora_ranks.project(stacked, self.server_rank, states[0]))
+
+    def describe(self, clients: int) -> str:
+        """What the plan does, for the run's notes."""
+        parts = []
+        if self.ranks:
+            ranks = ", ".join(f"client {i}: {r}" for i, r in enumerate(self.ranks[:clients]))
+            parts.append(
+                f"LoRA ranks per client ({ranks}); each receives the server's rank-"
+                f"{self.server_rank} adapter and trains its first components, scaled as the "
+                "server's"
+            )
+        parts.append(
+            "aggregate: the best rank-"
+            f"{self.server_rank} pair of the weighted mean of the clients' products (FLoRA "
+            "stacking, truncated SVD)"
+            if self.stacking
+            else "aggregate: the strategy's mean of the factors"
+            + (", uploads zero-padded to the server's rank (HetLoRA)" if self.ranks else "")
+        )
+        if self.codec:
+            parts.append(
+                f"uploads {self.codec.name}-coded in blocks of {self.codec.block} "
+                f"(bitsandbytes), decoded on the server before screening"
+            )
+        return "; ".join(parts) + "."
