@@ -3,12 +3,18 @@ compressed codes — exact where they claim to be, bounded where they round, ref
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from rich.console import Console
+from safetensors.torch import load_file
 
-from silotune.config import config_from_dict
+from silotune.config import config_from_dict, load_config
 from silotune.config_federation import FederatedConfig
 from silotune.errors import ConfigError
 from silotune.federated import lora_ranks
@@ -18,6 +24,9 @@ from silotune.federated.screening import Layout
 from silotune.federated.strategies import build_strategy
 from silotune.federated.uploads import UploadPlan
 from silotune.modeling.adapters import GLOBAL
+from silotune.runner import plan_experiment, run_experiment
+
+from .conftest import CONFIGS
 
 MODULES = ("layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj")
 IN, OUT = 24, 16
@@ -248,6 +257,15 @@ def test_a_flora_round_aggregates_the_products_and_counts_the_coded_bytes() -> N
         ({"federated": {"aggregation": "flora"}, "lora": {"freeze_a": True}}, "freeze_a"),
         ({"federated": {"aggregation": "flora"}, "defence": {"dp": "server-fixed"}}, "defence.dp"),
         ({"federated": {"compression": "int8"}, "defence": {"secagg": True}}, "defence.secagg"),
+        ({"federated": {"aggregation": "fedsa"}, "lora": {"freeze_a": True}}, "freeze_a"),
+        (
+            {
+                "experiment": {"algorithms": ["fedpit"]},
+                "federated": {"aggregation": "fedsa"},
+                "synthetic": {"beta": 0.5},
+            },
+            "set beta = 1",
+        ),
         (
             {"federated": {"compression": "int8"}, "defence": {"dp": "client-fixed"}},
             "server-fixed",
@@ -257,3 +275,59 @@ def test_a_flora_round_aggregates_the_products_and_counts_the_coded_bytes() -> N
 def test_schemes_refuse_what_they_cannot_run_with(raw: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_fedsa_server_sends_and_takes_only_a_matrices() -> None:
+    plan = UploadPlan.of(config_from_dict({"federated": {"aggregation": "fedsa"}}))
+    whole = _adapter(4, 0)
+    shared = plan.shared(whole)
+    assert shared and all(lora_ranks.is_a(k) for k in shared)
+    assert set(plan.send(whole, whole)) == set(shared), "an upload never holds B"
+    own = plan.own(_adapter(4, 1))
+    merged = plan.whole(shared, own)
+    assert set(merged) == set(whole)
+    assert all(torch.equal(merged[k], (shared | own)[k]) for k in merged)
+    strategy = build_strategy(FederatedConfig(aggregation="fedsa"), clients=3)
+    strategy.uploads = plan
+    strategy.traffic = {1: RoundTraffic(started=0.0, bytes_down=0, tensor_bytes_down=0)}
+    strategy.traffic[1].sent = ArrayRecord(shared)
+    strategy.traffic[1].layout = Layout.of(ArrayRecord(shared))
+    honest = [_reply(c, plan.send(_adapter(4, c), whole), 10) for c in range(2)]
+    leaking = _reply(2, ArrayRecord(_adapter(4, 2)), 10)  # B along with A
+    aggregated, _ = strategy.aggregate_train(1, [*honest, leaking])
+    assert aggregated is not None and set(aggregated) == set(shared)
+    (failure,) = strategy.traffic[1].failures
+    assert "client 2" in failure and "wrong tensor names: unknown" in failure, failure
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("secagg", [False, True])
+def test_fedsa_clients_share_a_and_keep_their_own_b(tmp_path: Path, secagg: bool) -> None:
+    config = load_config(
+        CONFIGS / "tiny.toml",
+        [
+            "experiment.algorithms=['fedit']",
+            "federated.aggregation='fedsa'",
+            "eval.generate=false",
+            f"defence.secagg={str(secagg).lower()}",
+        ],
+    )
+    out = run_experiment(plan_experiment(config, tmp_path / "run"), Console(file=io.StringIO()))
+    name = "adapter_model.safetensors"
+    shared = load_file(str(out / "adapters" / "global" / name))
+    clients = [load_file(str(out / "adapters" / f"client-{c}" / name)) for c in range(3)]
+    a_keys = [k for k in shared if lora_ranks.is_a(k)]
+    b_keys = [k for k in shared if not lora_ranks.is_a(k)]
+    for own in clients:
+        assert all(torch.equal(own[k], shared[k]) for k in a_keys), "the A every client infers with"
+    assert not any(shared[k].any() for k in b_keys), "the server never held a B"
+    assert not torch.equal(clients[0][b_keys[0]], clients[1][b_keys[0]]), "each client its own B"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    a_bytes = sum(shared[k].numel() * 4 for k in a_keys)
+    if not secagg:  # SecAgg+ sends masked integers instead
+        assert all(r["tensor_bytes_up"] == 3 * a_bytes for r in rows)
+    # The headline is the clients' mean (shared A + own B); the server's own view is the base.
+    summary = json.loads((out / "summary.json").read_text())
+    assert rows[-1]["global_eval_loss"] == pytest.approx(summary["base"]["eval_loss"], rel=1e-5)
+    assert rows[-1]["eval_loss"] < rows[-1]["global_eval_loss"]

@@ -40,7 +40,7 @@ ROBUST_STRATEGIES: tuple[Strategy, ...] = (
 )
 # What Flower's legacy SecAgg+ workflow runs (silotune.federated.secagg).
 SECAGG_STRATEGIES: tuple[Strategy, ...] = ("fedavg", "fedprox", "fedadam")
-Aggregation = Literal["fedavg", "hetlora", "flora"]
+Aggregation = Literal["fedavg", "hetlora", "flora", "fedsa"]
 Compression = Literal["none", "int8", "nf4"]
 DpKind = Literal["none", "client-fixed", "server-fixed"]
 AttackKind = Literal["extraction", "membership", "inversion"]
@@ -126,7 +126,9 @@ class FederatedConfig:
         '"hetlora" (the same, each client training the first `lora.client_ranks` components of '
         'the server\'s rank-`lora.r` adapter and its upload zero-padded back) or "flora" (the '
         "weighted mean of the clients' products B·A, exact by stacking, projected to the best "
-        "rank-`lora.r` pair; needs strategy fedavg).",
+        'rank-`lora.r` pair; needs strategy fedavg) or "fedsa" (FedSA-LoRA: only the A '
+        "matrices are uploaded and averaged; each client keeps its B, and infers and is scored "
+        "with the shared A and its own B).",
     )
     compression: Compression = setting(
         "none",
@@ -344,8 +346,8 @@ def check_uploads(config: Config) -> None:
         if fed.aggregation == "fedavg":
             raise ConfigError(
                 'lora.client_ranks needs federated.aggregation = "hetlora" (zero-padded '
-                'averaging) or "flora" (stacked products): plain fedavg cannot average '
-                "adapters of different ranks"
+                'averaging), "flora" (stacked products) or "fedsa" (zero-padded A): plain '
+                "fedavg cannot average adapters of different ranks"
             )
         if "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0:
             raise ConfigError(
@@ -368,6 +370,17 @@ def check_uploads(config: Config) -> None:
             raise ConfigError(
                 'federated.aggregation = "flora" rewrites A every round (the projection), which '
                 "lora.freeze_a keeps fixed; turn one of them off"
+            )
+    if fed.aggregation == "fedsa":
+        if lora.freeze_a:
+            raise ConfigError(
+                'federated.aggregation = "fedsa" shares only A, which lora.freeze_a never '
+                "trains: nothing would be federated; turn one of them off"
+            )
+        if "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0:
+            raise ConfigError(
+                'federated.aggregation = "fedsa" cannot run FedPIT with synthetic.beta < 1: '
+                "the upload would mix in the private adapter's B; set beta = 1"
             )
     if config.defence.secagg and (ranks or fed.aggregation == "flora" or fed.compression != "none"):
         raise ConfigError(

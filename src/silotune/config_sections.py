@@ -105,8 +105,8 @@ class LoraConfig:
         (),
         "Each federated client's LoRA rank, one per client (e.g. [4, 8, 16]), each at most `r`, "
         "the server's; a client trains the first components of the server's adapter, scaled by "
-        'alpha / r as the server\'s. Needs federated.aggregation = "hetlora" or "flora"; '
-        "empty: every client trains rank `r`.",
+        'alpha / r as the server\'s. Needs federated.aggregation = "hetlora", "flora" or '
+        '"fedsa"; empty: every client trains rank `r`.',
     )
 
 

@@ -36,12 +36,12 @@ from silotune.federated.metering import (
     PER_RECORD,
     PREDICTIONS,
 )
-from silotune.federated.uploads import UploadPlan
+from silotune.federated.uploads import OWN_ADAPTER, UploadPlan
 from silotune.modeling.load import ModelSource
 from silotune.privacy import budget
 from silotune.privacy.mechanisms import GaussianUse
 from silotune.records import load_store, record_to_adapter, save_store
-from silotune.run_folder import client_name, eval_file, partition_file
+from silotune.run_folder import client_adapter_dir, client_name, eval_file, partition_file
 from silotune.training.loop import Examples
 from silotune.training.workbench import Workbench
 
@@ -105,15 +105,17 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
     # before training round R, as it was after round R - 1; when evaluating, after round R.
     upto = round_ - 1 if msg.metadata.message_type == MessageType.TRAIN else round_
     store = load_store(context.state) or load_client_state(client_dir, upto)
+    plan = UploadPlan.of(spec.config)
+    # A client of a lower rank (lora.client_ranks) trains the first components only; a FedSA
+    # client puts its own B under the shared A.
+    received = plan.receive(record_to_adapter(msg.content.array_records[ARRAYS]), partition_id)
+    own = store.get(OWN_ADAPTER) or plan.receive(_workbench(spec).initial, partition_id)
     return LocalRequest(
         bench=_workbench(spec),
         config=spec.config,
         client=partition_id,
         round=round_,
-        # A client of a lower rank (lora.client_ranks) trains the first components only.
-        global_state=UploadPlan.of(spec.config).receive(
-            record_to_adapter(msg.content.array_records[ARRAYS]), partition_id
-        ),
+        global_state=plan.whole(received, own),
         store=store,
         records=records,
         examples=examples,
@@ -135,7 +137,8 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
         mods = train_mods(spec.config.defence)
         if spec.config.defence.secagg:
             # Flower's SecAgg+ masks the reply; the handler still sees our own message layout.
-            mods += secagg.client_mods(lambda: _workbench(fixed).initial)
+            shared = UploadPlan.of(spec.config).shared  # FedSA: only A is summed
+            mods += secagg.client_mods(lambda: shared(_workbench(fixed).initial))
 
     def spec_of(context: Context) -> ClientSpec:
         return spec if isinstance(spec, ClientSpec) else spec(context)
@@ -152,6 +155,9 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
             return Message(content=RecordDict({METRICS: declined}), reply_to=msg)
         with _reporting(spec, req):
             reply = role.train(req)
+        plan = UploadPlan.of(spec.config)
+        if plan.a_only:  # FedSA: the B matrices stay here
+            req.store[OWN_ADAPTER] = plan.own(reply.upload)
         if (use := GaussianUse.reported("adapter", reply.metrics)) is not None:
             budget.record(req.store, use)
         save_store(context.state, req.store)
@@ -159,7 +165,7 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
         metrics = MetricRecord(
             {"num-examples": reply.weight, EQUAL_WEIGHT: 1, "client": req.client, **reply.metrics}
         )
-        upload = UploadPlan.of(spec.config).send(reply.upload, req.global_state)  # coded?
+        upload = plan.send(reply.upload, req.global_state)
         content = RecordDict({ARRAYS: upload, METRICS: metrics})
         return Message(content=content, reply_to=msg)
 
@@ -167,12 +173,20 @@ def make_client_app(spec: ClientSpec | Callable[[Context], ClientSpec]) -> Clien
     def evaluate(msg: Message, context: Context) -> Message:
         spec = spec_of(context)
         role = LOCAL_ROLES.get(spec.algorithm)
-        if role.evaluate is None:
+        shared_a = UploadPlan.of(spec.config).a_only
+        if role.evaluate is None and not shared_a:
             raise RuntimeError(f"{spec.algorithm} clients do not evaluate locally")
         req = _request(spec, msg, context)
         eval_set = _eval_set(spec)
         with _reporting(spec, req):
-            result = role.evaluate(req, eval_set)
+            if role.evaluate is not None:
+                result = role.evaluate(req, eval_set)
+            else:  # FedSA: the shared A with this client's own B
+                result = req.bench.evaluate(req.global_state, eval_set, round_=req.round)
+        if shared_a:  # what this client infers with, on its own disk
+            target = client_adapter_dir(req.client_dir, OWN_ADAPTER)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            req.bench.save(req.global_state, target)
         metrics = MetricRecord(
             {
                 "num-examples": len(eval_set.examples),

@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import cast
 
 import numpy as np
 import torch
@@ -124,18 +125,17 @@ def _functional():  # type: ignore[no-untyped-def]
 @cache
 def _code(name: str) -> torch.Tensor:
     bnb = _functional()
-    if name == "nf4":
-        return bnb.get_4bit_type("nf4", device="cpu")
-    return bnb.create_dynamic_map()
+    code = bnb.get_4bit_type("nf4", device="cpu") if name == "nf4" else bnb.create_dynamic_map()
+    return cast(torch.Tensor, code)
 
 
 def _quantize(codec: Codec, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bnb = _functional()
     if codec.bits == 4:
         packed, state = bnb.quantize_4bit(values, blocksize=codec.block, quant_type="nf4")
-        return packed, state.absmax
+        return cast(torch.Tensor, packed), cast(torch.Tensor, state.absmax)
     code, state = bnb.quantize_blockwise(values, code=_code(codec.name), blocksize=codec.block)
-    return code, state.absmax
+    return cast(torch.Tensor, code), cast(torch.Tensor, state.absmax)
 
 
 def _dequantize(codec: Codec, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,8 @@ def _dequantize(codec: Codec, codes: torch.Tensor, absmax: torch.Tensor) -> torc
             quant_type="nf4",
             dtype=torch.float32,
         )
-        return bnb.dequantize_4bit(codes.view(-1, 1), state)
-    return bnb.dequantize_blockwise(
+        return cast(torch.Tensor, bnb.dequantize_4bit(codes.view(-1, 1), state))
+    decoded = bnb.dequantize_blockwise(
         codes, absmax=absmax, code=_code(codec.name), blocksize=codec.block
     )
+    return cast(torch.Tensor, decoded)

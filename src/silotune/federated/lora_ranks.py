@@ -6,11 +6,13 @@ PEFT keys a LoRA pair as `<module>.lora_A.weight` (rank x in) and `<module>.lora
 concatenates the clients' pairs along the rank, B weighted, so that the stacked product is
 exactly the weighted sum of the clients' products; `project` then gives the best rank-R pair
 of that sum (truncated SVD), so the next round starts from it. Every client's adapter scales by
-lora.alpha / lora.r whatever its rank (see `client_alpha`), so components mean the same on all.
+lora.alpha / lora.r whatever its rank (see modeling.adapters.peft_lora_config), so components
+mean the same on all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,11 +31,6 @@ def is_a(name: str) -> bool:
 def partner(name: str) -> str:
     """The B matrix of A matrix `name`."""
     return name.replace(A, B)
-
-
-def client_alpha(alpha: float, rank: int, server_rank: int) -> float:
-    """The lora_alpha that gives a rank-`rank` adapter the scaling alpha / server_rank."""
-    return alpha * rank / server_rank
 
 
 def rank_of(shapes: Shapes) -> int:
@@ -119,3 +116,23 @@ def project(stacked: StateDict, rank: int, like: StateDict) -> StateDict:
 def product(state: StateDict, name: str) -> torch.Tensor:
     """B·A of A matrix `name`'s pair, in float64."""
     return state[partner(name)].to(torch.float64) @ state[name].to(torch.float64)
+
+
+def product_gap(
+    states: Sequence[StateDict], weights: Sequence[float], aggregate: StateDict, sent: StateDict
+) -> float | None:
+    """How far the aggregate's products B·A are from the weighted mean of the clients' products,
+    relative to how far that mean moved from the products sent out (Frobenius norms over every
+    module): 0 for an exact aggregate; for FedAvg of the factors, the error FedEx-LoRA removes.
+    None when the adapters hold no LoRA pairs (FedSA's A alone) or the mean did not move."""
+    total = float(sum(weights))
+    gap = moved = 0.0
+    names = [n for n in aggregate if is_a(n) and partner(n) in aggregate]
+    for name in names:
+        mean = sum((w / total) * product(s, name) for s, w in zip(states, weights, strict=True))
+        assert isinstance(mean, torch.Tensor)
+        gap += float((product(aggregate, name) - mean).square().sum())
+        moved += float((mean - product(sent, name)).square().sum())
+    if not names or moved == 0.0:
+        return None
+    return math.sqrt(gap / moved)

@@ -26,10 +26,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from silotune.evaluation.intervals import ACCURACY, ROUGE_L, SCORE_NAMES
+from silotune.federated import lora_ranks
 from silotune.federated.screening import Expected, Layout, screen_round
 from silotune.federated.uploads import UploadPlan
 from silotune.privacy.budget import DECLINED
-from silotune.records import tensor_bytes
+from silotune.records import record_to_adapter, tensor_bytes
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -72,6 +73,9 @@ class RoundTraffic:
     # Each reply's bytes as it arrived (serialised, raw tensor data), by the reply's id(): counted
     # before a coded upload is decoded.
     arrived: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # The aggregate's products B·A against the exact weighted mean of the clients' (see
+    # lora_ranks.product_gap); None where not measured.
+    product_gap: float | None = None
 
 
 class Metered(Strategy):
@@ -160,9 +164,17 @@ class Metered(Strategy):
         inner = self.strategy
         state = {name: getattr(inner, name) for name in _OPTIMISER_STATE if hasattr(inner, name)}
         arrays, metrics = inner.aggregate_train(server_round, ok)
+        weights = [_weight(m, self.weighted_by_key) for m in ok]
+        uploads = [m.content.array_records[ARRAYS] for m in ok]
         if arrays is not None and self.uploads is not None and self.uploads.stacking:
-            weights = [float(m.content[METRICS][self.weighted_by_key]) for m in ok]
-            arrays = self.uploads.combine([m.content[ARRAYS] for m in ok], weights)
+            arrays = self.uploads.combine(uploads, weights)
+        if arrays is not None and traffic.sent is not None:
+            traffic.product_gap = lora_ranks.product_gap(
+                [record_to_adapter(r) for r in uploads],
+                weights,
+                record_to_adapter(arrays),
+                record_to_adapter(traffic.sent),
+            )
         if arrays is not None and (bad := _non_finite(arrays)):
             # Overflow in the average or the server optimiser: keep the last good state, so
             # nothing poisoned is evaluated, checkpointed or sent out next round.
@@ -302,6 +314,12 @@ def screen_per_record(record: dict[str, Any], records: int = 0) -> dict[str, lis
 def _non_finite(arrays: ArrayRecord) -> str | None:
     """The name of the first tensor in `arrays` holding NaN or Inf (None when all are finite)."""
     return next((k for k, a in arrays.items() if not np.isfinite(a.numpy()).all()), None)
+
+
+def _weight(message: Message, key: str) -> float:
+    """A screened reply's aggregation weight."""
+    value = message.content.metric_records[METRICS][key]
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def _sender(message: Message) -> str:

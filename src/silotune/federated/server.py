@@ -77,15 +77,18 @@ class FederatedServer:
         dp = config.defence.dp != "none"
         # With DP every client weighs 1, as the noise calibration assumes.
         weights = [1 if dp else n for n in client_examples]
+        self.uploads = UploadPlan.of(config)
         self.strategy = build_strategy(
             config.federated,
             clients,
-            client_eval=LOCAL_ROLES.get(algorithm).evaluate is not None,
+            # Clients infer with more than the server holds (FedPIT's private adapter, FedSA's
+            # own B): they evaluate themselves.
+            client_eval=LOCAL_ROLES.get(algorithm).evaluate is not None or self.uploads.a_only,
             weight=EQUAL_WEIGHT if dp else "num-examples",
             known_weights=dict(enumerate(weights)),
         )
         self.strategy.budgeted = config.privacy.max_epsilon > 0
-        self.strategy.uploads = UploadPlan.of(config)
+        self.strategy.uploads = self.uploads
         self.strategy.eval_records = len(eval_set.examples)
         self.folder = checkpoint
         self.resumed = load_round(self.folder) if self.folder else None
@@ -94,11 +97,14 @@ class FederatedServer:
         self.samples: list[dict[str, str]] = self.resumed.samples if self.resumed else []
         self.predictions: list[str] = self.resumed.predictions if self.resumed else []
         self.per_record = self.resumed.per_record if self.resumed else {}  # the global adapter's
-        self.initial: StateDict = self.resumed.arrays if self.resumed else bench.initial
+        # What the server holds and sends: the adapter, or (FedSA) its A matrices.
+        self.initial: StateDict = (
+            self.resumed.arrays if self.resumed else self.uploads.shared(bench.initial)
+        )
         self.results: list[Result] = []
         self.notes: list[str] = []
-        if not self.strategy.uploads.plain or self.strategy.uploads.stacking:
-            self.notes.append("Uploads: " + self.strategy.uploads.describe(clients))
+        if not self.uploads.plain or self.uploads.stacking or self.uploads.a_only:
+            self.notes.append("Uploads: " + self.uploads.describe(clients))
         self.latest = self.initial  # the last evaluated global adapter
         self.ended_early = False  # too few clients had privacy budget left
         if self.resumed:
@@ -160,7 +166,9 @@ class FederatedServer:
                 "stops with the last finite round's checkpoint"
             )
         self.latest = state
-        evaluated = self.bench.evaluate(state, self.eval_set, round_=server_round)
+        # FedSA: the shared A with B = 0 (the base model's function); clients add their own B.
+        whole = self.uploads.whole(state, self.bench.initial)
+        evaluated = self.bench.evaluate(whole, self.eval_set, round_=server_round)
         traffic = self.strategy.traffic[server_round]
         log = _round_log(server_round, traffic, evaluated.metrics())
         self.rounds.append(log)
@@ -213,7 +221,7 @@ class FederatedServer:
         name = type(self.strategy.strategy).__name__
         return AlgorithmResult(
             rounds=self.rounds,
-            adapters={"global": final},
+            adapters={"global": self.uploads.whole(final, self.bench.initial)},
             per_client_final=[_eval_metrics(c) for c in client_evals],
             samples=self.samples,
             # Judge what clients infer with: their own generations where they evaluate themselves.
@@ -258,6 +266,8 @@ def _round_log(
             **mean_metrics([_eval_metrics(c) for c in traffic.client_evals]),
             **{f"global_{k}": v for k, v in global_metrics.items()},
         }
+    if traffic.product_gap is not None:
+        metrics["product_gap"] = traffic.product_gap
     losses = [float(c["train_loss"]) for c in traffic.clients]
     return RoundLog(
         round=server_round,

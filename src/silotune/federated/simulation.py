@@ -10,8 +10,11 @@ from silotune.federated import secagg
 from silotune.federated.client_app import ClientSpec, make_client_app
 from silotune.federated.server import FederatedServer
 from silotune.federated.server_app import make_server_app
+from silotune.federated.uploads import OWN_ADAPTER
 from silotune.jobs import AlgorithmResult, Job
+from silotune.modeling.adapters import load_adapter_state
 from silotune.progress import PROGRESS_DIR, tick
+from silotune.run_folder import client_adapter_dir, client_name
 
 
 def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> AlgorithmResult:
@@ -47,7 +50,13 @@ def run_federated(job: Job, algorithm: str, weighs_examples: bool = False) -> Al
             progress_dir=str(job.run.root / PROGRESS_DIR),
         )
         simulate(make_client_app(spec), server_app, clients, job.verbose, job.client_resources)
-    return server.result()
+    result = server.result()
+    if server.uploads.a_only:  # FedSA: each client's model is the shared A with its own B
+        for c in range(clients):
+            folder = client_adapter_dir(job.run.clients / client_name(c), OWN_ADAPTER)
+            if folder.is_dir():
+                result.adapters[client_name(c)] = load_adapter_state(folder)
+    return result
 
 
 def simulate(

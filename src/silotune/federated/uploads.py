@@ -23,6 +23,8 @@ from silotune.federated.screening import Layout, screen
 from silotune.modeling.adapters import StateDict
 from silotune.records import adapter_to_record, record_to_adapter
 
+OWN_ADAPTER = "own"  # FedSA: a client's adapter with its own B (client state, its disk's folder)
+
 
 @dataclass(frozen=True)
 class UploadPlan:
@@ -32,6 +34,7 @@ class UploadPlan:
     ranks: tuple[int, ...] = ()  # each client's rank; empty: every client the server's
     codec: Codec | None = None
     stacking: bool = False  # FLoRA: aggregate the products, not the factors
+    a_only: bool = False  # FedSA: only A travels; each client keeps its B
 
     @classmethod
     def of(cls, config: Config) -> UploadPlan:
@@ -42,6 +45,7 @@ class UploadPlan:
             ranks=tuple(config.lora.client_ranks),
             codec=codec(fed.compression),
             stacking=fed.aggregation == "flora",
+            a_only=fed.aggregation == "fedsa",
         )
 
     @property
@@ -49,9 +53,24 @@ class UploadPlan:
         """Whether uploads are the server's layout in float32 (no decoding)."""
         return not self.ranks and self.codec is None
 
+    def shared(self, state: StateDict) -> StateDict:
+        """What of an adapter the server holds and sends: all of it, or (FedSA) its A."""
+        return {k: v for k, v in state.items() if lora_ranks.is_a(k)} if self.a_only else state
+
+    def whole(self, shared: StateDict, own: StateDict) -> StateDict:
+        """The adapter a client trains and infers with: the shared part, and (FedSA) its own
+        B matrices from `own` (a whole adapter; its A is the server's to set)."""
+        if not self.a_only:
+            return shared
+        return {**shared, **{k: v for k, v in own.items() if not lora_ranks.is_a(k)}}
+
     def rank(self, client: int) -> int:
         """The rank client `client` trains."""
         return self.ranks[client] if self.ranks else self.server_rank
+
+    def own(self, trained: StateDict) -> StateDict:
+        """What of a trained adapter a FedSA client keeps: its B matrices."""
+        return {k: v for k, v in trained.items() if not lora_ranks.is_a(k)}
 
     def receive(self, state: StateDict, client: int) -> StateDict:
         """The part of the server's adapter `state` that client `client` trains."""
@@ -60,8 +79,9 @@ class UploadPlan:
         return lora_ranks.truncate(state, self.rank(client))
 
     def send(self, trained: StateDict, received: StateDict) -> ArrayRecord:
-        """A client's trained adapter as it travels: coded, the update since `received` (what
-        rounds to the codes' precision is the update, not the whole adapter)."""
+        """A client's trained adapter as it travels: its shared part, coded as the update since
+        `received` (what rounds to the codes' precision is the update, not the adapter)."""
+        trained = self.shared(trained)
         if self.codec is None:
             return adapter_to_record(trained)
         return self.codec.encode({k: trained[k] - received[k] for k in trained})
@@ -111,6 +131,11 @@ class UploadPlan:
             else "aggregate: the strategy's mean of the factors"
             + (", uploads zero-padded to the server's rank (HetLoRA)" if self.ranks else "")
         )
+        if self.a_only:
+            parts.append(
+                "FedSA: clients upload only their A matrices and keep their B; each infers with "
+                "the shared A and its own B"
+            )
         if self.codec:
             parts.append(
                 f"uploads {self.codec.name}-coded in blocks of {self.codec.block} "

@@ -25,11 +25,14 @@ StateDict = dict[str, torch.Tensor]
 _FROZEN_A = "silotune_frozen_a"
 
 
-def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
-    """PEFT's own LoraConfig from ours (causal-LM task, no bias training)."""
+def peft_lora_config(cfg: LoraConfig, rank: int | None = None) -> PeftLoraConfig:
+    """PEFT's own LoraConfig from ours (causal-LM task, no bias training); of another `rank`,
+    with the scaling alpha / r of ours, so that its components mean what ours do."""
+    rank = rank or cfg.r
+    alpha = cfg.alpha if rank == cfg.r else cfg.alpha * rank / cfg.r
     return PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT scales by lora_alpha / r, any number
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",
@@ -50,11 +53,13 @@ def add_lora(
     return peft_model
 
 
-def add_named_lora(model: PeftModel, cfg: LoraConfig, name: str, seed: int = 0) -> None:
-    """Add a second LoRA adapter `name` (same shape as the first) to a PEFT model."""
+def add_named_lora(
+    model: PeftModel, cfg: LoraConfig, name: str, seed: int = 0, rank: int | None = None
+) -> None:
+    """Add another LoRA adapter `name` to a PEFT model: the first's shape, or `rank`."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model.add_adapter(name, peft_lora_config(cfg))
+        model.add_adapter(name, peft_lora_config(cfg, rank))
     if cfg.freeze_a:
         _freeze_a(model, name)
 

@@ -9,7 +9,6 @@ its own rank, which `global` then names until another rank is put there.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from silotune.config import Config
 from silotune.evaluation.evaluator import EvalResult, EvalSet, evaluate, generates
-from silotune.federated.lora_ranks import client_alpha, rank_of
+from silotune.federated.lora_ranks import rank_of
 from silotune.modeling.adapters import (
     GLOBAL,
     PRIVATE,
@@ -113,13 +112,11 @@ class Workbench:
     def _rank_slot(self, rank: int) -> str:
         """The adapter for a `global` of rank `rank`: created on first use, scaled as the
         server's rank-lora.r adapter is."""
-        lora = self.config.lora
-        if rank == lora.r:
+        if rank == self.config.lora.r:
             return GLOBAL
         name = f"{GLOBAL}-r{rank}"
         if name not in self.model.peft_config:
-            alpha = client_alpha(lora.alpha, rank, lora.r)
-            add_named_lora(self.model, dataclasses.replace(lora, r=rank, alpha=alpha), name)
+            add_named_lora(self.model, self.config.lora, name, rank=rank)
             self.model.train(self.model.training)  # its dropout as the rest: off in eval mode
         return name
 
