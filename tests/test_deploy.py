@@ -153,18 +153,35 @@ def test_a_client_killed_mid_run_is_recorded_and_the_quorum_goes_on(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_deployed_federation_of_mixed_ranks_and_coded_uploads_matches_the_simulation(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("scheme", "up_over_down"),
+    [
+        (
+            [
+                "lora.client_ranks=[2, 4, 8]",
+                "federated.aggregation='hetlora'",
+                "federated.compression='int8'",
+            ],
+            0.35,
+        ),
+        (
+            [
+                "lora.client_ranks=[2, 4, 8]",
+                "federated.aggregation='flora'",
+                "federated.compression='nf4'",
+            ],
+            0.2,
+        ),
+        (["federated.aggregation='fedsa'"], 1.01),
+        (["federated.aggregation='fedex'"], 1.01),
+    ],
+    ids=["hetlora-int8", "flora-nf4", "fedsa", "fedex"],
+)
+def test_a_deployed_federation_runs_each_upload_scheme_as_the_simulation_does(
+    tmp_path: Path, scheme: list[str], up_over_down: float
 ) -> None:
-    """The deployed node finds its rank in the run config by its partition id and codes its
-    upload as a simulated client does: both federations end on the same adapter."""
-    deployed = _deployed_as_simulated(
-        tmp_path,
-        "lora.r=8",
-        "lora.client_ranks=[2, 4, 8]",
-        "federated.aggregation='hetlora'",
-        "federated.compression='int8'",
-        "train.rounds=1",
-    )
+    """A deployed node finds its rank in the run config by its partition id, codes its upload
+    and keeps its own B as a simulated client does: both federations end on the same adapter."""
+    deployed = _deployed_as_simulated(tmp_path, "lora.r=8", "train.rounds=1", *scheme)
     rows = [json.loads(line) for line in (deployed / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["bytes_up"] < 0.35 * rows[0]["bytes_down"]
+    assert rows[0]["bytes_up"] < up_over_down * rows[0]["bytes_down"]

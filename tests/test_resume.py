@@ -236,6 +236,18 @@ def test_an_interrupted_compressed_mixed_rank_run_resumes_to_the_same_adapter(
 
 
 @pytest.mark.slow
+def test_an_interrupted_fedex_run_resumes_with_its_correction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedEx's frozen correction is part of the server's state: the checkpoint keeps it, and
+    the resumed run ends on the same exact adapter (of the summed rank)."""
+    whole, resumed = _fedit_resumes(tmp_path, monkeypatch, "federated.aggregation='fedex'")
+    rows = _rows(whole)
+    assert all(r["product_gap"] < 1e-6 for r in rows)
+    assert [r["product_gap"] for r in _rows(resumed)][-1] < 1e-6
+
+
+@pytest.mark.slow
 def test_resumed_experiment_skips_finished_algorithms_and_restores_client_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

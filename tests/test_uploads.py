@@ -258,6 +258,20 @@ def test_a_flora_round_aggregates_the_products_and_counts_the_coded_bytes() -> N
         ({"federated": {"aggregation": "flora"}, "defence": {"dp": "server-fixed"}}, "defence.dp"),
         ({"federated": {"compression": "int8"}, "defence": {"secagg": True}}, "defence.secagg"),
         ({"federated": {"aggregation": "fedsa"}, "lora": {"freeze_a": True}}, "freeze_a"),
+        ({"federated": {"aggregation": "fedex", "strategy": "fedadam"}, "lora": {}}, "fedavg"),
+        ({"federated": {"aggregation": "fedex"}, "defence": {"secagg": True}}, "secagg"),
+        (
+            {"federated": {"aggregation": "fedex"}, "lora": {"client_ranks": [4, 8, 8]}},
+            "equal-rank",
+        ),
+        (
+            {
+                "lora": {"client_ranks": [4, 8, 8]},
+                "federated": {"aggregation": "hetlora"},
+                "defence": {"dp": "client-fixed"},
+            },
+            "another rank",
+        ),
         (
             {
                 "experiment": {"algorithms": ["fedpit"]},
@@ -331,3 +345,86 @@ def test_fedsa_clients_share_a_and_keep_their_own_b(tmp_path: Path, secagg: bool
     summary = json.loads((out / "summary.json").read_text())
     assert rows[-1]["global_eval_loss"] == pytest.approx(summary["base"]["eval_loss"], rel=1e-5)
     assert rows[-1]["eval_loss"] < rows[-1]["global_eval_loss"]
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_fedex_round_makes_the_model_the_exact_mean_of_the_clients_products() -> None:
+    plan = UploadPlan.of(config_from_dict({"federated": {"aggregation": "fedex"}}))
+    strategy = build_strategy(FederatedConfig(aggregation="fedex"), clients=3)
+    strategy.uploads = plan
+    server = _adapter(4, 0)
+    old = lora_ranks.compress(lora_ranks.concat(_adapter(2, 7)))  # an earlier round's
+    sent = ArrayRecord(plan.joined(server, old))
+    strategy.traffic = {1: RoundTraffic(started=0.0, bytes_down=0, tensor_bytes_down=0)}
+    # What configure_train records: clients train and upload the adapter, not the correction.
+    strategy.traffic[1].sent = ArrayRecord(server)
+    strategy.traffic[1].layout = Layout.of(ArrayRecord(server))
+    strategy.traffic[1].correction = old
+    trained = [_adapter(4, 20 + c) for c in range(3)]
+    replies = [_reply(c, plan.send(trained[c], server), 10 * (c + 1)) for c in range(3)]
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    assert aggregated is not None
+    adapter, correction = plan.split(
+        {k: torch.from_numpy(v.numpy()) for k, v in aggregated.items()}
+    )
+    assert set(adapter) == set(server) and correction and set(sent) - set(server)
+    for name in (n for n in server if lora_ranks.is_a(n)):
+        # Every client trained with the old correction beside its adapter.
+        want = (
+            sum(
+                w * (lora_ranks.product(t, name) + lora_ranks.product(old, name))
+                for t, w in zip(trained, (10, 20, 30), strict=True)
+            )
+            / 60
+        )
+        got = lora_ranks.product(adapter, name) + lora_ranks.product(correction, name)
+        assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+        # The adapter itself is the plain mean of the factors.
+        mean_a = sum(w * t[name] for t, w in zip(trained, (10, 20, 30), strict=True)) / 60
+        torch.testing.assert_close(adapter[name], mean_a)
+    assert strategy.traffic[1].product_gap is not None and strategy.traffic[1].product_gap < 1e-6
+
+
+def test_a_correction_takes_part_only_beside_the_global_adapter(
+    tiny_bench,  # type: ignore[no-untyped-def]
+) -> None:
+    bench = tiny_bench
+    bench.model.eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    state = {k: torch.randn_like(v) * 0.1 for k, v in bench.initial.items()}
+
+    def logits(active: list[str]) -> torch.Tensor:
+        bench.put(GLOBAL, state)
+        bench.use(active)
+        with torch.no_grad():
+            return bench.model(input_ids=ids).logits
+
+    plain, base = logits([GLOBAL]), logits([])
+    correction = lora_ranks.compress(lora_ranks.concat(_like(bench.initial, 3)))
+    bench.set_correction(correction)
+    rank = lora_ranks.rank_of(_shapes(correction))
+    try:
+        assert not torch.allclose(logits([GLOBAL]), plain)
+        torch.testing.assert_close(logits([]), base)
+        # One adapter of the summed rank computes the same: what a FedEx run saves.
+        merged = {k: v.float() for k, v in lora_ranks.concat(state, correction).items()}
+        bench.set_correction({})
+        assert f"correction-r{rank}" not in bench.model.peft_config
+        bench.put(GLOBAL, merged)
+        bench.use([GLOBAL])
+        with torch.no_grad():
+            single = bench.model(input_ids=ids).logits
+        bench.set_correction(correction)
+        torch.testing.assert_close(single, logits([GLOBAL]), rtol=1e-4, atol=1e-4)
+    finally:
+        bench.set_correction({})
+        bench.put(GLOBAL, bench.initial)
+
+
+def _like(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Random pairs of rank `rank` for the modules of `state`."""
+    out = {}
+    for name, t in state.items():
+        shape = (rank, t.shape[1]) if lora_ranks.is_a(name) else (t.shape[0], rank)
+        out[name] = torch.randn(shape) * 0.05
+    return out

@@ -22,7 +22,6 @@ from silotune.config_federation import (
     DefenceConfig,
     FederatedConfig,
     check_strategy,
-    check_uploads,
 )
 from silotune.config_fewfedweight import FEWFEDWEIGHT_MINIMUMS, FewFedWeightConfig
 from silotune.config_privacy import PRIVACY_MINIMUMS, PrivacyConfig
@@ -44,6 +43,7 @@ from silotune.config_sections import (
 )
 from silotune.config_split import SPLIT_MINIMUMS, SplitConfig
 from silotune.config_synthetic import SYNTHETIC_MINIMUMS, SyntheticConfig
+from silotune.config_uploads import check_uploads
 from silotune.errors import ConfigError
 from silotune.typed_values import build_section, reject_unknown
 

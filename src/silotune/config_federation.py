@@ -40,7 +40,7 @@ ROBUST_STRATEGIES: tuple[Strategy, ...] = (
 )
 # What Flower's legacy SecAgg+ workflow runs (silotune.federated.secagg).
 SECAGG_STRATEGIES: tuple[Strategy, ...] = ("fedavg", "fedprox", "fedadam")
-Aggregation = Literal["fedavg", "hetlora", "flora", "fedsa"]
+Aggregation = Literal["fedavg", "hetlora", "flora", "fedsa", "fedex"]
 Compression = Literal["none", "int8", "nf4"]
 DpKind = Literal["none", "client-fixed", "server-fixed"]
 AttackKind = Literal["extraction", "membership", "inversion"]
@@ -128,7 +128,9 @@ class FederatedConfig:
         "weighted mean of the clients' products B·A, exact by stacking, projected to the best "
         'rank-`lora.r` pair; needs strategy fedavg) or "fedsa" (FedSA-LoRA: only the A '
         "matrices are uploaded and averaged; each client keeps its B, and infers and is scored "
-        "with the shared A and its own B).",
+        'with the shared A and its own B) or "fedex" (FedEx-LoRA: the strategy\'s mean of the '
+        "factors plus a frozen correction, sent to every client, that makes the model the exact "
+        "mean of the clients' products; needs strategy fedavg).",
     )
     compression: Compression = setting(
         "none",
@@ -330,67 +332,4 @@ def check_strategy(config: Config, sampled: int) -> None:
             f"federated.trim_fraction = {fed.trim_fraction} of {sampled} clients a round trims "
             f"no update (a plain mean); with 3 or more clients a round, set it to at least "
             f"{1 / sampled:.3g}"
-        )
-
-
-def check_uploads(config: Config) -> None:
-    """Client ranks, FLoRA and compressed uploads, and what they cannot be combined with."""
-    fed, lora, clients = config.federated, config.lora, config.partition.clients
-    ranks = lora.client_ranks
-    if ranks:
-        if len(ranks) != clients or not all(1 <= r <= lora.r for r in ranks):
-            raise ConfigError(
-                f"lora.client_ranks lists one rank per client, each from 1 to lora.r = {lora.r} "
-                f"(the server's); got {list(ranks)} for {clients} clients"
-            )
-        if fed.aggregation == "fedavg":
-            raise ConfigError(
-                'lora.client_ranks needs federated.aggregation = "hetlora" (zero-padded '
-                'averaging), "flora" (stacked products) or "fedsa" (zero-padded A): plain '
-                "fedavg cannot average adapters of different ranks"
-            )
-        if "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0:
-            raise ConfigError(
-                "lora.client_ranks cannot run FedPIT with synthetic.beta < 1: the upload mixes "
-                "the client's global adapter with its private one, of rank lora.r; set beta = 1"
-            )
-    if fed.aggregation == "flora":
-        if fed.strategy != "fedavg":
-            raise ConfigError(
-                f'federated.aggregation = "flora" replaces the average of the factors with '
-                f"the projected mean of the products; federated.strategy = {fed.strategy!r} "
-                f'would aggregate otherwise: set strategy = "fedavg"'
-            )
-        if config.defence.dp != "none":
-            raise ConfigError(
-                'federated.aggregation = "flora" cannot run with defence.dp: the noise is '
-                "calibrated to the average of clipped factors, not to the projected product"
-            )
-        if lora.freeze_a:
-            raise ConfigError(
-                'federated.aggregation = "flora" rewrites A every round (the projection), which '
-                "lora.freeze_a keeps fixed; turn one of them off"
-            )
-    if fed.aggregation == "fedsa":
-        if lora.freeze_a:
-            raise ConfigError(
-                'federated.aggregation = "fedsa" shares only A, which lora.freeze_a never '
-                "trains: nothing would be federated; turn one of them off"
-            )
-        if "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0:
-            raise ConfigError(
-                'federated.aggregation = "fedsa" cannot run FedPIT with synthetic.beta < 1: '
-                "the upload would mix in the private adapter's B; set beta = 1"
-            )
-    if config.defence.secagg and (ranks or fed.aggregation == "flora" or fed.compression != "none"):
-        raise ConfigError(
-            "defence.secagg shows the server only the sum of the uploads, which it cannot pad, "
-            "stack or decode client by client: use it without lora.client_ranks, "
-            'aggregation = "flora" and federated.compression'
-        )
-    if fed.compression != "none" and config.defence.dp == "client-fixed":
-        raise ConfigError(
-            'federated.compression cannot run with defence.dp = "client-fixed": Flower\'s '
-            'clipping mod would clip the codes; use defence.dp = "server-fixed", which clips '
-            "the decoded updates"
         )

@@ -108,7 +108,9 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
     plan = UploadPlan.of(spec.config)
     # A client of a lower rank (lora.client_ranks) trains the first components only; a FedSA
     # client puts its own B under the shared A.
-    received = plan.receive(record_to_adapter(msg.content.array_records[ARRAYS]), partition_id)
+    adapter, correction = plan.split(record_to_adapter(msg.content.array_records[ARRAYS]))
+    _workbench(spec).set_correction(correction)  # FedEx: frozen, beside `global`
+    received = plan.receive(adapter, partition_id)
     own = store.get(OWN_ADAPTER) or plan.receive(_workbench(spec).initial, partition_id)
     return LocalRequest(
         bench=_workbench(spec),

@@ -76,17 +76,7 @@ def stack(states: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
     """One pair per module whose product is the weighted mean of the clients' products:
     A's concatenated along the rank, B's scaled by each client's weight share (float64)."""
     total = float(sum(weights))
-    out: StateDict = {}
-    for name in states[0]:
-        if not is_a(name):
-            continue
-        b = partner(name)
-        out[name] = torch.cat([s[name].to(torch.float64) for s in states], dim=0)
-        out[b] = torch.cat(
-            [s[b].to(torch.float64) * (w / total) for s, w in zip(states, weights, strict=True)],
-            dim=-1,
-        )
-    return out
+    return concat(*states, signs=[w / total for w in weights])
 
 
 def project(stacked: StateDict, rank: int, like: StateDict) -> StateDict:
@@ -94,22 +84,64 @@ def project(stacked: StateDict, rank: int, like: StateDict) -> StateDict:
     and B (each carries the singular values' square roots), in `like`'s dtypes; zero-padded
     where the product's rank is lower."""
     out: StateDict = {}
+    for name, (b, s, a) in _svds(stacked).items():
+        keep = min(rank, s.numel())
+        out.update(_pair(name, b[:, :keep], s[:keep], a[:keep], rank))
+    return {k: v.to(like[k].dtype) for k, v in out.items()}
+
+
+def compress(stacked: StateDict, tolerance: float = 1e-7) -> StateDict:
+    """Each stacked product as an exact pair of its numerical rank (singular values above
+    `tolerance` x the largest of all modules), every module padded to the largest such rank
+    (one adapter has one rank; at least 1), in float32."""
+    svds = _svds(stacked)
+    largest = max((float(s.max()) for _, s, _ in svds.values() if s.numel()), default=0.0)
+    kept = {name: int((s > tolerance * largest).sum()) for name, (_, s, _) in svds.items()}
+    rank = max(1, *kept.values()) if kept else 1
+    out: StateDict = {}
+    for name, (b, s, a) in svds.items():
+        k = kept[name]
+        out.update(_pair(name, b[:, :k], s[:k], a[:k], rank))
+    return {k: v.to(torch.float32) for k, v in out.items()}
+
+
+def _svds(stacked: StateDict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A matrix name -> (U, S, Vh) of its pair's product B·A, from thin factorisations."""
+    out = {}
     for name, a in stacked.items():
         if not is_a(name):
             continue
-        b = stacked[partner(name)]
+        b = stacked[partner(name)].to(torch.float64)
         # B A = Qb (Rb Ra^T) Qa^T: the SVD of the small core gives the product's.
         qb, rb = torch.linalg.qr(b)
-        qa, ra = torch.linalg.qr(a.T)
+        qa, ra = torch.linalg.qr(a.to(torch.float64).T)
         u, s, vh = torch.linalg.svd(rb @ ra.T)
-        keep = min(rank, s.numel())
-        root = s[:keep].sqrt()
-        new_b = torch.zeros(b.shape[0], rank, dtype=torch.float64)
-        new_a = torch.zeros(rank, a.shape[1], dtype=torch.float64)
-        new_b[:, :keep] = (qb @ u[:, :keep]) * root
-        new_a[:keep] = root[:, None] * (vh[:keep] @ qa.T)
-        out[name] = new_a.to(like[name].dtype)
-        out[partner(name)] = new_b.to(like[partner(name)].dtype)
+        out[name] = (qb @ u, s, vh @ qa.T)
+    return out
+
+
+def _pair(name: str, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> StateDict:
+    """A rank-`rank` pair (zero-padded) of U diag(S) Vh, the singular values split evenly."""
+    root = s.sqrt()
+    new_b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
+    new_a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+    new_b[:, : s.numel()] = u * root
+    new_a[: s.numel()] = root[:, None] * vh
+    return {name: new_a, partner(name): new_b}
+
+
+def concat(*states: StateDict, signs: Sequence[float] = ()) -> StateDict:
+    """One pair per module whose product is the sum of the states' products (each times its
+    sign, 1 by default): A matrices stacked along the rank, B matrices side by side."""
+    signs = list(signs) or [1.0] * len(states)
+    out: StateDict = {}
+    for name in (n for n in states[0] if is_a(n)):
+        b = partner(name)
+        out[name] = torch.cat([st[name].to(torch.float64) for st in states], dim=0)
+        out[b] = torch.cat(
+            [st[b].to(torch.float64) * sign for st, sign in zip(states, signs, strict=True)],
+            dim=-1,
+        )
     return out
 
 

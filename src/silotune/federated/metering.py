@@ -29,8 +29,9 @@ from silotune.evaluation.intervals import ACCURACY, ROUGE_L, SCORE_NAMES
 from silotune.federated import lora_ranks
 from silotune.federated.screening import Expected, Layout, screen_round
 from silotune.federated.uploads import UploadPlan
+from silotune.modeling.adapters import StateDict
 from silotune.privacy.budget import DECLINED
-from silotune.records import record_to_adapter, tensor_bytes
+from silotune.records import adapter_to_record, record_to_adapter, tensor_bytes
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -64,6 +65,7 @@ class RoundTraffic:
     failures: list[str] = field(default_factory=list)  # errored, rejected or silent clients
     layout: Layout | None = None  # names and shapes of the adapter sent out
     sent: ArrayRecord | None = None  # the adapter sent out (coded uploads are updates to it)
+    correction: StateDict = field(default_factory=dict)  # FedEx's, sent with it
     sampled: set[int] = field(default_factory=set)  # node ids asked to train
     rejected: set[int] = field(default_factory=set)  # node ids whose reply failed screening
     client_evals: list[dict[str, Any]] = field(default_factory=list)
@@ -120,12 +122,18 @@ class Metered(Strategy):
         started = time.perf_counter()
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         sent = [r for m in messages if (r := m.content.array_records.get(ARRAYS)) is not None]
+        # What clients train and upload; FedEx's frozen correction travels down only.
+        trainable, correction = arrays, StateDict()
+        if self.uploads is not None and self.uploads.exact:
+            adapter, correction = self.uploads.split(record_to_adapter(arrays))
+            trainable = adapter_to_record(adapter)
         self.traffic[server_round] = RoundTraffic(
             started=started,
             bytes_down=sum(r.count_bytes() for r in sent),
             tensor_bytes_down=sum(tensor_bytes(r) for r in sent),
-            layout=Layout.of(arrays),
-            sent=arrays,
+            layout=Layout.of(trainable),
+            sent=trainable,
+            correction=correction,
             sampled={m.metadata.dst_node_id for m in messages},
         )
         return messages
@@ -164,17 +172,8 @@ class Metered(Strategy):
         inner = self.strategy
         state = {name: getattr(inner, name) for name in _OPTIMISER_STATE if hasattr(inner, name)}
         arrays, metrics = inner.aggregate_train(server_round, ok)
-        weights = [_weight(m, self.weighted_by_key) for m in ok]
-        uploads = [m.content.array_records[ARRAYS] for m in ok]
-        if arrays is not None and self.uploads is not None and self.uploads.stacking:
-            arrays = self.uploads.combine(uploads, weights)
         if arrays is not None and traffic.sent is not None:
-            traffic.product_gap = lora_ranks.product_gap(
-                [record_to_adapter(r) for r in uploads],
-                weights,
-                record_to_adapter(arrays),
-                record_to_adapter(traffic.sent),
-            )
+            arrays = self._lora_aggregate(traffic, ok, arrays)
         if arrays is not None and (bad := _non_finite(arrays)):
             # Overflow in the average or the server optimiser: keep the last good state, so
             # nothing poisoned is evaluated, checkpointed or sent out next round.
@@ -186,6 +185,33 @@ class Metered(Strategy):
             arrays = None
         traffic.wall_s = time.perf_counter() - traffic.started
         return arrays, metrics
+
+    def _lora_aggregate(
+        self, traffic: RoundTraffic, ok: list[Message], arrays: ArrayRecord
+    ) -> ArrayRecord:
+        """The strategy's aggregate, or FLoRA's projection of the products, or (FedEx) the
+        mean with its new correction; records how far its products are from the exact mean of
+        the clients' (`product_gap`)."""
+        assert traffic.sent is not None
+        weights = [_weight(m, self.weighted_by_key) for m in ok]
+        states = [record_to_adapter(m.content.array_records[ARRAYS]) for m in ok]
+        plan, old = self.uploads, traffic.correction
+        new: StateDict = {}
+        if plan is not None and plan.stacking:
+            arrays = plan.combine([m.content.array_records[ARRAYS] for m in ok], weights)
+        aggregate = record_to_adapter(arrays)
+        if plan is not None and plan.exact:
+            new = plan.corrected(states, weights, aggregate, old)
+            arrays = adapter_to_record(plan.joined(aggregate, new))
+        # The models' products: each client's and the sent one with the correction they had,
+        # the aggregate with its new one.
+        traffic.product_gap = lora_ranks.product_gap(
+            [_corrected(s, old) for s in states],
+            weights,
+            _corrected(aggregate, new),
+            _corrected(record_to_adapter(traffic.sent), old),
+        )
+        return arrays
 
     def screen_replies(self, server_round: int, replies_in: Iterable[Message]) -> list[Message]:
         """The replies less the clients' declines (their privacy budget is spent) and those that
@@ -314,6 +340,11 @@ def screen_per_record(record: dict[str, Any], records: int = 0) -> dict[str, lis
 def _non_finite(arrays: ArrayRecord) -> str | None:
     """The name of the first tensor in `arrays` holding NaN or Inf (None when all are finite)."""
     return next((k for k, a in arrays.items() if not np.isfinite(a.numpy()).all()), None)
+
+
+def _corrected(state: StateDict, correction: StateDict) -> StateDict:
+    """An adapter's pairs with a FedEx correction's beside them (the sum of their products)."""
+    return lora_ranks.concat(state, correction) if correction else state
 
 
 def _weight(message: Message, key: str) -> float:

@@ -30,6 +30,7 @@ from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
 from silotune.errors import UserError
 from silotune.evaluation.evaluator import EvalSet
 from silotune.evaluation.intervals import mean_over_models
+from silotune.federated import lora_ranks
 from silotune.federated.local import LOCAL_ROLES
 from silotune.federated.metering import (
     BASE_FINGERPRINT,
@@ -153,6 +154,12 @@ class FederatedServer:
             return
         self.results.append(result)
 
+    def _final_adapter(self, final: StateDict) -> StateDict:
+        """What a client would infer with from the server's last state: the adapter (FedSA:
+        its A with B = 0; FedEx: with its correction, as one adapter of their summed rank)."""
+        adapter, correction = self.uploads.split(final)
+        return _exact(self.uploads.whole(adapter, self.bench.initial), correction)
+
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's central evaluation hook: evaluate, log and checkpoint the round."""
         if server_round == 0:
@@ -167,7 +174,10 @@ class FederatedServer:
             )
         self.latest = state
         # FedSA: the shared A with B = 0 (the base model's function); clients add their own B.
-        whole = self.uploads.whole(state, self.bench.initial)
+        # FedEx: the adapter with its frozen correction.
+        adapter, correction = self.uploads.split(state)
+        self.bench.set_correction(correction)
+        whole = self.uploads.whole(adapter, self.bench.initial)
         evaluated = self.bench.evaluate(whole, self.eval_set, round_=server_round)
         traffic = self.strategy.traffic[server_round]
         log = _round_log(server_round, traffic, evaluated.metrics())
@@ -196,6 +206,7 @@ class FederatedServer:
     def result(self) -> AlgorithmResult:
         """The finished algorithm's result (after start, or straight from a final checkpoint)."""
         cfg, resumed = self.config, self.resumed
+        self.bench.set_correction({})  # the bench serves the next algorithm as it was
         final = record_to_adapter(self.results[0].arrays) if self.results else self.latest
         if len(self.rounds) != cfg.train.rounds and not self.ended_early:
             raise RuntimeError("the Flower run ended before all rounds completed")
@@ -221,7 +232,7 @@ class FederatedServer:
         name = type(self.strategy.strategy).__name__
         return AlgorithmResult(
             rounds=self.rounds,
-            adapters={"global": self.uploads.whole(final, self.bench.initial)},
+            adapters={"global": self._final_adapter(final)},
             per_client_final=[_eval_metrics(c) for c in client_evals],
             samples=self.samples,
             # Judge what clients infer with: their own generations where they evaluate themselves.
@@ -234,6 +245,14 @@ class FederatedServer:
             else self.per_record,
             notes=[f"Server strategy: Flower's {name}; {describe(cfg.defence)}.", *self.notes],
         )
+
+
+def _exact(adapter: StateDict, correction: StateDict) -> StateDict:
+    """FedEx's adapter with its correction as one LoRA adapter of their summed rank."""
+    if not correction:
+        return adapter
+    merged = lora_ranks.concat(adapter, correction)
+    return {k: v.to(adapter[k].dtype) for k, v in merged.items()}
 
 
 def strategy_state(strategy: Metered) -> dict[str, dict[str, np.ndarray]]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord
 
+from silotune import tensor_groups
 from silotune.config import Config
 from silotune.federated import lora_ranks
 from silotune.federated.compression import Codec, codec
@@ -24,6 +25,7 @@ from silotune.modeling.adapters import StateDict
 from silotune.records import adapter_to_record, record_to_adapter
 
 OWN_ADAPTER = "own"  # FedSA: a client's adapter with its own B (client state, its disk's folder)
+CORRECTION = "correction"  # FedEx: the group of the server record's frozen residual pairs
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class UploadPlan:
     codec: Codec | None = None
     stacking: bool = False  # FLoRA: aggregate the products, not the factors
     a_only: bool = False  # FedSA: only A travels; each client keeps its B
+    exact: bool = False  # FedEx: the residual of averaging the factors travels down, frozen
 
     @classmethod
     def of(cls, config: Config) -> UploadPlan:
@@ -46,6 +49,7 @@ class UploadPlan:
             codec=codec(fed.compression),
             stacking=fed.aggregation == "flora",
             a_only=fed.aggregation == "fedsa",
+            exact=fed.aggregation == "fedex",
         )
 
     @property
@@ -67,6 +71,26 @@ class UploadPlan:
     def rank(self, client: int) -> int:
         """The rank client `client` trains."""
         return self.ranks[client] if self.ranks else self.server_rank
+
+    @staticmethod
+    def split(state: StateDict) -> tuple[StateDict, StateDict]:
+        """The adapter the server sent, and (FedEx) the frozen correction sent with it."""
+        correction = tensor_groups.group(state, CORRECTION)
+        head = tensor_groups.key(CORRECTION, "")
+        return {k: v for k, v in state.items() if not k.startswith(head)}, correction
+
+    @staticmethod
+    def joined(adapter: StateDict, correction: StateDict) -> StateDict:
+        """What `split` takes apart."""
+        return {**adapter, **{tensor_groups.key(CORRECTION, k): v for k, v in correction.items()}}
+
+    def corrected(
+        self, states: Sequence[StateDict], weights: Sequence[float], mean: StateDict, old: StateDict
+    ) -> StateDict:
+        """FedEx: the new frozen correction, the old one plus what the mean of the factors
+        (`mean`) misses of the weighted mean of the clients' products, as an exact pair."""
+        residual = lora_ranks.concat(lora_ranks.stack(states, weights), mean, signs=[1.0, -1.0])
+        return lora_ranks.compress(lora_ranks.concat(old, residual) if old else residual)
 
     def own(self, trained: StateDict) -> StateDict:
         """What of a trained adapter a FedSA client keeps: its B matrices."""
@@ -131,6 +155,11 @@ class UploadPlan:
             else "aggregate: the strategy's mean of the factors"
             + (", uploads zero-padded to the server's rank (HetLoRA)" if self.ranks else "")
         )
+        if self.exact:
+            parts.append(
+                "FedEx: what the mean of the factors misses of the mean of the clients' products "
+                "is kept as a frozen correction every client and the server's evaluation apply"
+            )
         if self.a_only:
             parts.append(
                 "FedSA: clients upload only their A matrices and keep their B; each infers with "

@@ -47,6 +47,7 @@ class Workbench:
         seed = config.experiment.seed
         self.model = add_lora(base, config.lora, GLOBAL, seed=seed)
         self._slots = {GLOBAL: GLOBAL}  # what each name means now: the PEFT adapter it is
+        self._correction: str | None = None  # FedEx's frozen correction slot, if one is set
         self.initial: StateDict = get_adapter(self.model, GLOBAL)
         self.initial_private: StateDict = {}
         if private:
@@ -102,9 +103,29 @@ class Workbench:
         return get_adapter(self.model, self._slot(name))
 
     def use(self, active: list[str], trainable: list[str] | None = None) -> None:
-        """Choose the slots that take part in the forward pass (and those that train)."""
-        slots = [self._slot(n) for n in trainable or []]
-        use_adapters(self.model, [self._slot(n) for n in active], slots)
+        """Choose the slots that take part in the forward pass (and those that train); a FedEx
+        correction, frozen, takes part wherever `global` does."""
+        slots = [self._slot(n) for n in active]
+        if self._correction is not None and GLOBAL in active:
+            slots.append(self._correction)
+        use_adapters(self.model, slots, [self._slot(n) for n in trainable or []])
+
+    def set_correction(self, state: StateDict) -> None:
+        """FedEx: the frozen pairs that complete the global adapter to the exact mean of the
+        clients' products (empty: none), in a slot of their rank, scaled as `global`."""
+        old = self._correction
+        self._correction = None
+        if state:
+            rank = rank_of(_shapes(state))
+            name = f"correction-r{rank}"
+            if name not in self.model.peft_config:
+                add_named_lora(self.model, self.config.lora, name, rank=rank)
+                self.model.train(self.model.training)
+            set_adapter(self.model, state, name)
+            self._correction = name
+        if old is not None and old != self._correction:
+            self.model.base_model.set_adapter([GLOBAL])  # type: ignore[operator]  # not old
+            self.model.base_model.delete_adapter(old)  # type: ignore[operator]
 
     def _slot(self, name: str) -> str:
         return self._slots.get(name, name)
