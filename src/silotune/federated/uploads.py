@@ -1,13 +1,15 @@
-"""What a client's upload is, when it is not the adapter the server sent: another rank, coded.
+"""What a client's upload is, when it is not the adapter the server sent: another rank, A alone,
+coded; and what the server makes of the uploads when it is not the strategy's average.
 
 `UploadPlan.of(config)` reads `lora.client_ranks`, `federated.aggregation` and
-`federated.compression`. A client truncates the server's adapter to its own rank (`receive`)
-and codes its update, what it trained less what it received (`send`); the server decodes a reply
-against the layout that client must send, adds what it sent that client, pads it back to the
-server's rank (`decode`), and only then screens and aggregates it as any other. With
-`aggregation = "flora"` the round's aggregate is not the strategy's average but the best rank-r
-pair of the weighted mean of the clients' products (`combine`).
-"""
+`federated.compression`. A client truncates the server's adapter to its own rank (`receive`;
+FedSA: under its own B, `whole`) and sends what it shares, coded as its update, what it trained
+less what it received (`send`); the server decodes a reply against the layout that client must
+send, adds what it sent that client, pads it back to the server's rank (`decode`), and only then
+screens and aggregates it as any other. FLoRA replaces the strategy's average with the best
+rank-r pair of the weighted mean of the clients' products (`combine`); FedEx keeps the average
+and a frozen correction that completes it to that mean exactly (`corrected`), which travels
+down with the adapter under its own group of names (`split`, `joined`)."""
 
 from __future__ import annotations
 
