@@ -56,7 +56,13 @@ def run_locit(job: Job) -> AlgorithmResult:
 )
 def run_locit_sa(job: Job) -> AlgorithmResult:
     """LocIT with FedPIT's self-augmentation: each round, generate with the client's own model."""
-    return _run_alone(job, self_augment=True)
+    result = _run_alone(job, self_augment=True)
+    if job.config.synthetic.dp:
+        result.notes.append(
+            "synthetic.dp does not apply here: a LocIT+SA client generates without DP, as "
+            "nothing it generates or trains leaves it."
+        )
+    return result
 
 
 def _run_alone(job: Job, self_augment: bool) -> AlgorithmResult:

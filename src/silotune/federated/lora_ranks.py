@@ -90,9 +90,10 @@ def project(stacked: StateDict, rank: int, like: StateDict) -> StateDict:
     return {k: v.to(like[k].dtype) for k, v in out.items()}
 
 
-def compress(stacked: StateDict, tolerance: float = 1e-7) -> StateDict:
-    """Each stacked product as an exact pair of its numerical rank (singular values above
-    `tolerance` x the largest of all modules), every module padded to the largest such rank
+def compress(stacked: StateDict, tolerance: float = 1e-5) -> StateDict:
+    """Each stacked product as a pair of its numerical rank (singular values above `tolerance`
+    x the largest of all modules: well above float32 rounding, so the rank does not depend on
+    the order the clients' sums were taken in), every module padded to the largest such rank
     (one adapter has one rank; at least 1), in float32."""
     svds = _svds(stacked)
     largest = max((float(s.max()) for _, s, _ in svds.values() if s.numel()), default=0.0)
@@ -115,8 +116,13 @@ def _svds(stacked: StateDict) -> dict[str, tuple[torch.Tensor, torch.Tensor, tor
         # B A = Qb (Rb Ra^T) Qa^T: the SVD of the small core gives the product's.
         qb, rb = torch.linalg.qr(b)
         qa, ra = torch.linalg.qr(a.to(torch.float64).T)
-        u, s, vh = torch.linalg.svd(rb @ ra.T)
-        out[name] = (qb @ u, s, vh @ qa.T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+        u, vh = qb @ u, vh @ qa.T
+        # Each component's sign fixed (its largest entry in U positive): the same product gives
+        # the same factors, whatever order its sums were taken in.
+        signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
+        signs[signs == 0] = 1.0
+        out[name] = (u * signs, s, vh * signs.T)
     return out
 
 
