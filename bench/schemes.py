@@ -49,6 +49,8 @@ def _rows(variant: Path) -> list[list[dict[str, Any]]]:
 def _mean(values: list[float]) -> str:
     if not values:
         return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
 
@@ -71,7 +73,7 @@ def main() -> None:
         down = [float(r["bytes_down"]) for rows in seeds for r in rows]
         found: dict[str, Any] = next(iter(against.values()), {})
         table.add_row(
-            f"{variant.parent.name}/{variant.name}",
+            variant.name,
             _mean([float(r["eval_loss"]) for r in last]),
             cell(found.get("eval_loss")),
             cell(found.get("rouge_l")),
