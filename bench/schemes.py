@@ -32,9 +32,9 @@ def _variants(folder: Path) -> list[Path]:
     sweep = folder / "sweep.json"
     if not sweep.is_file():
         return [folder]
-    key = json.loads(sweep.read_text())["key"].split(".")[-1]
-    values = json.loads(sweep.read_text())["values"]
-    return [folder / f"{key}={value}" for value in values]
+    found = json.loads(sweep.read_text())
+    key = found["key"].split(".")[-1]
+    return [folder / f"{key}={value}" for value in found["values"]]
 
 
 def _rows(variant: Path) -> list[list[dict[str, Any]]]:

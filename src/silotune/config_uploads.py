@@ -34,11 +34,6 @@ def check_uploads(config: Config) -> None:
                 "clipping mod takes the update as the upload less what the server sent, which "
                 'has another rank; use defence.dp = "server-fixed"'
             )
-        if "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0:
-            raise ConfigError(
-                "lora.client_ranks cannot run FedPIT with synthetic.beta < 1: the upload mixes "
-                "the client's global adapter with its private one, of rank lora.r; set beta = 1"
-            )
     if fed.aggregation in ("flora", "fedex"):
         if fed.strategy != "fedavg":
             raise ConfigError(
@@ -61,17 +56,18 @@ def check_uploads(config: Config) -> None:
             'federated.aggregation = "flora" rewrites A every round (the projection), which '
             "lora.freeze_a keeps fixed; turn one of them off"
         )
-    if fed.aggregation == "fedsa":
-        if lora.freeze_a:
-            raise ConfigError(
-                'federated.aggregation = "fedsa" shares only A, which lora.freeze_a never '
-                "trains: nothing would be federated; turn one of them off"
-            )
-        if "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0:
-            raise ConfigError(
-                'federated.aggregation = "fedsa" cannot run FedPIT with synthetic.beta < 1: '
-                "the upload would mix in the private adapter's B; set beta = 1"
-            )
+    if fed.aggregation == "fedsa" and lora.freeze_a:
+        raise ConfigError(
+            'federated.aggregation = "fedsa" shares only A, which lora.freeze_a never '
+            "trains: nothing would be federated; turn one of them off"
+        )
+    mixing = "lora.client_ranks" if ranks else 'federated.aggregation = "fedsa"'
+    fedpit_mix = "fedpit" in config.experiment.algorithms and config.synthetic.beta < 1.0
+    if fedpit_mix and (ranks or fed.aggregation == "fedsa"):
+        raise ConfigError(
+            f"{mixing} cannot run FedPIT with synthetic.beta < 1: the upload would mix in the "
+            "private adapter (rank lora.r, with its B); set beta = 1"
+        )
     exact = fed.aggregation in ("flora", "fedex")
     if config.defence.secagg and (ranks or exact or fed.compression != "none"):
         raise ConfigError(

@@ -111,7 +111,9 @@ def _request(spec: ClientSpec, msg: Message, context: Context) -> LocalRequest:
     adapter, correction = plan.split(record_to_adapter(msg.content.array_records[ARRAYS]))
     _workbench(spec).set_correction(correction)  # FedEx: frozen, beside `global`
     received = plan.receive(adapter, partition_id)
-    own = store.get(OWN_ADAPTER) or plan.receive(_workbench(spec).initial, partition_id)
+    own = {}
+    if plan.a_only:  # its B from its state; before its first round, the initial one
+        own = store.get(OWN_ADAPTER) or plan.receive(_workbench(spec).initial, partition_id)
     return LocalRequest(
         bench=_workbench(spec),
         config=spec.config,

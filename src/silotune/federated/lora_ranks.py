@@ -163,14 +163,21 @@ def product_gap(
     relative to how far that mean moved from the products sent out (Frobenius norms over every
     module): 0 for an exact aggregate; for FedAvg of the factors, the error FedEx-LoRA removes.
     None when the adapters hold no LoRA pairs (FedSA's A alone) or the mean did not move."""
-    total = float(sum(weights))
-    gap = moved = 0.0
-    names = [n for n in aggregate if is_a(n) and partner(n) in aggregate]
-    for name in names:
-        mean = sum((w / total) * product(s, name) for s, w in zip(states, weights, strict=True))
-        assert isinstance(mean, torch.Tensor)
-        gap += float((product(aggregate, name) - mean).square().sum())
-        moved += float((mean - product(sent, name)).square().sum())
-    if not names or moved == 0.0:
+    if not any(is_a(n) and partner(n) in aggregate for n in aggregate):
         return None
-    return math.sqrt(gap / moved)
+    mean = stack(states, weights)
+    gap = _squared_norm(concat(aggregate, mean, signs=[1.0, -1.0]))
+    moved = _squared_norm(concat(mean, sent, signs=[1.0, -1.0]))
+    return math.sqrt(max(gap, 0.0) / moved) if moved > 0.0 else None
+
+
+def _squared_norm(pairs: StateDict) -> float:
+    """Σ over modules of ‖B·A‖², from the rank x rank Gram matrices: tr(BᵀB · AAᵀ), without
+    forming any out x in product (this runs every round, on every module)."""
+    total = 0.0
+    for name, a in pairs.items():
+        if is_a(name):
+            b = pairs[partner(name)].to(torch.float64)
+            a64 = a.to(torch.float64)
+            total += float(torch.trace((b.T @ b) @ (a64 @ a64.T)))
+    return total

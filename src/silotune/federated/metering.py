@@ -205,11 +205,12 @@ class Metered(Strategy):
             arrays = adapter_to_record(plan.joined(aggregate, new))
         # The models' products: each client's and the sent one with the correction they had,
         # the aggregate with its new one.
+        merged = UploadPlan.merged
         traffic.product_gap = lora_ranks.product_gap(
-            [_corrected(s, old) for s in states],
+            [merged(s, old) for s in states],
             weights,
-            _corrected(aggregate, new),
-            _corrected(record_to_adapter(traffic.sent), old),
+            merged(aggregate, new),
+            merged(record_to_adapter(traffic.sent), old),
         )
         return arrays
 
@@ -340,11 +341,6 @@ def screen_per_record(record: dict[str, Any], records: int = 0) -> dict[str, lis
 def _non_finite(arrays: ArrayRecord) -> str | None:
     """The name of the first tensor in `arrays` holding NaN or Inf (None when all are finite)."""
     return next((k for k, a in arrays.items() if not np.isfinite(a.numpy()).all()), None)
-
-
-def _corrected(state: StateDict, correction: StateDict) -> StateDict:
-    """An adapter's pairs with a FedEx correction's beside them (the sum of their products)."""
-    return lora_ranks.concat(state, correction) if correction else state
 
 
 def _weight(message: Message, key: str) -> float:

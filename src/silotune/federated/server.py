@@ -30,7 +30,6 @@ from silotune.defences.federated import EQUAL_WEIGHT, describe, with_dp
 from silotune.errors import UserError
 from silotune.evaluation.evaluator import EvalSet
 from silotune.evaluation.intervals import mean_over_models
-from silotune.federated import lora_ranks
 from silotune.federated.local import LOCAL_ROLES
 from silotune.federated.metering import (
     BASE_FINGERPRINT,
@@ -158,7 +157,7 @@ class FederatedServer:
         """What a client would infer with from the server's last state: the adapter (FedSA:
         its A with B = 0; FedEx: with its correction, as one adapter of their summed rank)."""
         adapter, correction = self.uploads.split(final)
-        return _exact(self.uploads.whole(adapter, self.bench.initial), correction)
+        return self.uploads.merged(self.uploads.whole(adapter, self.bench.initial), correction)
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's central evaluation hook: evaluate, log and checkpoint the round."""
@@ -245,14 +244,6 @@ class FederatedServer:
             else self.per_record,
             notes=[f"Server strategy: Flower's {name}; {describe(cfg.defence)}.", *self.notes],
         )
-
-
-def _exact(adapter: StateDict, correction: StateDict) -> StateDict:
-    """FedEx's adapter with its correction as one LoRA adapter of their summed rank."""
-    if not correction:
-        return adapter
-    merged = lora_ranks.concat(adapter, correction)
-    return {k: v.to(adapter[k].dtype) for k, v in merged.items()}
 
 
 def strategy_state(strategy: Metered) -> dict[str, dict[str, np.ndarray]]:

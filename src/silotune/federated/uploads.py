@@ -86,6 +86,15 @@ class UploadPlan:
         """What `split` takes apart."""
         return {**adapter, **{tensor_groups.key(CORRECTION, k): v for k, v in correction.items()}}
 
+    @staticmethod
+    def merged(adapter: StateDict, correction: StateDict) -> StateDict:
+        """An adapter with a FedEx correction as one LoRA adapter of their summed rank, whose
+        products are the sums of theirs."""
+        if not correction:
+            return adapter
+        pairs = lora_ranks.concat(adapter, correction)
+        return {k: v.to(adapter[k].dtype) for k, v in pairs.items()}
+
     def corrected(
         self, states: Sequence[StateDict], weights: Sequence[float], mean: StateDict, old: StateDict
     ) -> StateDict:

@@ -95,7 +95,10 @@ class Workbench:
     def put(self, name: str, state: StateDict) -> None:
         """Load `state` into slot `name` (`global` of a lower rank: into that rank's slot)."""
         if name == GLOBAL:
-            self._slots[GLOBAL] = self._rank_slot(rank_of(_shapes(state)))
+            rank = rank_of(_shapes(state))
+            self._slots[GLOBAL] = (
+                GLOBAL if rank == self.config.lora.r else self._rank_slot(GLOBAL, rank)
+            )
         set_adapter(self.model, state, self._slot(name))
 
     def take(self, name: str) -> StateDict:
@@ -116,11 +119,7 @@ class Workbench:
         old = self._correction
         self._correction = None
         if state:
-            rank = rank_of(_shapes(state))
-            name = f"correction-r{rank}"
-            if name not in self.model.peft_config:
-                add_named_lora(self.model, self.config.lora, name, rank=rank)
-                self.model.train(self.model.training)
+            name = self._rank_slot("correction", rank_of(_shapes(state)))
             set_adapter(self.model, state, name)
             self._correction = name
         if old is not None and old != self._correction:
@@ -130,12 +129,10 @@ class Workbench:
     def _slot(self, name: str) -> str:
         return self._slots.get(name, name)
 
-    def _rank_slot(self, rank: int) -> str:
-        """The adapter for a `global` of rank `rank`: created on first use, scaled as the
-        server's rank-lora.r adapter is."""
-        if rank == self.config.lora.r:
-            return GLOBAL
-        name = f"{GLOBAL}-r{rank}"
+    def _rank_slot(self, kind: str, rank: int) -> str:
+        """The adapter `kind`-r`rank` (a lower-rank `global`, FedEx's correction): created on
+        first use, scaled as the server's rank-lora.r adapter is."""
+        name = f"{kind}-r{rank}"
         if name not in self.model.peft_config:
             add_named_lora(self.model, self.config.lora, name, rank=rank)
             self.model.train(self.model.training)  # its dropout as the rest: off in eval mode
