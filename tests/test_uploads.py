@@ -350,6 +350,8 @@ def test_fedsa_clients_share_a_and_keep_their_own_b(tmp_path: Path, secagg: bool
 @pytest.mark.usefixtures("flower_task")
 def test_a_fedex_round_makes_the_model_the_exact_mean_of_the_clients_products() -> None:
     plan = UploadPlan.of(config_from_dict({"federated": {"aggregation": "fedex"}}))
+    assert not plan.standard and "FedEx" in plan.describe(3), "the run's notes say so"
+    assert UploadPlan.of(config_from_dict({})).standard
     strategy = build_strategy(FederatedConfig(aggregation="fedex"), clients=3)
     strategy.uploads = plan
     server = _adapter(4, 0)

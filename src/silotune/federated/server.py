@@ -103,7 +103,7 @@ class FederatedServer:
         )
         self.results: list[Result] = []
         self.notes: list[str] = []
-        if not self.uploads.plain or self.uploads.stacking or self.uploads.a_only:
+        if not self.uploads.standard:
             self.notes.append("Uploads: " + self.uploads.describe(clients))
         self.latest = self.initial  # the last evaluated global adapter
         self.ended_early = False  # too few clients had privacy budget left

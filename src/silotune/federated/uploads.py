@@ -59,6 +59,12 @@ class UploadPlan:
         """Whether uploads are the server's layout in float32 (no decoding)."""
         return not self.ranks and self.codec is None
 
+    @property
+    def standard(self) -> bool:
+        """Whether every client uploads the server's whole adapter in float32 and the strategy's
+        average is the aggregate (what the run's notes need not explain)."""
+        return self.plain and not (self.stacking or self.a_only or self.exact)
+
     def shared(self, state: StateDict) -> StateDict:
         """What of an adapter the server holds and sends: all of it, or (FedSA) its A."""
         return {k: v for k, v in state.items() if lora_ranks.is_a(k)} if self.a_only else state
