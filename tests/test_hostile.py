@@ -35,6 +35,7 @@ from silotune.split.transport import open_channel, stream_method
 from tests.test_split import (
     batch,
     client_model,
+    genuine_activations,
     running_server,
     split_config,
     tiny_llama,
@@ -77,19 +78,16 @@ def header_attacks(rows: int, tokens: int, d: int) -> dict[str, Mutation]:
         "non-numeric shape": _shape(0, [str(rows), tokens, d]),
         "zero-size tensor": _shape(0, [0, tokens, d]),
         "wrong hidden size": _shape(0, [rows, tokens // 2, 2 * d]),
-        "mask unlike the hidden states": _shape(1, [rows - 1, tokens]),
+        "mask unlike the hidden states": _shape(1, [rows - 1, 2]),
+        "mask narrower than the hidden states": lambda head: head.__setitem__("mask_width", 1),
+        "mask width as text": lambda head: head.__setitem__("mask_width", str(tokens)),
+        "no mask": _drop_tensor("mask_span"),
         "missing hidden": _drop_tensor("hidden"),
         "unknown kind": lambda head: head.__setitem__("kind", "shutdown"),
         "hello mid-session": lambda head: head.__setitem__("kind", "hello"),
         "training flag as text": lambda head: head.__setitem__("train", "yes"),
         "unknown cache instruction": lambda head: head.__setitem__("cache", "all"),
     }
-
-
-def genuine_activations(link: MiddleLink, hidden: torch.Tensor, mask: torch.Tensor) -> bytes:
-    frame = Frame(Kind.ACTIVATIONS, link.step, {"hidden": hidden, "mask": mask.bool()})
-    frame.meta = {"train": False, "cache": ""}
-    return encode(frame, link.sealer)
 
 
 def refused(send: Callable[[], object]) -> str:

@@ -12,6 +12,7 @@ from silotune.typed_values import setting
 SplitMode = Literal["serial", "batch", "per-client"]
 KeyExchange = Literal["x25519", "rsa"]
 WireDtype = Literal["float32", "bfloat16"]
+WireCodec = Literal["none", "int8", "int4"]
 SplitAdapter = Literal["lora", "prefix"]
 DeviceMap = Literal["single", "auto"]
 
@@ -61,6 +62,17 @@ class SplitConfig:
         "float32",
         "Precision of the activations and gradients on the wire (float16 is not offered: it "
         "underflows gradients).",
+    )
+    activation_codec: WireCodec = setting(
+        "none",
+        "Activations on the wire (the front's output going up, the middle's coming back): "
+        '"none" (`wire_dtype` floats), "int8" or "int4" (quantized per token with an absmax '
+        "scale: about a quarter or an eighth of float32's bytes).",
+    )
+    gradient_codec: WireCodec = setting(
+        "none",
+        "Gradients on the wire (dL/d(middle output) going up, dL/d(front output) coming back): "
+        '"none", "int8" or "int4", as `activation_codec`.',
     )
     batch_window_s: float = setting(
         2.0,

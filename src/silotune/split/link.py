@@ -22,7 +22,8 @@ from silotune.errors import FrameRejected, UserError
 from silotune.modeling.adapters import StateDict
 from silotune.privacy.noise import mechanism_seed
 from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphers
-from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, decode, encode, run_id
+from silotune.split.codecs import FloatCodec, encode_mask
+from silotune.split.protocol import Frame, Kind, decode, encode, run_id
 from silotune.split.records import LinkStats
 from silotune.split.transport import TimedSealer, open_channel, stream_method
 
@@ -37,7 +38,7 @@ class MiddleLink:
     def __init__(self, config: Config, client_id: str, target: str, certs: Path | None) -> None:
         self.config = config
         self.client_id = client_id
-        self.wire = WIRE_DTYPES[config.split.wire_dtype]
+        self.activations, self.gradients = FloatCodec.pair(config.split)
         self.sealer = TimedSealer(PlainFrames("client"))
         self.stats = LinkStats()
         self.step = 0
@@ -143,18 +144,20 @@ class MiddleLink:
             self.step += 1
         # The wire is CPU bytes: move first, so the noise (a CPU generator) applies anywhere.
         sent = self.noise.activations(hidden.detach().cpu())
-        tensors = {"hidden": sent.to(self.wire), "mask": mask.bool()}
-        meta = {"train": train, "cache": cache}
+        masks, meta = encode_mask(mask)
+        tensors = {**self.activations.encode("hidden", sent), **masks}
+        meta.update(train=train, cache=cache)
         reply = self._for_this_step(self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, meta)))
-        return reply.tensors["hidden"].to(hidden.device, hidden.dtype)
+        out = self.activations.decode("hidden", reply.tensors, hidden.shape[-1])
+        return out.to(hidden.device, hidden.dtype)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         """Send dL/d(middle output); receive dL/d(front output)."""
         sent = self.noise.gradients(grad.detach().cpu())
-        reply = self._for_this_step(
-            self.call(Frame(Kind.GRAD, self.step, {"grad": sent.to(self.wire)}))
-        )
-        return reply.tensors["grad"].to(grad.device, grad.dtype)
+        tensors = self.gradients.encode("grad", sent)
+        reply = self._for_this_step(self.call(Frame(Kind.GRAD, self.step, tensors)))
+        out = self.gradients.decode("grad", reply.tensors, grad.shape[-1])
+        return out.to(grad.device, grad.dtype)
 
     def _for_this_step(self, reply: Frame) -> Frame:
         """A reply must answer this client's current step; anything else is a protocol fault."""

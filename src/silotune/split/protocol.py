@@ -35,6 +35,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "bool": torch.bool,
+    "int8": torch.int8,  # quantized activations and gradients (split.codecs)
+    "uint8": torch.uint8,  # int4 pairs, packed mask bits
+    "int32": torch.int32,  # mask spans
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _ITEM_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
@@ -178,6 +181,8 @@ _SHARED_SPLIT_KEYS = (
     "encrypt",
     "key_exchange",
     "wire_dtype",
+    "activation_codec",
+    "gradient_codec",
     "average_every",
     "average_clients",
 )

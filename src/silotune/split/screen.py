@@ -7,8 +7,9 @@ server derives what it expects from the model and the session, never from the fr
  header (clear, authenticated)        payload (after AEAD)            trainer
  ┌──────────────────────────────┐     ┌──────────────────────┐     ┌───────────────────────┐
  │ kind allowed now?            │     │ every float finite   │     │ grad shape = pending  │
- │ tensor names, dtypes, shapes │ ──▶ │ mask 0/1 (bool)      │ ──▶ │ cache length fits     │
- │ sizes within model limits    │     │ weight finite, > 0   │     │ outputs, grads finite │
+ │ tensor names, dtypes, shapes │ ──▶ │ scales >= 0, mask    │ ──▶ │ cache length fits     │
+ │ (as this run's codecs write) │     │ spans in the width   │     │ outputs, grads finite │
+ │ sizes within model limits    │     │ weight finite, > 0   │     │                       │
  └──────────────────────────────┘     └──────────────────────┘     └───────────────────────┘
    refused before decrypting or copying a byte (no sequence number used)
 ```
@@ -28,7 +29,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from silotune.config import Config
 from silotune.errors import FrameRejected
 from silotune.split.adapters import build_split_model
-from silotune.split.protocol import WIRE_DTYPES, Frame, Kind, TensorSpec
+from silotune.split.codecs import FloatCodec, check_mask, mask_names
+from silotune.split.protocol import Frame, Kind, TensorSpec
 from silotune.split.segments import split_model
 from silotune.training.dp import largest_batch
 
@@ -50,6 +52,8 @@ class Limits:
     rows: int
     tokens: int
     client_adapter: dict[str, Shape]
+    activations: FloatCodec
+    gradients: FloatCodec
 
     @classmethod
     def of(cls, config: Config, model_config: PretrainedConfig) -> Limits:
@@ -64,11 +68,14 @@ class Limits:
         if config.privacy.mode == "dp-sgd":  # Poisson sampling: batches vary around batch_size
             train = largest_batch(train)
         rows = max(train, config.eval.batch_size, config.synthetic.batch_size)
+        activations, gradients = FloatCodec.pair(config.split)
         return cls(
             hidden_size=int(model_config.hidden_size),
             rows=rows,
             tokens=config.data.max_length + new_tokens,
             client_adapter=client_adapter_layout(config, model_config),
+            activations=activations,
+            gradients=gradients,
         )
 
     def max_frame_bytes(self) -> int:
@@ -86,28 +93,25 @@ class Limits:
         if kind in (Kind.HELLO, Kind.KEY, Kind.BYE):
             _expect_names(kind, by_name, set())
         elif kind == Kind.ACTIVATIONS:
-            _expect_names(kind, by_name, {"hidden", "mask"})
+            _expect_names(kind, by_name, self.activations.names("hidden") | mask_names(by_name))
             train, cache = meta.get("train", False), meta.get("cache", "")
             if not isinstance(train, bool) or cache not in CACHE_USES or (train and cache):
                 raise FrameRejected(
                     f"activations frame: train must be true or false and cache one of "
                     f"{CACHE_USES} (only without training), got {train!r}, {cache!r}"
                 )
-            hidden, mask = by_name["hidden"], by_name["mask"]
-            rows, width = self._hidden(kind, hidden)
-            if mask.dtype != "bool" or len(mask.shape) != 2 or mask.shape[0] != rows:
+            rows, width = self.activations.check(
+                kind, "hidden", by_name, self.rows, self.tokens, self.hidden_size
+            )
+            covered = check_mask(by_name, meta, rows)
+            if not width <= covered <= self.tokens:
                 raise FrameRejected(
-                    f"activations mask must be bool ({rows}, >= {width}), got {mask.dtype} "
-                    f"{list(mask.shape)}"
-                )
-            if not width <= mask.shape[1] <= self.tokens:
-                raise FrameRejected(
-                    f"activations mask covers {mask.shape[1]} positions for {width} new ones "
+                    f"activations mask covers {covered} positions for {width} new ones "
                     f"(at most {self.tokens})"
                 )
         elif kind == Kind.GRAD:
-            _expect_names(kind, by_name, {"grad"})
-            self._hidden(kind, by_name["grad"])
+            _expect_names(kind, by_name, self.gradients.names("grad"))
+            self.gradients.check(kind, "grad", by_name, self.rows, self.tokens, self.hidden_size)
         elif kind == Kind.AVERAGE:
             _expect_names(kind, by_name, set(self.client_adapter))
             for spec in specs:
@@ -121,21 +125,6 @@ class Limits:
                 raise FrameRejected(f"average weight must be a number, got {weight!r}")
             if not (math.isfinite(weight) and weight > 0):
                 raise FrameRejected(f"average weight must be finite and positive, got {weight}")
-
-    def _hidden(self, kind: Kind, spec: TensorSpec) -> tuple[int, int]:
-        """Check a (rows, tokens, hidden) float tensor; return (rows, tokens)."""
-        shape = spec.shape
-        if spec.dtype not in WIRE_DTYPES or len(shape) != 3 or shape[2] != self.hidden_size:
-            raise FrameRejected(
-                f"{kind} tensor {spec.name} must be float32 or bfloat16 (rows, tokens, "
-                f"{self.hidden_size}), got {spec.dtype} {list(shape)}"
-            )
-        if not (1 <= shape[0] <= self.rows and 1 <= shape[1] <= self.tokens):
-            raise FrameRejected(
-                f"{kind} tensor {spec.name} has {shape[0]} rows x {shape[1]} tokens; this run "
-                f"allows 1-{self.rows} rows x 1-{self.tokens} tokens"
-            )
-        return shape[0], shape[1]
 
 
 def _expect_names(kind: Kind, got: dict[str, TensorSpec], expected: set[str]) -> None:

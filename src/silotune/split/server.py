@@ -28,15 +28,8 @@ from silotune.config import Config
 from silotune.errors import FrameRejected, UserError
 from silotune.security.cipher import PlainFrames, ServerHandshake, session_ciphers
 from silotune.security.tls import peer_identity
-from silotune.split.protocol import (
-    WIRE_DTYPES,
-    Frame,
-    Kind,
-    TensorSpec,
-    decode,
-    encode,
-    run_id,
-)
+from silotune.split.codecs import FloatCodec, decode_mask
+from silotune.split.protocol import Frame, Kind, TensorSpec, decode, encode, run_id
 from silotune.split.records import ClientStats
 from silotune.split.screen import Limits, check_values
 from silotune.split.trainers import MiddleTrainer, StepDropped
@@ -78,7 +71,7 @@ class SplitService:
         self.state = ServerState(expected)
         self.allowed = allowed  # None: any client the CA signed
         self.limits = limits or Limits.of(config, trainer.middle.config)
-        self.wire = WIRE_DTYPES[config.split.wire_dtype]
+        self.activations, self.gradients = FloatCodec.pair(config.split)
         # One RSA key per server process (generating one per session costs ~0.1 s).
         self.rsa_key = (
             rsa.generate_private_key(public_exponent=65537, key_size=3072)
@@ -256,8 +249,9 @@ class _Session:
         return Frame(Kind.READY, meta=meta)
 
     def on_activations(self, frame: Frame) -> Frame:
-        hidden = frame.tensors["hidden"].float()  # (b, q, d)
-        mask = frame.tensors["mask"].long()  # (b, t): t = q, or cached + q while generating
+        service = self.service
+        hidden = service.activations.decode("hidden", frame.tensors, service.limits.hidden_size)
+        mask = decode_mask(frame.tensors, frame.meta)  # (b, t): t = q, or cached + q (generating)
         trainer = self.service.trainer
         start = time.perf_counter()
         if frame.meta.get("train", False):  # screened: a bool, and no cache with training
@@ -265,14 +259,16 @@ class _Session:
         else:
             out = trainer.infer(self.client, hidden, mask, frame.meta.get("cache", ""))
         server_s = time.perf_counter() - start
-        tensors = {"hidden": out.to(self.service.wire)}
+        tensors = service.activations.encode("hidden", out)
         return Frame(Kind.HIDDEN, frame.step, tensors, {"server_s": server_s})
 
     def on_grad(self, frame: Frame) -> Frame:
+        service = self.service
         start = time.perf_counter()
-        grad = self.service.trainer.backward(self.client, frame.tensors["grad"].float())
+        grad = service.gradients.decode("grad", frame.tensors, service.limits.hidden_size)
+        grad = service.trainer.backward(self.client, grad)
         server_s = time.perf_counter() - start
-        tensors = {"grad": grad.to(self.service.wire)}
+        tensors = service.gradients.encode("grad", grad)
         return Frame(Kind.GRAD_INPUT, frame.step, tensors, {"server_s": server_s})
 
     def on_average(self, frame: Frame) -> Frame:
