@@ -1,6 +1,6 @@
 """Split learning over emulated links: training step and decode speed ÷ centralized, side by side.
 
-    python bench/split_links.py                                  # SmolLM2-135M, 4 links x 4 codecs
+    python bench/split_links.py                  # SmolLM2-135M, 4 links x 4 codecs x 1, 4 in flight
     python bench/split_links.py --links lan wan --codecs float32 int8 --steps 3
     python bench/split_links.py --model tiny-llama --steps 2 --new 8
 
@@ -10,7 +10,8 @@ and adds the one-way delay in a proxy (`bench/links.py`). Links: loopback (throu
 delay or shaping), LAN 1 Gbit/s 0.5 ms, metro 100 Mbit/s 5 ms, WAN/VPN 20 Mbit/s 25 ms.
 
 For each wire codec (`split.wire_dtype`, `split.activation_codec`, `split.gradient_codec`; `A/G`
-gives activations and gradients apart, e.g. `int8/bfloat16`) a `silotune split-server` process
+gives activations and gradients apart, e.g. `int8/bfloat16`) and each number of micro-batches kept
+in flight (`split.micro_batches`, `--micro`) a `silotune split-server` process
 serves the middle over mutual TLS + AES-256-GCM frames; for each link the centralized PEFT model
 and the split model take turns (A B, then B A) at one LoRA step, then at greedy decoding of one
 prompt. Printed per codec and link: median step seconds and the median of the per-step ratios to
@@ -96,10 +97,12 @@ class Cell:
         return tokens * len(self.decode[side]) / sum(self.decode[side])
 
 
-def measure_codec(args: argparse.Namespace, spec: str, tmp: Path) -> dict[str, Cell]:
-    """Every link for one codec: a server process, the proxy to it, one client session."""
-    config = bench_config(args.model, args.batch, args.seq, codec_overrides(spec))
-    certs = tmp / spec.replace("/", "-") / "certs"
+def measure_setup(args: argparse.Namespace, spec: str, micro: int, tmp: Path) -> dict[str, Cell]:
+    """Every link for one codec and micro-batch count: a server process, the proxy to it, one
+    client session."""
+    overrides = [*codec_overrides(spec), f"split.micro_batches={micro}"]
+    config = bench_config(args.model, args.batch, args.seq, overrides)
+    certs = tmp / f"{spec.replace('/', '-')}-k{micro}" / "certs"
     create_dev_pki(certs, [CLIENT])
     proc = spawn_server(config, certs.parent / "server", certs, clients=1)
     try:
@@ -112,7 +115,7 @@ def measure_codec(args: argparse.Namespace, spec: str, tmp: Path) -> dict[str, C
         link = MiddleLink(config, CLIENT, f"localhost:{proxy.port}", certs)
         split = SplitCausalLM(segments.front, segments.back, RemoteMiddle(link))
         cells = {
-            name: measure_link(args, config, name, port, proxy, central, split)
+            name: measure_link(args, config, name, port, proxy, central, split, decode=micro == 1)
             for name in args.links
         }
         link.close()
@@ -134,8 +137,10 @@ def measure_link(
     proxy: DelayProxy,
     central: torch.nn.Module,
     split: SplitCausalLM,
+    decode: bool,
 ) -> Cell:
-    """Alternating LoRA steps, then alternating greedy decodes, over one link profile."""
+    """Alternating LoRA steps, then (with `decode`) alternating greedy decodes, over one link
+    profile."""
     link_profile = LINKS[name]
     shape(link_profile, port)
     proxy.delay_s = link_profile.delay_ms / 1e3
@@ -157,6 +162,8 @@ def measure_link(
             delta = {k: after[k] - before[k] for k in after}
             cell.split_s.append(done.seconds)
             cell.parts.append({**delta, "step": done.seconds})
+    if not decode:
+        return cell
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, args.prompt), generator=gen)
     mask = torch.ones_like(prompt)
@@ -180,8 +187,10 @@ def measure_link(
     return cell
 
 
-def report(args: argparse.Namespace, results: dict[str, dict[str, Cell]], console: Console) -> None:
-    """One table: a row per codec and link."""
+def report(
+    args: argparse.Namespace, results: dict[tuple[str, int], dict[str, Cell]], console: Console
+) -> None:
+    """One table: a row per codec, micro-batch count and link."""
     table = Table(
         title=(
             f"{args.model}, LoRA step on batch {args.batch} × {args.seq} tokens ({args.steps} "
@@ -192,12 +201,13 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Cell]], consol
     )
     columns = (
         "codec",
+        "micro-batches",
         "link",
         "step s",
         "step ÷ central",
         "client s",
         "server s",
-        "wire s",
+        "wait − server s",
         "MB up / down per step",
         "decode tok/s",
         "decode ÷ central",
@@ -205,15 +215,23 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Cell]], consol
     )
     for col in columns:
         table.add_column(col, justify="right")
-    for spec, cells in results.items():
+    for (spec, micro), cells in results.items():
         for name, cell in cells.items():
             step = statistics.median(cell.split_s)
             client = cell.mean("step") - cell.mean("wait") - cell.mean("serialize")
             wire = cell.mean("wait") - cell.mean("server")
-            split_tps = cell.tokens_per_s("split", args.new)
-            central_tps = cell.tokens_per_s("central", args.new)
+            decode = ["", "", ""]
+            if cell.decode["split"]:
+                split_tps = cell.tokens_per_s("split", args.new)
+                central_tps = cell.tokens_per_s("central", args.new)
+                decode = [
+                    f"{split_tps:.1f}",
+                    f"{split_tps / central_tps:.2f}",
+                    f"{1e3 / split_tps - 1e3 / central_tps:.1f}",
+                ]
             table.add_row(
                 spec,
+                str(micro),
                 LINKS[name].describe(),
                 f"{step:.3f}",
                 f"{cell.ratio():.3f}",
@@ -221,14 +239,15 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Cell]], consol
                 f"{cell.mean('server'):.3f}",
                 f"{wire:.3f}",
                 f"{cell.mean('bytes_up') / 1e6:.2f} / {cell.mean('bytes_down') / 1e6:.2f}",
-                f"{split_tps:.1f}",
-                f"{split_tps / central_tps:.2f}",
-                f"{1e3 / split_tps - 1e3 / central_tps:.1f}",
+                *decode,
             )
     console.print(table)
     console.print(
-        "client s: front + back + optimizer + AEAD on the client; wire s: the wait for each reply "
-        "minus the server's compute (transport, delay, the server's framing and AEAD). The "
+        "micro-batches: split.micro_batches, kept in flight (decoding is measured once per "
+        "codec, at 1). client s: front + back + optimizer + AEAD on the client; wait − server "
+        "s: the waits for replies minus the server's compute (transport, delay, the server's "
+        "framing and AEAD; with micro-batches in flight the server's compute overlaps the "
+        "waits, so less). The "
         "FL-GLM paper: 1.79 s a step on one machine, 4.83 s on two over a LAN, 0.91 s "
         "centralized (2.0× and 5.3×)."
     )
@@ -241,6 +260,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--links", nargs="+", choices=list(LINKS), default=list(LINKS))
     parser.add_argument("--codecs", nargs="+", default=["float32", "bfloat16", "int8", "int4"])
+    parser.add_argument(
+        "--micro", type=int, nargs="+", default=[1, 4], help="split.micro_batches to try"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per link")
@@ -256,7 +278,11 @@ def main() -> None:
     console = Console(width=160)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {spec: measure_codec(args, spec, Path(tmp)) for spec in args.codecs}
+        results = {
+            (spec, micro): measure_setup(args, spec, micro, Path(tmp))
+            for spec in args.codecs
+            for micro in args.micro
+        }
     report(args, results, console)
 
 

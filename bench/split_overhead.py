@@ -54,6 +54,7 @@ from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle
 from silotune.split.loading import load_segments
 from silotune.split.model import SplitCausalLM
+from silotune.split.process import environment
 from silotune.split.server import serve
 from silotune.split.trainers import build_trainer
 from silotune.training.loop import train_steps
@@ -100,9 +101,8 @@ def spawn_server(
         *("--listen", "127.0.0.1:0", "--clients", str(clients), "--out", str(folder)),
         *tls,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with (folder / "server.log").open("wb") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with (folder / "server.log").open("wb") as log:  # started as `silotune run` starts it
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment())
 
 
 def wait_for_port(proc: subprocess.Popen[bytes], folder: Path) -> int:

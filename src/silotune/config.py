@@ -41,7 +41,7 @@ from silotune.config_sections import (
     PartitionConfig,
     TrainConfig,
 )
-from silotune.config_split import SPLIT_MINIMUMS, SplitConfig
+from silotune.config_split import SPLIT_MINIMUMS, SplitConfig, check_split
 from silotune.config_synthetic import SYNTHETIC_MINIMUMS, SyntheticConfig
 from silotune.config_uploads import check_uploads
 from silotune.errors import ConfigError
@@ -295,6 +295,7 @@ def _check_combinations(config: Config) -> None:
         )
     check_strategy(config, sampled)
     check_uploads(config)
+    check_split(config)
     if config.defence.secagg and sampled < 2:
         raise ConfigError(
             f"defence.secagg needs at least 2 clients training each round (SecAgg+ reveals a "

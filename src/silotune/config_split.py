@@ -5,9 +5,13 @@ how the server trains its middle, and the wire, with its value types and numeric
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from silotune.errors import ConfigError
 from silotune.typed_values import setting
+
+if TYPE_CHECKING:
+    from silotune.config import Config
 
 SplitMode = Literal["serial", "batch", "per-client"]
 KeyExchange = Literal["x25519", "rsa"]
@@ -74,6 +78,13 @@ class SplitConfig:
         "Gradients on the wire (dL/d(middle output) going up, dL/d(front output) coming back): "
         '"none", "int8" or "int4", as `activation_codec`.',
     )
+    micro_batches: int = setting(
+        1,
+        "Split each training batch into this many micro-batches and keep them all in flight: "
+        "the client's front and back work on one while the wire and the server work on "
+        "another; the gradients add up to the whole batch's, so the update is the same. "
+        "Serial and per-client modes; not with DP-SGD.",
+    )
     batch_window_s: float = setting(
         2.0,
         'mode = "batch": seconds the server waits for the other clients\' activations before '
@@ -121,8 +132,31 @@ SPLIT_MINIMUMS: dict[tuple[str, str], tuple[float, bool]] = {
     ("split", "prefix_tokens"): (1, True),
     ("split", "batch_window_s"): (0.0, True),
     ("split", "average_every"): (1, True),
+    ("split", "micro_batches"): (1, True),
     ("split", "step_timeout_s"): (0.0, False),
     ("split", "idle_timeout_s"): (0.0, False),
     ("split", "connect_timeout_s"): (0.0, False),
     ("split", "port"): (0, True),
 }
+
+
+def check_split(config: Config) -> None:
+    """What pipelined micro-batches cannot be combined with, in one message each."""
+    count = config.split.micro_batches
+    if count == 1:
+        return
+    if config.split.mode == "batch":
+        raise ConfigError(
+            'split.micro_batches > 1 needs split.mode = "serial" or "per-client": batch mode '
+            "already stacks the clients' steps into one"
+        )
+    if config.privacy.mode == "dp-sgd":
+        raise ConfigError(
+            "split.micro_batches > 1 cannot be combined with privacy.mode = 'dp-sgd' (its "
+            "per-example clipping sees the whole batch); set split.micro_batches = 1"
+        )
+    if count > config.train.batch_size:
+        raise ConfigError(
+            f"split.micro_batches = {count} is more than train.batch_size = "
+            f"{config.train.batch_size}: each micro-batch needs a row"
+        )

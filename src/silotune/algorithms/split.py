@@ -7,7 +7,6 @@ made for the run), follows their progress, and gathers their results into the re
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from silotune.procs import Supervisor
 from silotune.run_folder import RunFolder, client_name
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import whole_model_adapter
-from silotune.split.process import ClientArgs, ServerArgs, command
+from silotune.split.process import ClientArgs, ServerArgs, command, environment
 from silotune.split.records import ClientReport, ServerSummary, read_rounds
 
 _START_TIMEOUT_S = 600.0
@@ -148,7 +147,7 @@ def run_split(job: Job) -> AlgorithmResult:
     # port, its clients' progress) must not be read as this attempt's.
     for stale in (server_out.port, *(run.split_outputs(c).rounds for c in clients)):
         stale.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs follow progress line by line
+    env = environment()
     with Supervisor() as procs:
         certs = None
         if cfg.split.tls:  # keys live outside the run folder and are deleted with the run

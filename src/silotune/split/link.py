@@ -74,18 +74,33 @@ class MiddleLink:
 
     def call(self, frame: Frame) -> Frame:
         """Send one frame, wait for the server's reply; ERROR replies raise SplitError."""
-        start = time.perf_counter()
-        crypto_before = self.sealer.seconds
+        self.post(frame)
+        return self.receive()
+
+    def post(self, frame: Frame) -> None:
+        """Seal and send one frame without waiting for its reply (`receive` takes replies in
+        the order their requests went out: the server answers each request once, in order)."""
+        start, crypto_before = time.perf_counter(), self.sealer.seconds
         raw = encode(frame, self.sealer)
         if self.on_frame is not None:
             self.on_frame(frame, raw)
-        return self.send_raw(raw, start, crypto_before)
+        self.stats.serialize_s += (
+            time.perf_counter() - start - (self.sealer.seconds - crypto_before)
+        )
+        self._put(raw)
 
-    def send_raw(self, raw: bytes, start: float = 0.0, crypto_before: float = 0.0) -> Frame:
+    def send_raw(self, raw: bytes) -> Frame:
         """Send already encoded bytes and wait for the reply (`call` without the encoding)."""
-        start = start or time.perf_counter()
+        self._put(raw)
+        return self.receive()
+
+    def _put(self, raw: bytes) -> None:
         self._outbox.put(raw)
-        sent = time.perf_counter()
+        self.stats.bytes_up += len(raw)
+
+    def receive(self) -> Frame:
+        """The reply to the oldest request still unanswered; ERROR replies raise SplitError."""
+        start = time.perf_counter()
         try:
             reply_raw = next(self._replies)
         except grpc.RpcError as exc:
@@ -94,19 +109,26 @@ class MiddleLink:
         except StopIteration:
             self.broken = True
             raise SplitError(f"the split server at {self.target} closed the session") from None
-        received = time.perf_counter()
+        received, crypto_before = time.perf_counter(), self.sealer.seconds
         reply = decode(reply_raw, self.sealer)
-        done = time.perf_counter()
         crypto = self.sealer.seconds - crypto_before
-        self.stats.serialize_s += (sent - start) + (done - received) - crypto
-        self.stats.wait_s += received - sent
+        self.stats.serialize_s += time.perf_counter() - received - crypto
+        self.stats.wait_s += received - start
         self.stats.server_s += float(reply.meta.get("server_s", 0.0))
-        self.stats.bytes_up += len(raw)
         self.stats.bytes_down += len(reply_raw)
         self.stats.frames += 1
         if reply.kind == Kind.ERROR:
             raise SplitError(f"split server: {reply.meta.get('message', 'refused')}")
         return reply
+
+    def drain(self, count: int) -> None:
+        """Read and drop `count` replies (after a refusal ends a pipelined step early)."""
+        for _ in range(count):
+            try:
+                self.receive()
+            except SplitError:
+                if self.broken:
+                    return
 
     def _handshake(self) -> None:
         split = self.config.split
@@ -140,24 +162,51 @@ class MiddleLink:
         Without training, `cache` "new" / "next" has the server keep the middle's KV cache for
         this client's generation, so each new token crosses the wire alone.
         """
-        if train:
+        self.post_forward(hidden, mask, train, cache)
+        return self.take_forward(hidden)
+
+    def post_forward(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        train: bool,
+        cache: str = "",
+        micro: tuple[int, int] = (0, 1),
+    ) -> None:
+        """Send activations (micro-batch `micro` of a training step) without waiting."""
+        if train and micro[0] == 0:
             self.step += 1
         # The wire is CPU bytes: move first, so the noise (a CPU generator) applies anywhere.
         sent = self.noise.activations(hidden.detach().cpu())
         masks, meta = encode_mask(mask)
         tensors = {**self.activations.encode("hidden", sent), **masks}
         meta.update(train=train, cache=cache)
-        reply = self._for_this_step(self.call(Frame(Kind.ACTIVATIONS, self.step, tensors, meta)))
-        out = self.activations.decode("hidden", reply.tensors, hidden.shape[-1])
-        return out.to(hidden.device, hidden.dtype)
+        if micro != (0, 1):
+            meta["micro"] = list(micro)
+        self.post(Frame(Kind.ACTIVATIONS, self.step, tensors, meta))
+
+    def take_forward(self, like: torch.Tensor) -> torch.Tensor:
+        """The middle's output for the oldest activations sent, on `like`'s device and dtype."""
+        reply = self._for_this_step(self.receive())
+        out = self.activations.decode("hidden", reply.tensors, like.shape[-1])
+        return out.to(like.device, like.dtype)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         """Send dL/d(middle output); receive dL/d(front output)."""
+        self.post_backward(grad)
+        return self.take_backward(grad)
+
+    def post_backward(self, grad: torch.Tensor, micro: tuple[int, int] = (0, 1)) -> None:
+        """Send dL/d(middle output) of a step (or of one micro-batch) without waiting."""
         sent = self.noise.gradients(grad.detach().cpu())
-        tensors = self.gradients.encode("grad", sent)
-        reply = self._for_this_step(self.call(Frame(Kind.GRAD, self.step, tensors)))
-        out = self.gradients.decode("grad", reply.tensors, grad.shape[-1])
-        return out.to(grad.device, grad.dtype)
+        meta = {"micro": list(micro)} if micro != (0, 1) else {}
+        self.post(Frame(Kind.GRAD, self.step, self.gradients.encode("grad", sent), meta))
+
+    def take_backward(self, like: torch.Tensor) -> torch.Tensor:
+        """dL/d(front output) for the oldest gradient sent, on `like`'s device and dtype."""
+        reply = self._for_this_step(self.receive())
+        out = self.gradients.decode("grad", reply.tensors, like.shape[-1])
+        return out.to(like.device, like.dtype)
 
     def _for_this_step(self, reply: Frame) -> Frame:
         """A reply must answer this client's current step; anything else is a protocol fault."""

@@ -26,6 +26,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutput
 
 from silotune.split.link import RemoteMiddle
+from silotune.split.pipeline import pipelined_loss
 from silotune.split.segments import Back, Front, Middle
 
 MiddleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,6 +50,13 @@ class SplitCausalLM(nn.Module):
     ) -> CausalLMOutput:
         """Logits (b, t, vocab) and, with labels, the mean next-token loss (as transformers)."""
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        link = self.middle.link if isinstance(self.middle, RemoteMiddle) else None
+        if labels is not None and link is not None and torch.is_grad_enabled():
+            count = link.config.split.micro_batches
+            if count > 1 and input_ids.shape[0] > 1:  # the loss only: logits stay per micro-batch
+                return CausalLMOutput(
+                    loss=pipelined_loss(self, link, input_ids, mask, labels, count)
+                )
         hidden = self.front(input_ids, mask)  # (b, t, d)
         hidden = self.middle(hidden, mask)  # (b, t, d)
         logits = self.back(hidden, mask)  # (b, t, v)

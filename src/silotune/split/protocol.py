@@ -183,6 +183,7 @@ _SHARED_SPLIT_KEYS = (
     "wire_dtype",
     "activation_codec",
     "gradient_codec",
+    "micro_batches",
     "average_every",
     "average_clients",
 )

@@ -54,6 +54,7 @@ class Limits:
     client_adapter: dict[str, Shape]
     activations: FloatCodec
     gradients: FloatCodec
+    micro_batches: int = 1
 
     @classmethod
     def of(cls, config: Config, model_config: PretrainedConfig) -> Limits:
@@ -76,6 +77,7 @@ class Limits:
             client_adapter=client_adapter_layout(config, model_config),
             activations=activations,
             gradients=gradients,
+            micro_batches=config.split.micro_batches,
         )
 
     def max_frame_bytes(self) -> int:
@@ -100,6 +102,9 @@ class Limits:
                     f"activations frame: train must be true or false and cache one of "
                     f"{CACHE_USES} (only without training), got {train!r}, {cache!r}"
                 )
+            if "micro" in meta and not train:
+                raise FrameRejected("activations frame: only a training step has micro-batches")
+            self.micro(kind, meta)
             rows, width = self.activations.check(
                 kind, "hidden", by_name, self.rows, self.tokens, self.hidden_size
             )
@@ -111,6 +116,7 @@ class Limits:
                 )
         elif kind == Kind.GRAD:
             _expect_names(kind, by_name, self.gradients.names("grad"))
+            self.micro(kind, meta)
             self.gradients.check(kind, "grad", by_name, self.rows, self.tokens, self.hidden_size)
         elif kind == Kind.AVERAGE:
             _expect_names(kind, by_name, set(self.client_adapter))
@@ -125,6 +131,21 @@ class Limits:
                 raise FrameRejected(f"average weight must be a number, got {weight!r}")
             if not (math.isfinite(weight) and weight > 0):
                 raise FrameRejected(f"average weight must be finite and positive, got {weight}")
+
+    def micro(self, kind: Kind, meta: dict[str, Any]) -> tuple[int, int]:
+        """The frame's micro-batch (index, count) of its step; (0, 1) for a whole batch."""
+        micro = meta.get("micro", [0, 1])
+        if (
+            not isinstance(micro, list)
+            or len(micro) != 2
+            or not all(type(v) is int for v in micro)
+            or not 0 <= micro[0] < micro[1] <= self.micro_batches
+        ):
+            raise FrameRejected(
+                f"{kind} frame: micro must be [index, count] with 0 <= index < count <= "
+                f"{self.micro_batches}, got {str(micro)[:40]}"
+            )
+        return micro[0], micro[1]
 
 
 def _expect_names(kind: Kind, got: dict[str, TensorSpec], expected: set[str]) -> None:

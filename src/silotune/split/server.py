@@ -255,7 +255,8 @@ class _Session:
         trainer = self.service.trainer
         start = time.perf_counter()
         if frame.meta.get("train", False):  # screened: a bool, and no cache with training
-            out = trainer.forward(self.client, hidden, mask)
+            micro = service.limits.micro(frame.kind, frame.meta)
+            out = trainer.forward(self.client, hidden, mask, micro)
         else:
             out = trainer.infer(self.client, hidden, mask, frame.meta.get("cache", ""))
         server_s = time.perf_counter() - start
@@ -266,7 +267,8 @@ class _Session:
         service = self.service
         start = time.perf_counter()
         grad = service.gradients.decode("grad", frame.tensors, service.limits.hidden_size)
-        grad = service.trainer.backward(self.client, grad)
+        micro = service.limits.micro(frame.kind, frame.meta)
+        grad = service.trainer.backward(self.client, grad, micro)
         server_s = time.perf_counter() - start
         tensors = service.gradients.encode("grad", grad)
         return Frame(Kind.GRAD_INPUT, frame.step, tensors, {"server_s": server_s})

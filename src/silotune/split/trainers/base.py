@@ -74,6 +74,41 @@ class Pending:
     outputs: torch.Tensor  # (b, t, d)
 
 
+Micro = tuple[int, int]  # (index, count): a micro-batch of its client's step (split.micro_batches)
+WHOLE: Micro = (0, 1)
+
+
+@dataclass
+class Pipeline:
+    """One client's step as `count` micro-batches: forwards in order, then their gradients in
+    the same order; the optimizer steps once, after the last (the gradients add up to the
+    whole batch's)."""
+
+    count: int
+    pendings: list[Pending | None] = field(default_factory=list)
+    backs: int = 0
+
+    def add(self, micro: Micro, pending: Pending) -> None:
+        """Keep the forward of micro-batch `micro`, the next one expected."""
+        if micro != (len(self.pendings), self.count):
+            raise StepDropped(f"micro-batch {list(micro)} out of order (at {len(self.pendings)})")
+        self.pendings.append(pending)
+
+    def take(self, micro: Micro) -> Pending:
+        """The forward the gradient of micro-batch `micro` answers (the next one due)."""
+        if micro != (self.backs, self.count) or self.backs >= len(self.pendings):
+            raise StepDropped(f"gradient of micro-batch {list(micro)} out of order")
+        pending, self.pendings[self.backs] = self.pendings[self.backs], None  # free its graph
+        self.backs += 1
+        assert pending is not None
+        return pending
+
+    @property
+    def done(self) -> bool:
+        """Every micro-batch has had its backward: time to step."""
+        return self.backs == self.count
+
+
 class MiddleTrainer:
     """Shared bookkeeping: members, compute lock, optimizer step, eval forward, stats."""
 
@@ -250,11 +285,8 @@ class MiddleTrainer:
                     f"mask covers {mask.shape[1]} positions; expected {cached} cached + "
                     f"{hidden.shape[1]} new"
                 )
-            module.eval()
-            try:
-                out: torch.Tensor = module(hidden, mask, kv)
-            finally:
-                module.train()
+            set_training(module, False)
+            out: torch.Tensor = module(hidden, mask, kv)
         check_finite(out, "the middle's output for these activations")
         return out
 
@@ -266,6 +298,7 @@ class MiddleTrainer:
                 f"{hidden.shape[1]} tokens"
             )
         start = time.perf_counter()
+        set_training(module, True)
         leaf = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
             out = module(leaf, mask)
@@ -290,17 +323,28 @@ class MiddleTrainer:
         assert pending.inputs.grad is not None
         return pending.inputs.grad
 
-    def forward(self, client: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, micro: Micro = WHOLE
+    ) -> torch.Tensor:
         """The middle's output for `client`'s front output (b, t, d), keeping the graph."""
         raise NotImplementedError
 
-    def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
-        """Finish `client`'s step from dL/d(output); returns dL/d(input)."""
+    def backward(self, client: str, grad: torch.Tensor, micro: Micro = WHOLE) -> torch.Tensor:
+        """Finish `client`'s step (or one micro-batch of it) from dL/d(output); returns
+        dL/d(input)."""
         raise NotImplementedError
 
     def average_clients(self, client: str, state: StateDict, weight: float) -> StateDict:
         """SplitFed: average the clients' front/back adapters (weighted by their examples)."""
         return self.client_average.meet(client, (state, weight), self.participants)
+
+
+def set_training(module: nn.Module, training: bool) -> None:
+    """Switch train/eval only when it changes: a switch walks every submodule (about 900 in a
+    28-block middle, milliseconds), so flipping it for every decoding step would cost more than
+    the step's own wire time."""
+    if module.training != training:
+        module.train(training)
 
 
 def check_shape(grad: torch.Tensor, expected: torch.Size) -> None:

@@ -12,6 +12,8 @@ from silotune.errors import FrameRejected
 from silotune.split.segments import Middle
 from silotune.split.trainers.base import (
     TRAINERS,
+    WHOLE,
+    Micro,
     MiddleTrainer,
     Pending,
     StepDropped,
@@ -36,7 +38,11 @@ class BatchTrainer(MiddleTrainer):
         self.grad_inputs: dict[str, torch.Tensor] = {}
         self.deadline = 0.0
 
-    def forward(self, client: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, micro: Micro = WHOLE
+    ) -> torch.Tensor:
+        if micro != WHOLE:  # the config refuses micro-batches in this mode; so does the screen
+            raise StepDropped("batch mode takes whole batches, not micro-batches")
         with self.cond:
             self.dropped.pop(client, None)
             while self.pending is not None:  # the previous batch is still in its backward
@@ -97,7 +103,9 @@ class BatchTrainer(MiddleTrainer):
         start, end, length = self.rows[client]
         return bool(torch.isfinite(self.pending.outputs[start:end, :length]).all())
 
-    def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, client: str, grad: torch.Tensor, micro: Micro = WHOLE) -> torch.Tensor:
+        if micro != WHOLE:
+            raise StepDropped("batch mode takes whole batches, not micro-batches")
         with self.cond:
             self.check_not_dropped(client)
             if self.pending is None or client not in self.rows:

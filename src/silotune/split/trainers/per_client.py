@@ -14,8 +14,10 @@ from silotune.split.rendezvous import Rendezvous
 from silotune.split.segments import Middle
 from silotune.split.trainers.base import (
     TRAINERS,
+    WHOLE,
+    Micro,
     MiddleTrainer,
-    Pending,
+    Pipeline,
     Replica,
     StepDropped,
     adapter_state,
@@ -31,7 +33,7 @@ class PerClientTrainer(MiddleTrainer):
         super().__init__(middle, config)
         self.every = config.split.average_every
         self.replicas: dict[str, Replica] = {}
-        self.pendings: dict[str, Pending] = {}
+        self.pipelines: dict[str, Pipeline] = {}  # each client's step in progress
         self.middle_average: Rendezvous[StateDict, StateDict] = Rendezvous(
             lambda d: weighted_mean(list(d.values()), [1.0] * len(d)), self.timeout_s
         )
@@ -71,21 +73,41 @@ class PerClientTrainer(MiddleTrainer):
         replica = self.replicas[client]
         return replica.module, replica.lock
 
-    def forward(self, client: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, client: str, hidden: torch.Tensor, mask: torch.Tensor, micro: Micro = WHOLE
+    ) -> torch.Tensor:
         replica = self.replicas[client]
         with replica.lock:
-            self.dropped.pop(client, None)
-            self.pendings[client] = self.checked_forward(replica.module, hidden, mask)
-            return self.pendings[client].outputs.detach()
+            if micro[0] == 0:
+                self.dropped.pop(client, None)
+                self.pipelines[client] = Pipeline(micro[1])
+            pipeline = self.pipelines.get(client)
+            if pipeline is None:
+                raise StepDropped("micro-batch of a step the server holds no forward for")
+            try:
+                pending = self.checked_forward(replica.module, hidden, mask)
+                pipeline.add(micro, pending)
+            except BaseException:
+                self.release(client, "failed")
+                raise
+            return pending.outputs.detach()
 
-    def backward(self, client: str, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, client: str, grad: torch.Tensor, micro: Micro = WHOLE) -> torch.Tensor:
         replica = self.replicas[client]
         with replica.lock:
-            pending = self.pendings.pop(client, None)
-            if pending is None:
+            pipeline = self.pipelines.get(client)
+            if pipeline is None:
                 raise StepDropped("gradient for a step the server holds no forward for")
-            grad_in = self.timed_backward(pending, grad)
-            self.step(replica.module, replica.optimizer)
+            try:
+                grad_in = self.timed_backward(pipeline.take(micro), grad)
+                if pipeline.done:
+                    del self.pipelines[client]
+                    self.step(replica.module, replica.optimizer)  # zeroes the gradients if it fails
+            except BaseException:
+                self.release(client, "failed")
+                raise
+            if not pipeline.done:
+                return grad_in
             replica.steps += 1
         self.stepped(client)
         if replica.steps % self.every == 0:
@@ -103,4 +125,5 @@ class PerClientTrainer(MiddleTrainer):
         self.middle_average.recheck(self.participants())
 
     def release(self, client: str, reason: str) -> None:
-        self.pendings.pop(client, None)
+        if self.pipelines.pop(client, None) is not None and client in self.replicas:
+            self.replicas[client].optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,108 @@
+"""Pipelined micro-batches (`split.micro_batches`): the same update as whole batches, frames in
+flight in the right order, refusals that leave the session in step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from silotune.config import load_config
+from silotune.errors import ConfigError
+from silotune.split.adapters import add_segment_adapter
+from silotune.split.link import SplitError
+from silotune.split.protocol import Frame, Kind
+from silotune.split.segments import split_model
+from silotune.split.trainers import adapter_state
+from tests.test_split import (
+    batch,
+    client_model,
+    running_server,
+    split_config,
+    tiny_llama,
+    train_client,
+)
+
+
+def train_pipelined(mode: str, count: int) -> tuple[list[float], dict[str, torch.Tensor], list]:
+    """Three steps of one client against a fresh server: losses, every adapter, frames sent."""
+    config = split_config(
+        "split.tls=false",
+        "split.encrypt=false",
+        f"split.mode={mode}",
+        f"split.micro_batches={count}",
+    )
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_adapter(segments.middle, config, "middle")
+    frames: list[Frame] = []
+    with running_server(segments, config) as (port, trainer):
+        model, link = client_model(config, port, "c0", 0)
+        link.on_frame = lambda frame, raw: frames.append(frame)
+        losses = train_client(model, 3, seed=0)
+        link.close()
+    middle = trainer.client_middles().get("c0", segments.middle)
+    state = {f"client.{k}": v for k, v in adapter_state(model).items()}
+    state.update({f"server.{k}": v for k, v in adapter_state(middle).items()})
+    return losses, state, frames
+
+
+@pytest.mark.parametrize("mode", ["serial", "per-client"])
+def test_micro_batches_give_the_whole_batch_update(mode: str) -> None:
+    want_losses, want, _ = train_pipelined(mode, 1)
+    for count in (2, 3):
+        losses, got, frames = train_pipelined(mode, count)
+        assert losses == pytest.approx(want_losses, abs=1e-6)
+        assert got.keys() == want.keys() and len(got) == 16  # 4 blocks: q, v x A, B
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+        # Every micro-batch's activations go out before the first reply is read, then every
+        # gradient: a step is k activations then k gradients, each numbered in order.
+        step = [
+            (f.kind, f.meta.get("micro")) for f in frames if f.kind in (Kind.ACTIVATIONS, Kind.GRAD)
+        ]
+        micros = [[j, count] for j in range(count)]
+        assert step[: 2 * count] == [(Kind.ACTIVATIONS, m) for m in micros] + [
+            (Kind.GRAD, m) for m in micros
+        ]
+        assert len(step) == 3 * 2 * count
+
+
+def test_micro_batches_out_of_order_or_beyond_the_run_are_refused_and_the_session_goes_on() -> None:
+    config = split_config("split.tls=false", "split.micro_batches=2")
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_adapter(segments.middle, config, "middle")
+    with running_server(segments, config) as (port, trainer):
+        model, link = client_model(config, port, "c0", 0)
+        ids, mask, _ = batch()
+        hidden = model.front(ids, mask).detach()
+        link.post_forward(hidden, mask, train=True, micro=(1, 2))  # its first micro-batch is 0
+        with pytest.raises(SplitError, match="holds no forward"):
+            link.take_forward(hidden)
+        link.post_forward(hidden[:2], mask[:2], train=True, micro=(0, 2))
+        out = link.take_forward(hidden[:2])
+        link.post_backward(torch.ones_like(out), micro=(1, 2))  # the gradient of 0 is due
+        with pytest.raises(SplitError, match="out of order"):
+            link.take_backward(out)
+        assert trainer.steps == 0
+        # The session is in step again: a whole pipelined step trains.
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        assert trainer.steps == 1
+        link.post_forward(hidden, mask, train=True, micro=(0, 3))  # the run allows 2
+        with pytest.raises(SplitError, match=r"micro must be \[index, count\]"):
+            link.take_forward(hidden)
+        link.broken = True  # refused from its header: its sequence number is spent here only
+        link.close()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["split.mode=batch"], "batch mode"),
+        (["privacy.mode=dp-sgd"], "dp-sgd"),
+        (["train.batch_size=2", "split.micro_batches=3"], "needs a row"),
+    ],
+)
+def test_micro_batches_are_refused_where_they_cannot_work(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["split.micro_batches=2", *overrides])
