@@ -41,7 +41,7 @@ from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle
 from silotune.split.loading import load_segments
 from silotune.split.model import SplitCausalLM
-from split_overhead import CLIENT, bench_config, split_server
+from split_overhead import CLIENT, bench_config, link_snapshot, split_server
 
 PAD = 0
 
@@ -86,8 +86,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
 def measure(
     args: argparse.Namespace, central: torch.nn.Module, split: SplitCausalLM, vocab: int, batch: int
-) -> tuple[int, dict[str, float], bool]:
+) -> tuple[int, dict[str, float], bool, dict[str, float]]:
     new = args.new
+    link = split.middle.link  # type: ignore[union-attr]
+    parts: dict[str, float] = {}  # the cached runs' link counters, summed
 
     # Both stop a row at the model's EOS (and pad it after), so they decode the same tokens.
     eos = central.generation_config.eos_token_id  # type: ignore[union-attr]
@@ -121,14 +123,21 @@ def measure(
         order = names if rep % 2 == 0 else names[::-1]
         outs = {}
         for name in order:
+            before = link_snapshot(link)
             with torch.no_grad():
                 s, outs[name] = timed(lambda fn=runs[name], i=ids, m=mask: fn(i, m))
+            if rep and name == "split, cached":
+                after = link_snapshot(link)
+                for key in after:
+                    parts[key] = parts.get(key, 0.0) + after[key] - before[key]
+                parts["seconds"] = parts.get("seconds", 0.0) + s
+                parts["steps"] = parts.get("steps", 0.0) + outs[name].shape[1] - ids.shape[1]
             if rep:
                 seconds[name].append(s)
                 tokens[name].append(batch * (outs[name].shape[1] - ids.shape[1]))
         same &= torch.equal(outs["centralized"], outs["split, cached"])
     tokens_per_s = {n: sum(tokens[n]) / sum(s) for n, s in seconds.items()}
-    return batch, tokens_per_s, same
+    return batch, tokens_per_s, same, parts
 
 
 def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # type: ignore[type-arg]
@@ -151,7 +160,7 @@ def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # t
         "same tokens",
     ):
         table.add_column(col, justify="right")
-    for batch, tps, same in rows:
+    for batch, tps, same, _ in rows:
         c, s, r = tps["centralized"], tps["split, cached"], tps["split, recomputed"]
         table.add_row(
             str(batch),
@@ -163,6 +172,35 @@ def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # t
             "yes" if same else "NO",
         )
     console.print(table)
+    parts = Table(
+        title="where a cached split decoding step's time goes (ms per step, prompt step included)",
+        title_justify="left",
+    )
+    for col in (
+        "batch",
+        "split step",
+        "centralized step",
+        "overhead",
+        "client compute",
+        "server compute",
+        "transport + server framing",
+        "client framing",
+        "client AEAD",
+    ):
+        parts.add_column(col, justify="right")
+    for batch, tps, _, p in rows:
+        steps = p["steps"]
+        step, wait = p["seconds"] / steps, p["wait"] / steps
+        framing, aead, server = (
+            p["serialize"] / steps,
+            p["aead_client"] / steps,
+            p["server"] / steps,
+        )
+        central = batch / tps["centralized"]
+        cells = (step, central, step - central, step - wait - framing - aead, server)
+        cells += (wait - server, framing, aead)
+        parts.add_row(str(batch), *(f"{1e3 * v:.2f}" for v in cells))
+    console.print(parts)
 
 
 def main() -> None:
