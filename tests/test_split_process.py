@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from silotune.split.process import ClientArgs, ServerArgs, command, environment, parse
+from silotune.split.process import ClientArgs, ServerArgs, command, parse
 
 from .conftest import CONFIGS
 
@@ -40,13 +38,3 @@ def test_a_split_process_loads_no_flower() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-
-
-def test_split_processes_sleep_idle_openmp_threads_unless_the_user_says_otherwise(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert environment()["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert environment()["PYTHONUNBUFFERED"] == "1"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert environment()["OMP_WAIT_POLICY"] == "ACTIVE"

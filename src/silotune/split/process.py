@@ -53,11 +53,9 @@ def command(args: ServerArgs | ClientArgs) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    """The environment for split processes sharing this machine: logs line by line, and OpenMP
-    threads that sleep between parallel regions instead of spinning (its default), so the
-    server's idle threads do not take the cores from a client that has work, and back. A value
-    the user set is kept."""
-    return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"}
+    """The environment for the split processes a run starts: this one's, with logs written
+    line by line (they show progress)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def parse(argv: list[str]) -> ServerArgs | ClientArgs:
