@@ -12,7 +12,7 @@ from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import SplitError
 from silotune.split.protocol import Frame, Kind
 from silotune.split.segments import split_model
-from silotune.split.trainers import adapter_state
+from silotune.split.trainers import adapter_state, build_trainer
 from tests.test_split import (
     batch,
     client_model,
@@ -106,3 +106,30 @@ def test_micro_batches_are_refused_where_they_cannot_work(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["split.micro_batches=2", *overrides])
+
+
+@pytest.mark.parametrize("mode", ["serial", "per-client"])
+def test_a_step_abandoned_half_way_leaves_nothing_in_the_next(mode: str) -> None:
+    """Forward both micro-batches, backward only the first, start over: the server's update is
+    the clean step's, not one with the abandoned half's gradient in it."""
+    config = split_config(f"split.mode={mode}", "split.micro_batches=2")
+    ids, mask, _ = batch()
+    states = []
+    for abandon in (False, True):
+        segments = split_model(tiny_llama(), 1, 1)
+        add_segment_adapter(segments.middle, config, "middle")
+        trainer = build_trainer(segments.middle, config)
+        trainer.join("c0")
+        hidden = segments.front(ids, mask).detach()
+        if abandon:
+            out = trainer.forward("c0", hidden[:2], mask[:2], (0, 2))
+            trainer.forward("c0", hidden[2:], mask[2:], (1, 2))
+            trainer.backward("c0", torch.ones_like(out), (0, 2))
+        for j, rows in enumerate((slice(0, 2), slice(2, 3))):
+            out = trainer.forward("c0", hidden[rows], mask[rows], (j, 2))
+        for j, rows in enumerate((slice(0, 2), slice(2, 3))):
+            trainer.backward("c0", torch.full((rows.stop - rows.start, 12, 32), 0.1), (j, 2))
+        assert trainer.steps == 1
+        states.append(adapter_state(trainer.client_middles().get("c0", segments.middle)))
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=1e-7, msg=name)

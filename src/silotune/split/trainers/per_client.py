@@ -80,6 +80,7 @@ class PerClientTrainer(MiddleTrainer):
         with replica.lock:
             if micro[0] == 0:
                 self.dropped.pop(client, None)
+                self.release(client, "a new step began")  # no gradients left from an abandoned one
                 self.pipelines[client] = Pipeline(micro[1])
             pipeline = self.pipelines.get(client)
             if pipeline is None:

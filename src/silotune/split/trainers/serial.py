@@ -35,6 +35,8 @@ class SerialTrainer(MiddleTrainer):
         with self.cond:
             if micro[0] == 0:  # a new step: wait for the middle
                 self.dropped.pop(client, None)
+                # A step it abandoned half-way must not leave gradients in the next one.
+                self.release(client, "a new step began")
                 while self.holder is not None and self.holder != client:
                     remaining = self.deadline - time.monotonic()
                     if remaining <= 0:
