@@ -23,8 +23,10 @@ elif [ -n "${TORCH_INDEX_URL:-}" ]; then
 elif command -v nvidia-smi >/dev/null 2>&1; then
     "${PIP[@]}" "torch==$TORCH_VERSION"
 else
-    # The CPU wheel carries a +cpu local version, which pip prefers over the CUDA build.
-    "${PIP[@]}" "torch==$TORCH_VERSION" --retries 1 \
+    # The CPU wheel carries a +cpu local version, which pip prefers over the CUDA build. Only
+    # torch itself is looked up there (its dependencies come with silotune's, from PyPI), with a
+    # short timeout: where that index cannot be reached, every lookup would wait pip's timeout.
+    "${PIP[@]}" --no-deps --timeout 20 --retries 1 "torch==$TORCH_VERSION" \
         --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 

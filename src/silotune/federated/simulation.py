@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 
+import ray
 from flwr.simulation import run_simulation
 
 from silotune.federated import secagg
@@ -74,10 +77,47 @@ def simulate(
         "init_args": {"num_cpus": cpus, "log_to_driver": verbose, "logging_level": "ERROR"},
     }
     tick("starting Flower's simulation", 0, 1)  # Ray takes a while to start its workers
-    run_simulation(
-        server_app=server_app,  # type: ignore[arg-type]
-        client_app=client_app,  # type: ignore[arg-type]
-        num_supernodes=clients,
-        backend_config=backend,  # type: ignore[arg-type]
-        verbose_logging=verbose,
-    )
+    start_ray(backend["init_args"])  # Flower's backend uses a running Ray
+    try:
+        run_simulation(
+            server_app=server_app,  # type: ignore[arg-type]
+            client_app=client_app,  # type: ignore[arg-type]
+            num_supernodes=clients,
+            backend_config=backend,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        ray.shutdown()  # Flower's backend does on success; nothing of Ray outlives a run
+
+
+RAY_STARTS = 3
+
+
+def start_ray(init_args: dict[str, object], attempts: int = RAY_STARTS) -> None:
+    """Start Ray for Flower's backend, trying again when it fails to come up.
+
+    On a loaded machine Ray's head processes can miss their own start-up deadlines (its GCS
+    server's port file, seen on a 2-core machine running other work); Flower then ends the
+    simulation with a bare "An error was encountered". Nothing has run yet at this point, so
+    starting again is safe. Workers get this process's import path, as Flower's backend gives
+    them when it starts Ray itself."""
+    if ray.is_initialized():
+        return
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = path
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                runtime_env={"env_vars": {"PYTHONPATH": path}},
+                include_dashboard=False,
+                **init_args,  # type: ignore[arg-type]
+            )
+            return
+        except Exception as error:  # Ray raises RuntimeError, TimeoutError or its own types
+            ray.shutdown()  # whatever half-started goes
+            if attempt == attempts:
+                raise RuntimeError(
+                    f"Flower's simulation engine (Ray) failed to start {attempts} times; the "
+                    f"last error: {error}. Free CPU or memory (or disk under /tmp) and run again."
+                ) from error
+            time.sleep(2.0 * attempt)
