@@ -72,12 +72,17 @@ def simulate(
     """Run the apps on Flower's Simulation Engine: with `resources` (from the memory plan) as
     many clients at once as fit, else one worker using all CPUs at a time."""
     cpus = os.cpu_count() or 1
+    init_args: dict[str, object] = {
+        "num_cpus": cpus,
+        "log_to_driver": verbose,
+        "logging_level": "ERROR",
+    }
     backend = {
         "client_resources": resources or {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "log_to_driver": verbose, "logging_level": "ERROR"},
+        "init_args": init_args,
     }
     tick("starting Flower's simulation", 0, 1)  # Ray takes a while to start its workers
-    start_ray(backend["init_args"])  # Flower's backend uses a running Ray
+    start_ray(init_args)  # Flower's backend uses a running Ray
     try:
         run_simulation(
             server_app=server_app,  # type: ignore[arg-type]
