@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import Qwen2Config
+from transformers import GlmConfig, PretrainedConfig, Qwen2Config
 
 from silotune import logs
 from silotune.config import load_config
@@ -56,7 +56,23 @@ QWEN25_7B = Qwen2Config(
     vocab_size=152064,
     tie_word_embeddings=False,
 )
-PRESETS = ("fedpit-7b-qlora.toml", "split-7b.toml")
+# GLM-4-9B-Chat in its transformers-native form (THUDM/glm-4-9b-chat-hf, config.json on the hub).
+GLM4_9B = GlmConfig(
+    hidden_size=4096,
+    intermediate_size=13696,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    vocab_size=151552,
+    attention_bias=True,
+    tie_word_embeddings=False,
+)
+PRESETS: dict[str, PretrainedConfig] = {
+    "fedpit-7b-qlora.toml": QWEN25_7B,
+    "split-7b.toml": QWEN25_7B,
+    "split-glm4-9b.toml": GLM4_9B,
+}
 
 
 def overrides(model: str, extra: list[str]) -> list[str]:
@@ -137,14 +153,15 @@ def measure(args: argparse.Namespace, console: Console) -> None:
 
 def presets(console: Console) -> None:
     table = Table(
-        title="7B-class presets (Qwen2.5-7B shape), planned on one GPU", title_justify="left"
+        title="7B-class presets (their models' published shapes), planned on one GPU",
+        title_justify="left",
     )
     for col in ("preset", "process", "peak GiB", "24 GiB", "40 GiB", "80 GiB"):
         table.add_column(col, justify="left" if col in ("preset", "process") else "right")
-    for name in PRESETS:
+    for name, shape in PRESETS.items():
         config = load_config(ROOT / "configs" / name)
         placement = planned_placement(config, "cuda")
-        plans = {cap: plan_run(config, QWEN25_7B, placement, cap * GIB) for cap in (24, 40, 80)}
+        plans = {cap: plan_run(config, shape, placement, cap * GIB) for cap in (24, 40, 80)}
         first = plans[80]
         for i, estimate in enumerate(first.estimates):
             verdicts = ["", "", ""]

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import AutoConfig, GlmConfig, LlamaConfig
 
 from silotune.cli import main
 from silotune.config import Config, load_config
@@ -17,7 +17,7 @@ from silotune.errors import ConfigError
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.load import resolve_model
 from silotune.modeling.memory import GIB, model_config, plan_run
-from silotune.modeling.placement import Placement
+from silotune.modeling.placement import Placement, planned_placement
 from silotune.modeling.shape import architecture
 from silotune.training.loop import train_steps
 from silotune.training.workbench import Workbench
@@ -205,3 +205,31 @@ def test_planned_per_example_gradients_are_what_opacus_holds(
     tiny_bench.put(GLOBAL, tiny_bench.initial)
     assert held and all(size == drawn * planned for drawn, size in held)
     assert any(drawn > 0 for drawn, _ in held)
+
+
+def test_the_glm4_9b_split_preset_is_planned_from_its_published_shape() -> None:
+    """FL-GLM's own family: GLM-4-9B-Chat (transformers-native) is split and planned like the
+    7B presets, without a download."""
+    glm4_9b = GlmConfig(
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        vocab_size=151552,
+        attention_bias=True,
+        tie_word_embeddings=False,
+    )
+    cfg = load_config(CONFIGS / "split-glm4-9b.toml")
+    assert architecture(glm4_9b, cfg.lora.target_modules, 8).params == pytest.approx(
+        9.4e9, rel=0.01
+    )
+    placement = planned_placement(cfg, "cuda")  # as the preset asks: 4-bit, bf16, checkpointing
+    plan = plan_run(cfg, glm4_9b, placement, capacity=80 * GIB)
+    roles = {e.role: e.total / GIB for e in plan.estimates}
+    assert plan.fits and 7 < roles["split server"] < 11 and plan.client is not None
+    assert 9 < plan.client.total / GIB < 14
+    gpt2 = AutoConfig.for_model("gpt2")
+    with pytest.raises(ConfigError, match=r"cannot cut .*gpt2.*test matrix"):
+        plan_run(cfg, gpt2, placement, capacity=80 * GIB)

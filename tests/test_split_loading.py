@@ -136,3 +136,23 @@ def test_sharded_checkpoints_load_through_their_index(
     client = load_segments(sharded, "client")
     server = load_segments(sharded, "server")
     assert torch.equal(_run(client, server, client, batch), full_logits)
+
+
+def test_a_family_with_buffers_outside_its_file_loads_whole_with_the_same_logits(
+    tmp_path: Path,
+) -> None:
+    """Gemma scales its embeddings by a buffer the checkpoint does not hold: partial loading
+    cannot rebuild it, so the roles load the whole model and keep their parts, still exact."""
+    from .test_split_families import batch as family_batch
+    from .test_split_families import tiny_model
+
+    model = tiny_model("gemma2")
+    model.save_pretrained(tmp_path)
+    ids, mask, _ = family_batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    config = load_config(None, [f"model.name={tmp_path}"])
+    client, server = load_segments(config, "client"), load_segments(config, "server")
+    got = _run(client, server, client, (ids, mask))
+    real = mask.bool()
+    assert torch.equal(got[real], want[real])

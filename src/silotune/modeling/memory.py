@@ -41,6 +41,7 @@ from silotune.modeling.load import not_loadable
 from silotune.modeling.placement import Placement
 from silotune.modeling.shape import Shape, architecture
 from silotune.registry import Registry
+from silotune.split.families import check_splittable
 
 GIB = 1024**3
 # The CUDA context, or the Python process with torch, transformers and datasets imported.
@@ -303,11 +304,13 @@ def plan_run(
     capacity: int | None = None,
 ) -> MemoryPlan:
     """The plan for `silotune run` of `config` on one machine (simulation, or split processes)."""
+    per_algorithm = [WORKLOADS.get(name)(config) for name in config.experiment.algorithms]
+    if any(p.blocks is not None or p.blocks_elsewhere for ps in per_algorithm for p in ps):
+        check_splittable(hf_config)  # a split: refuse a family it cannot cut, before any weights
     lora = config.lora
     shape = architecture(hf_config, lora.target_modules, lora.r)
     capacity = device_capacity(placement.device) if capacity is None else capacity
     clients = config.partition.clients
-    per_algorithm = [WORKLOADS.get(name)(config) for name in config.experiment.algorithms]
 
     def sized(process: Process) -> Estimate:
         place = placement if process.quantized else replace(placement, quantization="none")

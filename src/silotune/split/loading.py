@@ -212,6 +212,16 @@ def _load_partially(
         parts["lm_head"].weight = parts["embed_tokens"].weight
     # Non-persistent buffers (rotary `inv_freq`) are not in the file: rebuild them on CPU.
     model.get_submodule("model").rotary_emb = type(parts["rotary_emb"])(config=model.config)
+    if buffers := [
+        n
+        for n, b in model.named_buffers()
+        if _kept(n, [*prefixes, "model.rotary_emb"]) and b.is_meta
+    ]:
+        # Other buffers the file lacks (Gemma's embedding scale): transformers' loader sets them.
+        log.info(
+            "%s keeps %s outside its file; loading the whole model", source.location, buffers[0]
+        )
+        return None
     _check_materialised(model, [*prefixes, "model.rotary_emb"])
     log.debug("loaded %d of %d tensors for role %s", len(wanted), len(weights), role)
     return model

@@ -16,20 +16,27 @@ model's own `forward` does, so `back(middle(front(x)))` is the full model.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_chunked_causal_mask,
+    create_sliding_window_causal_mask,
+)
 
 from silotune.errors import ConfigError
+from silotune.split.families import check_splittable, embedding_scale, logits_transform
 from silotune.split.prefix import PrefixKV, SegmentPrefix, with_prefix_columns
 
 _MASK_BUILDERS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
+    "chunked_attention": create_chunked_causal_mask,
 }
 
 
@@ -58,7 +65,9 @@ class SplitPoints:
 
 
 def decoder_parts(model: PreTrainedModel) -> dict[str, nn.Module]:
-    """The modules a split needs (Llama-family layout: `model.model.*` and `model.lm_head`)."""
+    """The modules a split needs (`model.model.*` and `model.lm_head`); a family the split is
+    not proven on is refused first (`families.check_splittable`)."""
+    check_splittable(model.config)
     inner = getattr(model, "model", None)
     parts = {
         "embed_tokens": getattr(inner, "embed_tokens", None),
@@ -69,8 +78,8 @@ def decoder_parts(model: PreTrainedModel) -> dict[str, nn.Module]:
     }
     if not all(isinstance(m, nn.Module) for m in parts.values()):
         raise ConfigError(
-            f"{type(model).__name__} is not a Llama-family decoder (embed_tokens, layers, norm, "
-            "rotary_emb, lm_head); split learning supports Llama, Qwen2, Mistral and SmolLM models"
+            f"{type(model).__name__} lacks the decoder layout a split cuts (model.embed_tokens, "
+            "model.layers, model.norm, model.rotary_emb, lm_head)"
         )
     return {k: m for k, m in parts.items() if isinstance(m, nn.Module)}
 
@@ -82,6 +91,7 @@ class Segment(nn.Module):
         super().__init__()
         self.config = config
         self.rotary_emb = rotary
+        self.rotary_per_kind = "layer_type" in inspect.signature(rotary.forward).parameters
         self.layers = nn.ModuleList(blocks)
         self.prefix: SegmentPrefix | None = None  # set for p-tuning v2 (see add_prefix)
         # What hidden states are cast to on entry (the base's dtype); None: left as they come.
@@ -118,18 +128,19 @@ class Segment(nn.Module):
         # transformers' generate gives them; with right padding this is arange(t), as in training.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]  # (b, q)
         masks: dict[str, Any] = {}
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        rotary: dict[str, Any] = {}  # per layer kind: (cos, sin), or one complex table (Llama 4)
         prefixes = self.prefix(hidden.shape[0]) if self.prefix is not None else None
         if prefixes is not None and cache is not None:
             raise ValueError("prefix segments decode without a cache")
-        first_layer = _layer_index(self.layers[0])
         for i, block in enumerate(self.layers):
             if (device := _block_device(block)) != hidden.device:
                 # The blocks are spread over several GPUs (split.server_device_map = "auto").
                 hidden, attention_mask = hidden.to(device), attention_mask.to(device)
-                position_embeddings = tuple(t.to(device) for t in position_embeddings)
-                masks = {k: m.to(device) if torch.is_tensor(m) else m for k, m in masks.items()}
+                rotary = {k: _moved(r, device) for k, r in rotary.items()}
+                masks = {k: _moved(m, device) for k, m in masks.items()}
             kind = _attention_kind(block, self.config)
+            if kind not in rotary:
+                rotary[kind] = self._rotary(hidden, position_ids, kind)
             if kind not in masks:
                 masks[kind] = _MASK_BUILDERS[kind](
                     config=self.config,
@@ -138,8 +149,9 @@ class Segment(nn.Module):
                     past_key_values=cache,
                     position_ids=position_ids,
                     allow_is_causal_skip=prefixes is None,
-                    # The cache spans the whole model: size the mask by this segment's layers.
-                    layer_idx=first_layer if cache is not None else None,
+                    # The cache spans the whole model: size the mask by the first of this
+                    # segment's blocks of this kind (a sliding layer's cache keeps the window).
+                    layer_idx=_layer_index(block) if cache is not None else None,
                 )
                 if prefixes is not None:
                     masks[kind] = with_prefix_columns(masks[kind], prefixes[0][0].shape[2])
@@ -152,19 +164,39 @@ class Segment(nn.Module):
                 hidden,
                 attention_mask=masks[kind],
                 position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                position_embeddings=rotary[kind],
                 **extra,
             )
         return hidden
 
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str) -> Any:
+        """The rotary table for blocks of `kind`: one per layer type where the model keeps
+        several (Gemma 3, OLMo 3: local and global rope), else the one table."""
+        if self.rotary_per_kind:
+            return self.rotary_emb(hidden, position_ids, kind)
+        return self.rotary_emb(hidden, position_ids=position_ids)
+
 
 def _attention_kind(block: nn.Module, config: Any) -> str:
-    """Which causal mask a block needs: its own `attention_type` (Qwen2, newer models), else
+    """Which causal mask (and rotary table) a block needs, as the model's forward picks it: the
+    config's `layer_types` entry for the block, else the block's own `attention_type`, else
     sliding when the config has a window (Mistral), else full (Llama)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return str(types[_layer_index(block)])
     kind = getattr(block, "attention_type", None)
     if kind is None:
         kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
     return str(kind)
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """A tensor, or a tuple of them, on `device` (anything else as it is)."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_moved(v, device) for v in value)
+    return value
 
 
 def _block_device(block: nn.Module) -> torch.device:
@@ -183,12 +215,16 @@ class Front(Segment):
     def __init__(self, config: Any, rotary: nn.Module, embed: nn.Module, blocks: list[nn.Module]):
         super().__init__(config, rotary, blocks)
         self.embed_tokens = embed
+        self.embedding_scale = embedding_scale(config)  # µP models scale in their forward
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
     ) -> torch.Tensor:
         """(b, q) ids -> (b, q, d) hidden states."""
-        return self.run_blocks(self.embed_tokens(input_ids), attention_mask, cache)
+        hidden = self.embed_tokens(input_ids)
+        if self.embedding_scale is not None:
+            hidden = hidden * self.embedding_scale
+        return self.run_blocks(hidden, attention_mask, cache)
 
 
 class Middle(Segment):
@@ -215,13 +251,15 @@ class Back(Segment):
         super().__init__(config, rotary, blocks)
         self.norm = norm
         self.lm_head = lm_head
+        # Soft-capping or scaling of the logits that the model's forward does after its head.
+        self.logits_transform = logits_transform(config)
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
     ) -> torch.Tensor:
         """(b, q, d) -> (b, q, vocab) logits."""
         out: torch.Tensor = self.lm_head(self.norm(self.run_blocks(hidden, attention_mask, cache)))
-        return out
+        return out if self.logits_transform is None else self.logits_transform(out)
 
 
 @dataclass
