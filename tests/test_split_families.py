@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from silotune.data.sft import IGNORE_INDEX
 from silotune.errors import ConfigError
+from silotune.modeling.shape import architecture
 from silotune.split.families import SPLIT_FAMILIES, check_splittable
 from silotune.split.model import SplitCausalLM
 from silotune.split.segments import split_model
@@ -130,6 +131,18 @@ def test_the_family_splits_exactly(family: str) -> None:
         )
         split = SplitCausalLM(s.front, s.back, s.middle)
         assert torch.equal(split.generate(prompts, left, 5, pad_token_id=0), greedy)
+
+
+@pytest.mark.parametrize("family", SPLIT_FAMILIES)
+def test_the_memory_plan_counts_every_parameter_of_the_family(family: str) -> None:
+    model = tiny_model(family)
+    shape = architecture(model.config, ("q_proj", "v_proj"), 4)
+    norm = sum(p.numel() for p in model.get_submodule("model.norm").parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.get_submodule("model.layers")]
+    total = sum(p.numel() for p in model.parameters())
+    # Every block as the largest (Gemma 4's global blocks are larger): exact when all are alike.
+    assert shape.params + norm == total + sum(max(blocks) - b for b in blocks)
+    assert shape.layers == 4 and shape.vocab == VOCAB
 
 
 def config_of(family: str, **fields: Any) -> Any:
