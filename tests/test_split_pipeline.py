@@ -13,9 +13,11 @@ from silotune.split.link import SplitError
 from silotune.split.protocol import Frame, Kind
 from silotune.split.segments import split_model
 from silotune.split.trainers import adapter_state, build_trainer
+from silotune.split.trainers.base import StepDropped
 from tests.test_split import (
     batch,
     client_model,
+    in_threads,
     running_server,
     split_config,
     tiny_llama,
@@ -45,7 +47,7 @@ def train_pipelined(mode: str, count: int) -> tuple[list[float], dict[str, torch
     return losses, state, frames
 
 
-@pytest.mark.parametrize("mode", ["serial", "per-client"])
+@pytest.mark.parametrize("mode", ["serial", "per-client", "batch"])
 def test_micro_batches_give_the_whole_batch_update(mode: str) -> None:
     want_losses, want, _ = train_pipelined(mode, 1)
     for count in (2, 3):
@@ -96,7 +98,6 @@ def test_micro_batches_out_of_order_or_beyond_the_run_are_refused_and_the_sessio
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["split.mode=batch"], "batch mode"),
         (["privacy.mode=dp-sgd"], "dp-sgd"),
         (["train.batch_size=2", "split.micro_batches=3"], "needs a row"),
     ],
@@ -108,7 +109,7 @@ def test_micro_batches_are_refused_where_they_cannot_work(
         load_config(None, ["split.micro_batches=2", *overrides])
 
 
-@pytest.mark.parametrize("mode", ["serial", "per-client"])
+@pytest.mark.parametrize("mode", ["serial", "per-client", "batch"])
 def test_a_step_abandoned_half_way_leaves_nothing_in_the_next(mode: str) -> None:
     """Forward both micro-batches, backward only the first, start over: the server's update is
     the clean step's, not one with the abandoned half's gradient in it."""
@@ -133,3 +134,62 @@ def test_a_step_abandoned_half_way_leaves_nothing_in_the_next(mode: str) -> None
         states.append(adapter_state(trainer.client_middles().get("c0", segments.middle)))
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=1e-7, msg=name)
+
+
+def two_clients_stacked(count: int) -> tuple[dict[str, torch.Tensor], list[list[float]], int]:
+    """Two clients, three steps each, against a batch-mode server: the middle's adapter, the
+    clients' losses and the server's steps."""
+    config = split_config(
+        "split.mode=batch",
+        "split.tls=false",
+        "split.encrypt=false",
+        "split.batch_window_s=20",
+        f"split.micro_batches={count}",
+    )
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_adapter(segments.middle, config, "middle")
+    with running_server(segments, config) as (port, trainer):
+        clients = [client_model(config, port, f"c{i}", i) for i in range(2)]
+        losses = in_threads(
+            [lambda m=m, i=i: train_client(m, 3, seed=i) for i, (m, _) in enumerate(clients)]
+        )
+        for _, link in clients:
+            link.close()
+    return adapter_state(segments.middle), losses, trainer.steps  # type: ignore[return-value]
+
+
+def test_batch_mode_stacks_every_clients_micro_batches_into_the_whole_batch_update() -> None:
+    want, want_losses, steps = two_clients_stacked(1)
+    got, losses, pipelined_steps = two_clients_stacked(2)
+    assert steps == pipelined_steps == 3  # both clients in one stacked step, every step
+    for run, want_run in zip(losses, want_losses, strict=True):
+        assert run == pytest.approx(want_run, abs=1e-6)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_client_leaving_a_stacked_step_half_way_gives_the_step_up_for_everyone() -> None:
+    """Its first micro-batch's gradient is already in the stacked sums and cannot be taken out:
+    no half-done update is applied; the other client is told why."""
+    config = split_config("split.mode=batch", "split.micro_batches=2", "split.batch_window_s=20")
+    segments = split_model(tiny_llama(), 1, 1)
+    add_segment_adapter(segments.middle, config, "middle")
+    before = adapter_state(segments.middle)
+    trainer = build_trainer(segments.middle, config)
+    ids, mask, _ = batch()
+    hidden = segments.front(ids, mask).detach()
+    for client in ("c0", "c1"):
+        trainer.join(client)
+
+    def first_half(client: str) -> None:
+        outs = [trainer.forward(client, hidden[j::2], mask[j::2], (j, 2)) for j in range(2)]
+        trainer.backward(client, torch.ones_like(outs[0]), (0, 2))
+
+    in_threads([lambda c=c: first_half(c) for c in ("c0", "c1")])
+    trainer.leave("c0")
+    with pytest.raises(StepDropped, match="another client left the stacked step"):
+        trainer.backward("c1", torch.ones_like(hidden[1::2]), (1, 2))
+    assert trainer.steps == 0
+    after = adapter_state(segments.middle)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in segments.middle.parameters())

@@ -83,7 +83,7 @@ class SplitConfig:
         "Split each training batch into this many micro-batches and keep them all in flight: "
         "the client's front and back work on one while the wire and the server work on "
         "another; the gradients add up to the whole batch's, so the update is the same. "
-        "Serial and per-client modes; not with DP-SGD.",
+        "Every mode (in batch mode micro-batch j of every client is stacked); not with DP-SGD.",
     )
     batch_window_s: float = setting(
         2.0,
@@ -145,11 +145,6 @@ def check_split(config: Config) -> None:
     count = config.split.micro_batches
     if count == 1:
         return
-    if config.split.mode == "batch":
-        raise ConfigError(
-            'split.micro_batches > 1 needs split.mode = "serial" or "per-client": batch mode '
-            "already stacks the clients' steps into one"
-        )
     if config.privacy.mode == "dp-sgd":
         raise ConfigError(
             "split.micro_batches > 1 cannot be combined with privacy.mode = 'dp-sgd' (its "
