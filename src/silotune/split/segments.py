@@ -93,6 +93,11 @@ class Segment(nn.Module):
         self.rotary_emb = rotary
         self.rotary_per_kind = "layer_type" in inspect.signature(rotary.forward).parameters
         self.layers = nn.ModuleList(blocks)
+        # Looked up once, not per block and token (a decoding step is a few milliseconds).
+        self.kinds = [_attention_kind(block, config) for block in blocks]
+        self.indices = [_layer_index(block) for block in blocks]
+        # Blocks over several GPUs (split.server_device_map = "auto"): hidden states follow.
+        self.spread = len({_block_device(block) for block in blocks}) > 1
         self.prefix: SegmentPrefix | None = None  # set for p-tuning v2 (see add_prefix)
         # What hidden states are cast to on entry (the base's dtype); None: left as they come.
         self.compute_dtype: torch.dtype | None = None
@@ -103,7 +108,7 @@ class Segment(nn.Module):
 
     def cached_tokens(self, cache: Cache) -> int:
         """Positions `cache` holds for this segment's blocks (0 for a segment without blocks)."""
-        return cache.get_seq_length(_layer_index(self.layers[0])) if len(self.layers) else 0
+        return cache.get_seq_length(self.indices[0]) if self.indices else 0
 
     def add_prefix(self, tokens: int) -> None:
         """Give every block of this segment `tokens` learned key/value prefixes (p-tuning v2)."""
@@ -132,13 +137,13 @@ class Segment(nn.Module):
         prefixes = self.prefix(hidden.shape[0]) if self.prefix is not None else None
         if prefixes is not None and cache is not None:
             raise ValueError("prefix segments decode without a cache")
-        for i, block in enumerate(self.layers):
-            if (device := _block_device(block)) != hidden.device:
-                # The blocks are spread over several GPUs (split.server_device_map = "auto").
+        for i, (block, kind, index) in enumerate(
+            zip(self.layers, self.kinds, self.indices, strict=True)
+        ):
+            if self.spread and (device := _block_device(block)) != hidden.device:
                 hidden, attention_mask = hidden.to(device), attention_mask.to(device)
                 rotary = {k: _moved(r, device) for k, r in rotary.items()}
                 masks = {k: _moved(m, device) for k, m in masks.items()}
-            kind = _attention_kind(block, self.config)
             if kind not in rotary:
                 rotary[kind] = self._rotary(hidden, position_ids, kind)
             if kind not in masks:
@@ -151,13 +156,13 @@ class Segment(nn.Module):
                     allow_is_causal_skip=prefixes is None,
                     # The cache spans the whole model: size the mask by the first of this
                     # segment's blocks of this kind (a sliding layer's cache keeps the window).
-                    layer_idx=_layer_index(block) if cache is not None else None,
+                    layer_idx=index if cache is not None else None,
                 )
                 if prefixes is not None:
                     masks[kind] = with_prefix_columns(masks[kind], prefixes[0][0].shape[2])
             extra: dict[str, Any] = {}
             if prefixes is not None:
-                extra["past_key_values"] = PrefixKV({_layer_index(block): prefixes[i]})
+                extra["past_key_values"] = PrefixKV({index: prefixes[i]})
             elif cache is not None:
                 extra["past_key_values"] = cache
             hidden = block(
