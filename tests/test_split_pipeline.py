@@ -136,9 +136,25 @@ def test_a_step_abandoned_half_way_leaves_nothing_in_the_next(mode: str) -> None
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=1e-7, msg=name)
 
 
-def two_clients_stacked(count: int) -> tuple[dict[str, torch.Tensor], list[list[float]], int]:
-    """Two clients, three steps each, against a batch-mode server: the middle's adapter, the
-    clients' losses and the server's steps."""
+def train_rows(model: torch.nn.Module, steps: int, seed: int, rows: int) -> list[float]:
+    """`train_client` on the first `rows` rows of each batch."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    losses = []
+    for step in range(steps):
+        ids, mask, labels = (t[:rows] for t in batch(seed * 100 + step))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def two_clients_stacked(
+    count: int, rows: tuple[int, int]
+) -> tuple[dict[str, torch.Tensor], list[list[float]], int]:
+    """Two clients (batches of `rows` rows each), three steps each, against a batch-mode
+    server: the middle's adapter, the clients' losses and the server's steps."""
     config = split_config(
         "split.mode=batch",
         "split.tls=false",
@@ -151,16 +167,28 @@ def two_clients_stacked(count: int) -> tuple[dict[str, torch.Tensor], list[list[
     with running_server(segments, config) as (port, trainer):
         clients = [client_model(config, port, f"c{i}", i) for i in range(2)]
         losses = in_threads(
-            [lambda m=m, i=i: train_client(m, 3, seed=i) for i, (m, _) in enumerate(clients)]
+            [
+                lambda m=m, i=i: train_rows(m, 3, seed=i, rows=rows[i])
+                for i, (m, _) in enumerate(clients)
+            ]
         )
         for _, link in clients:
             link.close()
     return adapter_state(segments.middle), losses, trainer.steps  # type: ignore[return-value]
 
 
-def test_batch_mode_stacks_every_clients_micro_batches_into_the_whole_batch_update() -> None:
-    want, want_losses, steps = two_clients_stacked(1)
-    got, losses, pipelined_steps = two_clients_stacked(2)
+@pytest.mark.parametrize(
+    ("count", "rows"),
+    [(2, (3, 3)), (3, (3, 1))],
+    ids=["same-micro-batches", "one-client-sends-fewer"],
+)
+def test_batch_mode_stacks_every_clients_micro_batches_into_the_whole_batch_update(
+    count: int, rows: tuple[int, int]
+) -> None:
+    """Micro-batch j of every client in the j-th stacked forward; a client whose batch has
+    fewer rows than micro-batches sends fewer, and the step waits for the others' last."""
+    want, want_losses, steps = two_clients_stacked(1, rows)
+    got, losses, pipelined_steps = two_clients_stacked(count, rows)
     assert steps == pipelined_steps == 3  # both clients in one stacked step, every step
     for run, want_run in zip(losses, want_losses, strict=True):
         assert run == pytest.approx(want_run, abs=1e-6)

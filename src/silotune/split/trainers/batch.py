@@ -48,7 +48,9 @@ class BatchTrainer(MiddleTrainer):
         self.batch_id = 0
         self.arrivals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.first_arrival = 0.0
-        self.count = 1  # micro-batches in the current step
+        # Each client's micro-batches in the current step (a client whose batch has fewer rows
+        # than split.micro_batches sends fewer).
+        self.counts: dict[str, int] = {}
         self.stacks: list[Stack] = []  # the current step's stacked forwards, in order
         self.contributed: set[str] = set()  # clients whose gradients are in the step
         self.deadline = 0.0
@@ -57,6 +59,17 @@ class BatchTrainer(MiddleTrainer):
     def in_step(self) -> set[str]:
         """The clients the current step is made of (its first stack's)."""
         return set(self.stacks[0].rows) if self.stacks else set()
+
+    def _expected(self, index: int) -> set[str]:
+        """Whose micro-batch `index` the step's stack of that index waits for."""
+        if index == 0:
+            return self.active()
+        return {c for c in self.in_step if self.counts.get(c, 1) > index}
+
+    @property
+    def _needed(self) -> int:
+        """Stacks the current step is made of: its clients' most micro-batches."""
+        return max((self.counts.get(c, 1) for c in self.in_step), default=0)
 
     def forward(
         self, client: str, hidden: torch.Tensor, mask: torch.Tensor, micro: Micro = WHOLE
@@ -69,17 +82,19 @@ class BatchTrainer(MiddleTrainer):
                 self.dropped.pop(client, None)
                 while self.stacks:  # the previous step is still in its backwards
                     self._wait_or_drop_missing()
-            elif client not in self.in_step or index != len(self.stacks) or count != self.count:
+            elif (
+                client not in self.in_step
+                or index != len(self.stacks)
+                or count != self.counts.get(client)
+            ):
                 self.check_not_dropped(client)
                 raise StepDropped(f"micro-batch {list(micro)} of a step the server is not in")
             if mask.shape[1] != hidden.shape[1]:
                 raise StepDropped(f"mask covers {mask.shape[1]} positions for {hidden.shape[1]}")
             if not self.arrivals:
                 self.first_arrival = time.monotonic()
-                if index == 0:
-                    self.count = count
-            elif count != self.count:
-                raise StepDropped(f"{count} micro-batches where the step has {self.count}")
+            if index == 0:
+                self.counts[client] = count
             self.arrivals[client] = (hidden, mask)
             self.cond.notify_all()
             batch = self.batch_id
@@ -88,8 +103,7 @@ class BatchTrainer(MiddleTrainer):
                     self.arrivals.pop(client, None)
                     break
                 waited = time.monotonic() - self.first_arrival
-                expected = self.active() if index == 0 else self.in_step  # who may still come
-                if expected <= set(self.arrivals) or waited >= self.window_s:
+                if self._expected(index) <= set(self.arrivals) or waited >= self.window_s:
                     self._run_forward()
                     break
                 self.cond.wait(self.window_s - waited)
@@ -171,8 +185,9 @@ class BatchTrainer(MiddleTrainer):
             self.cond.wait(remaining)
             return
         stack = self._due()
-        if stack is None:  # forwards still missing: the step is given up
-            self._end_step()
+        if stack is None:
+            if not self._step_if_complete():  # forwards still missing: the step is given up
+                self._end_step()
             return
         for client in set(stack.rows) - set(stack.grads):
             self.drop(client, f"no gradient within {self.timeout_s:g} s")
@@ -198,9 +213,17 @@ class BatchTrainer(MiddleTrainer):
                 stack.grad_inputs[client] = grad_in[start:end, :length]
         stack.pending = None  # free its graph
         self.deadline = time.monotonic() + self.timeout_s
-        if len(self.stacks) == self.count and all(s.done for s in self.stacks):
-            self._step()
+        self._step_if_complete()
         self.cond.notify_all()
+
+    def _step_if_complete(self) -> bool:
+        """Step once every stack of the step has had its backward."""
+        if not self.stacks or len(self.stacks) < self._needed:
+            return False
+        if not all(s.done for s in self.stacks):
+            return False
+        self._step()
+        return True
 
     def _step(self) -> None:
         """Step the middle on the step's accumulated gradients: the mean over the clients."""
@@ -220,7 +243,7 @@ class BatchTrainer(MiddleTrainer):
     def _end_step(self) -> None:
         """Forget the step (after its update, or giving it up) and wake whoever waits."""
         self.opt.zero_grad(set_to_none=True)
-        self.stacks, self.contributed, self.count, self.arrivals = [], set(), 1, {}
+        self.stacks, self.contributed, self.counts, self.arrivals = [], set(), {}, {}
         self.batch_id += 1  # a micro-batch still waiting to be stacked is out of it
         self.cond.notify_all()
 
@@ -244,4 +267,6 @@ class BatchTrainer(MiddleTrainer):
                 due = self._due()
                 if due is not None and set(due.rows) <= set(due.grads):
                     self._run_backward(due)  # it was the last one the stack waited for
+                else:
+                    self._step_if_complete()  # it was the one the step's last stack waited for
                 self.cond.notify_all()
