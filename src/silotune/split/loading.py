@@ -98,6 +98,7 @@ def spread_blocks(middle: Segment, placement: Placement) -> dict[int, str]:
     devices = block_device_map(middle, max_memory)
     for index, device in devices.items():
         middle.layers[index].to(device)
+    middle.spread = len(set(devices.values())) > 1
     log.info("middle blocks on %s", devices)
     return devices
 

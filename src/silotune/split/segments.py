@@ -96,7 +96,7 @@ class Segment(nn.Module):
         # Looked up once, not per block and token (a decoding step is a few milliseconds).
         self.kinds = [_attention_kind(block, config) for block in blocks]
         self.indices = [_layer_index(block) for block in blocks]
-        # Blocks over several GPUs (split.server_device_map = "auto"): hidden states follow.
+        # Blocks over several devices when cut: hidden states follow them block by block.
         self.spread = len({_block_device(block) for block in blocks}) > 1
         self.prefix: SegmentPrefix | None = None  # set for p-tuning v2 (see add_prefix)
         # What hidden states are cast to on entry (the base's dtype); None: left as they come.
@@ -126,7 +126,10 @@ class Segment(nn.Module):
         """
         if not len(self.layers):
             return hidden
-        hidden = hidden.to(_block_device(self.layers[0]), self.compute_dtype or hidden.dtype)
+        first = _block_device(self.layers[0])
+        hidden = hidden.to(first, self.compute_dtype or hidden.dtype)
+        # Blocks spread over GPUs after the cut (loading.spread_blocks) end on another device.
+        spread = self.spread or _block_device(self.layers[-1]) != first
         attention_mask = attention_mask.to(hidden.device)
         q = hidden.shape[1]
         # Positions count real tokens, so left-padded prompts (generation) get the positions
@@ -140,7 +143,7 @@ class Segment(nn.Module):
         for i, (block, kind, index) in enumerate(
             zip(self.layers, self.kinds, self.indices, strict=True)
         ):
-            if self.spread and (device := _block_device(block)) != hidden.device:
+            if spread and (device := _block_device(block)) != hidden.device:
                 hidden, attention_mask = hidden.to(device), attention_mask.to(device)
                 rotary = {k: _moved(r, device) for k, r in rotary.items()}
                 masks = {k: _moved(m, device) for k, m in masks.items()}
