@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from silotune.config import Config, load_config
+from silotune.errors import ConfigError
 from silotune.modeling.load import load_model, load_tokenizer, resolve_model
 from silotune.split import loading
 from silotune.split.loading import SegmentNotLoadedError, load_segments
@@ -156,3 +157,18 @@ def test_a_family_with_buffers_outside_its_file_loads_whole_with_the_same_logits
     got = _run(client, server, client, (ids, mask))
     real = mask.bool()
     assert torch.equal(got[real], want[real])
+
+
+def test_a_family_the_split_cannot_cut_is_refused_before_its_weights_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt2", vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    monkeypatch.setattr(loading, "load_model", _no_whole_model)
+    monkeypatch.setattr(loading, "_read", _no_whole_model)
+    with pytest.raises(ConfigError, match=r"cannot cut GPT2LMHeadModel .*not in the test matrix"):
+        load_segments(load_config(None, [f"model.name={tmp_path}"]), "server")

@@ -32,6 +32,7 @@ from silotune.config import Config
 from silotune.errors import ConfigError
 from silotune.modeling.load import ModelSource, load_model, resolve_model
 from silotune.modeling.placement import Placement, prepare_for_training, resolve_placement
+from silotune.split.families import check_splittable
 from silotune.split.segments import Segment, Segments, SplitPoints, decoder_parts, split_model
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,12 @@ def _load_whole(
     source: ModelSource, front_blocks: int, back_blocks: int, role: Role, placement: Placement
 ) -> PreTrainedModel:
     """The whole model, with the modules `role` does not keep moved to `meta` (freed)."""
+    try:
+        hf_config = AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError):
+        hf_config = None  # the loader reports what is wrong with the folder
+    if hf_config is not None:
+        check_splittable(hf_config)  # before gigabytes of weights load for nothing
     model = load_model(source, placement)
     points = SplitPoints(front_blocks, back_blocks, _count_blocks(model))
     points.check()
