@@ -71,12 +71,14 @@ class SplitConfig:
         "none",
         "Activations on the wire (the front's output going up, the middle's coming back): "
         '"none" (`wire_dtype` floats), "int8" or "int4" (quantized per token with an absmax '
-        "scale: about a quarter or an eighth of float32's bytes).",
+        "scale: about a quarter or an eighth of float32's bytes). int8 cost no measurable "
+        "held-out loss; int4 cost 0.85 on SmolLM2 (its hidden states have outlier channels).",
     )
     gradient_codec: WireCodec = setting(
         "none",
         "Gradients on the wire (dL/d(middle output) going up, dL/d(front output) coming back): "
-        '"none", "int8" or "int4", as `activation_codec`.',
+        '"none", "int8" or "int4", as `activation_codec` (both cost no measurable held-out '
+        "loss).",
     )
     micro_batches: int = setting(
         1,
