@@ -136,20 +136,6 @@ def test_a_step_abandoned_half_way_leaves_nothing_in_the_next(mode: str) -> None
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=1e-7, msg=name)
 
 
-def train_rows(model: torch.nn.Module, steps: int, seed: int, rows: int) -> list[float]:
-    """`train_client` on the first `rows` rows of each batch."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    losses = []
-    for step in range(steps):
-        ids, mask, labels = (t[:rows] for t in batch(seed * 100 + step))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
-
-
 def two_clients_stacked(
     count: int, rows: tuple[int, int]
 ) -> tuple[dict[str, torch.Tensor], list[list[float]], int]:
@@ -168,7 +154,7 @@ def two_clients_stacked(
         clients = [client_model(config, port, f"c{i}", i) for i in range(2)]
         losses = in_threads(
             [
-                lambda m=m, i=i: train_rows(m, 3, seed=i, rows=rows[i])
+                lambda m=m, i=i: train_client(m, 3, seed=i, rows=rows[i])
                 for i, (m, _) in enumerate(clients)
             ]
         )
