@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from silotune.algorithms.split import resumable_round
+from silotune.run_folder import RunFolder
 from silotune.split.process import ClientArgs, ServerArgs, command, parse
+from silotune.split.trainers.state import save_training_state
 
 from .conftest import CONFIGS
 
@@ -21,6 +29,7 @@ def test_typed_arguments_survive_the_command_line(tmp_path: Path) -> None:
         eval_file=tmp_path / "eval.jsonl",
         out=tmp_path / "client-1",
         certs=tmp_path / "pki",
+        resume=True,
     )
     for args in (server, client):
         argv = command(args)
@@ -38,3 +47,31 @@ def test_a_split_process_loads_no_flower() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_resumed_run_goes_on_only_from_a_round_server_and_clients_all_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = RunFolder(tmp_path)
+    clients = ["client-0", "client-1"]
+    assert resumable_round(run, clients) is None  # nothing saved: from the start
+
+    def saved(name: str, rnd: int) -> None:
+        outputs = run.split_outputs(name)
+        outputs.root.mkdir(parents=True, exist_ok=True)
+        if name == "server":
+            state = {"round": rnd, "steps": 3 * rnd, "rng": torch.get_rng_state(), "modules": {}}
+            save_training_state(state, outputs.checkpoint)
+        else:
+            outputs.checkpoint.write_bytes(b"adapters")
+            outputs.checkpoint_round.write_text(json.dumps({"round": rnd}))
+
+    saved("server", 2)
+    saved("client-0", 2)
+    assert resumable_round(run, clients) is None  # client-1 saved nothing
+    saved("client-1", 1)  # stopped before its round-2 evaluation ended
+    with caplog.at_level(logging.WARNING):
+        assert resumable_round(run, clients) is None
+    assert "different rounds [1, 2]; restarting from round 1" in caplog.text
+    saved("client-1", 2)
+    assert resumable_round(run, clients) == 2

@@ -76,11 +76,36 @@ def _client(config: Config, target: str, data: tuple[Path, Path], out: Path, **k
     run_client(config, "a", target, None, data[0], data[1], out, **kw)
 
 
-def _same(a: Path, b: Path) -> None:
+# Two split runs of the same config are not always bit-identical across processes (once 1.6e-6
+# on an adapter value after 9 steps, on a loaded machine). A resume that misses state moves
+# adapters by 1e-2 or more: measured with the server's RNG or optimizer state not restored, or a
+# client's round seeds shifted by one.
+ADAPTER_ATOL = 1e-5
+
+
+def assert_same_adapters(a: Path, b: Path) -> None:
+    """The two safetensors files hold the same adapter tensors (to ADAPTER_ATOL)."""
     left, right = load_file(str(a)), load_file(str(b))
     assert left.keys() == right.keys() and left
     for key in left:
-        torch.testing.assert_close(left[key], right[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(left[key], right[key], rtol=0, atol=ADAPTER_ATOL)
+
+
+def assert_same_split_run(whole: Path, resumed: Path, client: str) -> None:
+    """A resumed split run (its split folder) ended as the `whole` one did: the client's rounds'
+    losses and its and the server's adapters."""
+    for name in (f"{client}/adapter.safetensors", "server/middle-adapter.safetensors"):
+        assert_same_adapters(whole / name, resumed / name)
+    rounds = [
+        [json.loads(row) for row in (folder / client / "rounds.jsonl").read_text().splitlines()]
+        for folder in (whole, resumed)
+    ]
+    assert [r["round"] for r in rounds[1]] == list(range(1, len(rounds[0]) + 1))
+    for left, right in zip(*rounds, strict=True):
+        assert right["train_loss"] == pytest.approx(left["train_loss"], rel=1e-5)
+        assert right["metrics"]["eval_loss"] == pytest.approx(
+            left["metrics"]["eval_loss"], rel=1e-6
+        )
 
 
 @pytest.mark.slow
@@ -90,11 +115,11 @@ def test_server_killed_mid_step_restarts_and_the_run_resumes_exactly(
     config = _config()
     data = _data(tmp_path, config)
 
-    server, target = _server(config, tmp_path / "whole-server")
-    _client(config, target, data, tmp_path / "whole-client")
+    server, target = _server(config, tmp_path / "whole" / "server")
+    _client(config, target, data, tmp_path / "whole" / "a")
     assert server.wait(timeout=120) == 0
 
-    server, target = _server(config, tmp_path / "server")
+    server, target = _server(config, tmp_path / "run" / "server")
     real_forward = MiddleLink.forward
     kill_at = config.train.local_steps + 2  # in the middle of round 2
 
@@ -106,31 +131,22 @@ def test_server_killed_mid_step_restarts_and_the_run_resumes_exactly(
 
     monkeypatch.setattr(MiddleLink, "forward", forward)
     with pytest.raises(SplitError, match=r"rounds 1-1 are saved in .*restart this client with"):
-        _client(config, target, data, tmp_path / "client")
+        _client(config, target, data, tmp_path / "run" / "a")
     monkeypatch.undo()
-    assert len((tmp_path / "client" / "rounds.jsonl").read_text().splitlines()) == 1
-    assert load_training_state(tmp_path / "server" / "checkpoint.safetensors")["round"] == 1
+    assert len((tmp_path / "run" / "a" / "rounds.jsonl").read_text().splitlines()) == 1
+    assert load_training_state(tmp_path / "run" / "server" / "checkpoint.safetensors")["round"] == 1
 
     # A client resumed against a fresh (not resumed) server is refused: their rounds differ.
     fresh, target = _server(config, tmp_path / "fresh-server")
     with pytest.raises(SplitError, match="the split server has finished 0 round"):
-        _client(config, target, data, tmp_path / "client", resume=True)
+        _client(config, target, data, tmp_path / "run" / "a", resume=True)
     fresh.kill()
     fresh.wait()
 
-    server, target = _server(config, tmp_path / "server", resume=True)
-    _client(config, target, data, tmp_path / "client", resume=True)
+    server, target = _server(config, tmp_path / "run" / "server", resume=True)
+    _client(config, target, data, tmp_path / "run" / "a", resume=True)
     assert server.wait(timeout=120) == 0
-    _same(
-        tmp_path / "whole-client" / "adapter.safetensors",
-        tmp_path / "client" / "adapter.safetensors",
-    )
-    _same(
-        tmp_path / "whole-server" / "middle-adapter.safetensors",
-        tmp_path / "server" / "middle-adapter.safetensors",
-    )
-    rows = (tmp_path / "client" / "rounds.jsonl").read_text().splitlines()
-    assert [json.loads(r)["round"] for r in rows] == [1, 2, 3]
+    assert_same_split_run(tmp_path / "whole", tmp_path / "run", "a")
 
 
 def test_resume_without_a_checkpoint_says_what_to_give(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ made for the run), follows their progress, and gathers their results into the re
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +35,9 @@ from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import whole_model_adapter
 from silotune.split.process import ClientArgs, ServerArgs, command, environment
 from silotune.split.records import ClientReport, ServerSummary, read_rounds
+from silotune.split.trainers.state import saved_round
+
+log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 600.0
 
@@ -143,10 +148,16 @@ def run_split(job: Job) -> AlgorithmResult:
     run.split.mkdir(parents=True, exist_ok=True)
     clients = [client_name(i) for i in range(len(job.client_examples))]
     server_out = run.split_outputs("server")
-    # A resumed run restarts split from its start: what the dead attempt left (its server's
-    # port, its clients' progress) must not be read as this attempt's.
-    for stale in (server_out.port, *(run.split_outputs(c).rounds for c in clients)):
-        stale.unlink(missing_ok=True)
+    resume = resumable_round(run, clients)
+    if resume is not None and resume >= cfg.train.rounds:
+        resume = None  # stopped while writing its reports, which need the last evaluation
+    server_out.port.unlink(missing_ok=True)  # the dead attempt's, if any
+    if resume is None:  # from the start: the progress of a dead attempt is not this one's
+        for name in ("server", *clients):
+            for stale in (run.split_outputs(name).rounds, *run.split_outputs(name).checkpoints()):
+                stale.unlink(missing_ok=True)
+    else:
+        log.info("split: resuming after round %d", resume)
     env = environment()
     with Supervisor() as procs:
         certs = None
@@ -155,7 +166,9 @@ def run_split(job: Job) -> AlgorithmResult:
             hosts = sorted({"localhost", "127.0.0.1", cfg.split.host} - {"0.0.0.0"})
             create_dev_pki(certs, clients, hosts, overwrite=True)
         listen = f"{cfg.split.host}:{cfg.split.port}"
-        server_args = ServerArgs(run.config, listen, len(clients), server_out.root, certs)
+        server_args = ServerArgs(
+            run.config, listen, len(clients), server_out.root, certs, resume is not None
+        )
         server = procs.start("server", command(server_args), run.split_log("server"), env)
         port = _wait_for_port(server_out.port, server, run.split_log("server"))
         host = (
@@ -172,6 +185,7 @@ def run_split(job: Job) -> AlgorithmResult:
                 eval_file=run.eval_file,
                 out=run.split_process(client),
                 certs=certs,
+                resume=resume is not None,
             )
             procs.start(client, command(client_args), run.split_log(client), env)
         rounds = _follow(job, procs.processes, run, clients)
@@ -179,6 +193,28 @@ def run_split(job: Job) -> AlgorithmResult:
         for leftover in run.split_outputs(name).checkpoints():
             leftover.unlink()
     return _result(job, run, clients, rounds)
+
+
+def resumable_round(run: RunFolder, clients: list[str]) -> int | None:
+    """The round an interrupted attempt's server and every client all checkpointed after, or
+    None (nothing to resume, or they differ: the server checkpoints at the round's barrier,
+    each client after its evaluation, so a stop between the two leaves the server ahead)."""
+    server = run.split_outputs("server").checkpoint
+    if not server.is_file():
+        return None
+    rounds = {saved_round(server)}
+    for client in clients:
+        outputs = run.split_outputs(client)
+        if not (outputs.checkpoint.is_file() and outputs.checkpoint_round.is_file()):
+            return None
+        rounds.add(int(json.loads(outputs.checkpoint_round.read_text())["round"]))
+    if len(rounds) > 1:
+        log.warning(
+            "split: the server and clients saved different rounds %s; restarting from round 1",
+            sorted(rounds),
+        )
+        return None
+    return rounds.pop()
 
 
 def _tail(log: Path, lines: int = 15) -> str:

@@ -30,6 +30,7 @@ class ServerArgs:
     clients: int
     out: Path
     certs: Path | None  # the run's PKI (mutual TLS); None: no TLS
+    resume: bool = False  # go on from the checkpoint in `out`
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ClientArgs:
     eval_file: Path
     out: Path
     certs: Path | None
+    resume: bool = False  # go on from the checkpoint in `out` (the server resumes too)
 
 
 def command(args: ServerArgs | ClientArgs) -> list[str]:
@@ -75,12 +77,19 @@ def _run(args: ServerArgs | ClientArgs) -> int:
 
     config = load_config(args.config, algorithm_checks=False)  # runs none of them
     if isinstance(args, ServerArgs):
-        run_server(config, args.listen, args.certs, args.clients, args.out)
+        run_server(config, args.listen, args.certs, args.clients, args.out, args.resume)
     else:
         # The run's progress display shows this client's steps (config.json is in the run folder).
         with reporting(args.config.parent / PROGRESS_DIR, f"split {args.client}"):
             run_client(
-                config, args.client, args.server, args.certs, args.data, args.eval_file, args.out
+                config,
+                args.client,
+                args.server,
+                args.certs,
+                args.data,
+                args.eval_file,
+                args.out,
+                args.resume,
             )
     return 0
 

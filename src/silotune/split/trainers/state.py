@@ -45,6 +45,12 @@ def save_training_state(state: dict[str, Any], target: Path) -> None:
     write_atomic(target, save(contiguous(tensors), metadata={_META: json.dumps(meta)}))
 
 
+def saved_round(source: Path) -> int:
+    """The round a checkpoint was taken after, read from its metadata alone."""
+    with safe_open(str(source), framework="pt") as fh:
+        return int(json.loads(fh.metadata()[_META])["round"])
+
+
 def load_training_state(source: Path) -> dict[str, Any]:
     """Inverse of save_training_state: the dict MiddleTrainer.restore takes."""
     with safe_open(str(source), framework="pt") as fh:
