@@ -76,11 +76,11 @@ def _client(config: Config, target: str, data: tuple[Path, Path], out: Path, **k
     run_client(config, "a", target, None, data[0], data[1], out, **kw)
 
 
-# Two split runs of the same config are not always bit-identical across processes (once 1.6e-6
-# on an adapter value after 9 steps, on a loaded machine). A resume that misses state moves
-# adapters by 1e-2 or more: measured with the server's RNG or optimizer state not restored, or a
-# client's round seeds shifted by one.
-ADAPTER_ATOL = 1e-5
+# Two split runs of the same config are not always bit-identical across processes: mostly they
+# are, but adapter values have differed by up to 3.7e-6 after 9 steps. A resume that misses
+# state moves them by 1e-2 or more: measured with the server's RNG or optimizer state not
+# restored, or a client's round seeds shifted by one.
+ADAPTER_ATOL = 1e-4
 
 
 def assert_same_adapters(a: Path, b: Path) -> None:
