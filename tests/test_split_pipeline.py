@@ -3,6 +3,8 @@ flight in the right order, refusals that leave the session in step."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -13,7 +15,8 @@ from silotune.split.link import SplitError
 from silotune.split.protocol import Frame, Kind
 from silotune.split.segments import split_model
 from silotune.split.trainers import adapter_state, build_trainer
-from silotune.split.trainers.base import StepDropped
+from silotune.split.trainers.base import Micro, StepDropped
+from silotune.split.trainers.batch import BatchTrainer
 from tests.test_split import (
     batch,
     client_model,
@@ -176,6 +179,29 @@ def test_batch_mode_stacks_every_clients_micro_batches_into_the_whole_batch_upda
     want, want_losses, steps = two_clients_stacked(1, rows)
     got, losses, pipelined_steps = two_clients_stacked(count, rows)
     assert steps == pipelined_steps == 3  # both clients in one stacked step, every step
+    for run, want_run in zip(losses, want_losses, strict=True):
+        assert run == pytest.approx(want_run, abs=1e-6)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_client_done_with_its_micro_batches_leaves_the_others_step_going_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client with one row sends one micro-batch of three: once its gradient is back it
+    starts its next step (and after its last, leaves) while the other's later micro-batches are
+    still in the server's backward. Neither gives the step up: the update is the whole one."""
+    want, want_losses, _ = two_clients_stacked(1, (3, 1))
+    slow = BatchTrainer.backward
+
+    def backward(self: BatchTrainer, client: str, grad: torch.Tensor, micro: Micro) -> torch.Tensor:
+        if micro[0] > 0:
+            time.sleep(0.3)  # the two-row client's later micro-batches arrive late
+        return slow(self, client, grad, micro)
+
+    monkeypatch.setattr(BatchTrainer, "backward", backward)
+    got, losses, steps = two_clients_stacked(3, (3, 1))
+    assert steps == 3
     for run, want_run in zip(losses, want_losses, strict=True):
         assert run == pytest.approx(want_run, abs=1e-6)
     for name, value in want.items():

@@ -247,9 +247,18 @@ class BatchTrainer(MiddleTrainer):
         self.batch_id += 1  # a micro-batch still waiting to be stacked is out of it
         self.cond.notify_all()
 
+    def _finished(self, client: str) -> bool:
+        """`client` has sent the gradients of every micro-batch it has in the current step."""
+        sent = sum(1 for s in self.stacks if client in s.rows and client in s.grads)
+        return client in self.counts and sent >= self.counts[client]
+
     def release(self, client: str, reason: str) -> None:
         with self.cond:
             self.arrivals.pop(client, None)
+            if self._finished(client):
+                # Its part is whole (a client with fewer micro-batches than the others is
+                # done first): the step goes on; its next step waits for this one to end.
+                return
             if client in self.contributed and client in self.in_step:
                 # Its gradients are already in the step's sums and cannot be taken out: the
                 # step is given up for everyone rather than applied half-done.
