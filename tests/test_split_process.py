@@ -14,7 +14,7 @@ import torch
 from silotune.algorithms.split import resumable_round
 from silotune.run_folder import RunFolder
 from silotune.split.process import ClientArgs, ServerArgs, command, parse
-from silotune.split.trainers.state import save_training_state
+from silotune.split.trainers.state import save_training_state, saved_round
 
 from .conftest import CONFIGS
 
@@ -75,3 +75,12 @@ def test_a_resumed_run_goes_on_only_from_a_round_server_and_clients_all_saved(
     assert "different rounds [1, 2]; restarting from round 1" in caplog.text
     saved("client-1", 2)
     assert resumable_round(run, clients) == 2
+    # The server saved round 3 at its barrier; both clients stopped before saving theirs.
+    saved("server", 3)
+    assert resumable_round(run, clients) is None  # no previous checkpoint kept: restart
+    server = run.split_outputs("server")
+    saved("server", 2)
+    server.checkpoint.replace(server.previous_checkpoint)
+    saved("server", 3)
+    assert resumable_round(run, clients) == 2
+    assert saved_round(server.checkpoint) == 2 and not server.previous_checkpoint.exists()

@@ -253,13 +253,20 @@ class SplitOutputs:
         return self.root / "checkpoint.safetensors"
 
     @property
+    def previous_checkpoint(self) -> Path:
+        """The server's checkpoint of the round before (its clients may not have saved the
+        last one yet when a run stops)."""
+        return self.root / "checkpoint-previous.safetensors"
+
+    @property
     def checkpoint_round(self) -> Path:
         """The round a client's checkpoint holds."""
         return self.root / "checkpoint.json"
 
     def checkpoints(self) -> list[Path]:
         """The resumable state files present (a finished run needs none)."""
-        return [p for p in (self.checkpoint, self.checkpoint_round) if p.exists()]
+        files = (self.checkpoint, self.previous_checkpoint, self.checkpoint_round)
+        return [p for p in files if p.exists()]
 
     @property
     def adapter(self) -> Path:

@@ -197,24 +197,30 @@ def run_split(job: Job) -> AlgorithmResult:
 
 def resumable_round(run: RunFolder, clients: list[str]) -> int | None:
     """The round an interrupted attempt's server and every client all checkpointed after, or
-    None (nothing to resume, or they differ: the server checkpoints at the round's barrier,
-    each client after its evaluation, so a stop between the two leaves the server ahead)."""
-    server = run.split_outputs("server").checkpoint
-    if not server.is_file():
+    None (nothing to resume, or rounds that differ otherwise). The server checkpoints at the
+    round's barrier, each client after its evaluation: a stop between the two leaves the server
+    one round ahead, and its previous checkpoint is put back."""
+    server = run.split_outputs("server")
+    if not server.checkpoint.is_file():
         return None
-    rounds = {saved_round(server)}
+    rounds = set()
     for client in clients:
         outputs = run.split_outputs(client)
         if not (outputs.checkpoint.is_file() and outputs.checkpoint_round.is_file()):
             return None
         rounds.add(int(json.loads(outputs.checkpoint_round.read_text())["round"]))
-    if len(rounds) > 1:
+    saved = saved_round(server.checkpoint)
+    previous = server.previous_checkpoint
+    if rounds == {saved - 1} and previous.is_file() and saved_round(previous) == saved - 1:
+        previous.replace(server.checkpoint)  # the clients stopped before saving round `saved`
+        return saved - 1
+    if rounds != {saved}:
         log.warning(
             "split: the server and clients saved different rounds %s; restarting from round 1",
-            sorted(rounds),
+            sorted(rounds | {saved}),
         )
         return None
-    return rounds.pop()
+    return saved
 
 
 def _tail(log: Path, lines: int = 15) -> str:

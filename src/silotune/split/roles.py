@@ -84,6 +84,8 @@ def run_server(
         checkpoint = outputs.checkpoint
 
         def save(_round: int) -> None:
+            if checkpoint.is_file():  # kept until every client has saved this round too
+                checkpoint.replace(outputs.previous_checkpoint)
             save_training_state(trainer.training_state(), checkpoint)
 
         trainer.on_round_end = save
