@@ -166,6 +166,17 @@ def two_clients_stacked(
     return adapter_state(segments.middle), losses, trainer.steps  # type: ignore[return-value]
 
 
+def assert_same_training(
+    got: tuple[dict[str, torch.Tensor], list[list[float]]],
+    want: tuple[dict[str, torch.Tensor], list[list[float]]],
+) -> None:
+    """The same middle adapter and the same client losses, to 1e-6."""
+    for run, want_run in zip(got[1], want[1], strict=True):
+        assert run == pytest.approx(want_run, abs=1e-6)
+    for name, value in want[0].items():
+        torch.testing.assert_close(got[0][name], value, rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize(
     ("count", "rows"),
     [(2, (3, 3)), (3, (3, 1))],
@@ -179,10 +190,7 @@ def test_batch_mode_stacks_every_clients_micro_batches_into_the_whole_batch_upda
     want, want_losses, steps = two_clients_stacked(1, rows)
     got, losses, pipelined_steps = two_clients_stacked(count, rows)
     assert steps == pipelined_steps == 3  # both clients in one stacked step, every step
-    for run, want_run in zip(losses, want_losses, strict=True):
-        assert run == pytest.approx(want_run, abs=1e-6)
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+    assert_same_training((got, losses), (want, want_losses))
 
 
 def test_a_client_done_with_its_micro_batches_leaves_the_others_step_going_on(
@@ -202,10 +210,7 @@ def test_a_client_done_with_its_micro_batches_leaves_the_others_step_going_on(
     monkeypatch.setattr(BatchTrainer, "backward", backward)
     got, losses, steps = two_clients_stacked(3, (3, 1))
     assert steps == 3
-    for run, want_run in zip(losses, want_losses, strict=True):
-        assert run == pytest.approx(want_run, abs=1e-6)
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+    assert_same_training((got, losses), (want, want_losses))
 
 
 def test_a_client_leaving_a_stacked_step_half_way_gives_the_step_up_for_everyone() -> None:

@@ -7,7 +7,6 @@ made for the run), follows their progress, and gathers their results into the re
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import time
@@ -34,7 +33,12 @@ from silotune.run_folder import RunFolder, client_name
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import whole_model_adapter
 from silotune.split.process import ClientArgs, ServerArgs, command, environment
-from silotune.split.records import ClientReport, ServerSummary, read_rounds
+from silotune.split.records import (
+    ClientReport,
+    ServerSummary,
+    checkpointed_round,
+    read_rounds,
+)
 from silotune.split.trainers.state import saved_round
 
 log = logging.getLogger(__name__)
@@ -203,12 +207,10 @@ def resumable_round(run: RunFolder, clients: list[str]) -> int | None:
     server = run.split_outputs("server")
     if not server.checkpoint.is_file():
         return None
-    rounds = set()
-    for client in clients:
-        outputs = run.split_outputs(client)
-        if not (outputs.checkpoint.is_file() and outputs.checkpoint_round.is_file()):
-            return None
-        rounds.add(int(json.loads(outputs.checkpoint_round.read_text())["round"]))
+    saved_by = [checkpointed_round(run.split_outputs(client)) for client in clients]
+    if None in saved_by:  # a client saved none
+        return None
+    rounds = {r for r in saved_by if r is not None}
     saved = saved_round(server.checkpoint)
     previous = server.previous_checkpoint
     if rounds == {saved - 1} and previous.is_file() and saved_round(previous) == saved - 1:

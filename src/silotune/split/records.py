@@ -70,6 +70,13 @@ def append_round(outputs: SplitOutputs, row: ClientRound) -> None:
         fh.write(json.dumps(asdict(row)) + "\n")
 
 
+def checkpointed_round(outputs: SplitOutputs) -> int | None:
+    """The round a client's checkpoint holds (None: it has saved none)."""
+    if not (outputs.checkpoint.is_file() and outputs.checkpoint_round.is_file()):
+        return None
+    return int(json.loads(outputs.checkpoint_round.read_text())["round"])
+
+
 def read_rounds(outputs: SplitOutputs) -> list[ClientRound]:
     """The rounds a client has finished so far (none before it has started)."""
     if not outputs.rounds.exists():

@@ -8,7 +8,6 @@ adapter (PEFT LoRA, or p-tuning v2 prefixes from PEFT's PrefixEncoder). `silotun
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from silotune.split.records import (
     ClientRound,
     ServerSummary,
     append_round,
+    checkpointed_round,
     read_rounds,
 )
 from silotune.split.server import serve
@@ -131,9 +131,9 @@ class _NoMiddle:
 
 def _resume_client(model: SplitCausalLM, outputs: SplitOutputs) -> list[ClientRound]:
     """Load the adapters of the last finished round; the rounds up to it."""
-    if not outputs.checkpoint_round.is_file():
+    done = checkpointed_round(outputs)
+    if done is None:
         raise UserError(f"nothing to resume: no checkpoint in {outputs.root} (give the same --out)")
-    done = int(json.loads(outputs.checkpoint_round.read_text())["round"])
     load_state(model, load_file(str(outputs.checkpoint)))
     rounds = read_rounds(outputs)[:done]
     outputs.rounds.write_text("")
