@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/split_memory.py
 	$(BIN)/python bench/split_load.py
 	$(BIN)/python bench/split_generate.py
+	$(BIN)/python bench/grpc_floor.py
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/memory_plan.py
 

@@ -41,7 +41,7 @@ from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle
 from silotune.split.loading import load_segments
 from silotune.split.model import SplitCausalLM
-from split_overhead import CLIENT, bench_config, link_snapshot, split_server
+from split_overhead import CLIENT, as_run_processes, bench_config, link_snapshot, split_server
 
 PAD = 0
 
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--no-encrypt", action="store_true")
     args = parser.parse_args()
+    as_run_processes()
     logs.install()
     run(args, Console(width=140))
 

@@ -48,6 +48,7 @@ from silotune.training.loop import train_steps
 from split_overhead import (
     CLIENT,
     PAD,
+    as_run_processes,
     bench_config,
     link_snapshot,
     random_examples,
@@ -273,6 +274,7 @@ def main() -> None:
     args = parser.parse_args()
     for spec in args.codecs:
         codec_overrides(spec)  # refuse a bad spec before the namespace and the model
+    as_run_processes()
     enter_namespace()
     logs.install()
     console = Console(width=160)

@@ -67,6 +67,8 @@ def test_bytes_against_float32_at_a_real_hidden_size() -> None:
         ([[0, 0, 0, 0, 0], [0, 1, 1, 0, 0]], MASK_SPAN),  # an empty row, a run in the middle
         ([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]], MASK_BITS),  # a finished row during generation
         ([[1, 0] * 7 + [1]], MASK_BITS),  # 15 positions: bits beyond one byte
+        ([[1, 1, 1, 1], [1, 1, 1, 1]], MASK_SPAN),  # no padding at all
+        ([[1]], MASK_SPAN),  # one token of one row
     ],
 )
 def test_the_mask_travels_exactly(rows: list[list[int]], form: str) -> None:
@@ -74,6 +76,9 @@ def test_the_mask_travels_exactly(rows: list[list[int]], form: str) -> None:
     tensors, meta = encode_mask(mask)
     assert set(tensors) == {form} and meta == {"mask_width": mask.shape[1]}
     assert torch.equal(decode_mask(tensors, meta), mask)
+    bools, _ = encode_mask(mask.bool())  # generation's masks may be bool
+    assert bools.keys() == tensors.keys()
+    assert all(torch.equal(bools[k], tensors[k]) for k in tensors)
 
 
 def test_a_training_step_through_int8_keeps_the_gradients_direction() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,31 @@ def test_a_split_process_loads_no_flower() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_split_processes_get_the_shorter_spin_unless_the_user_set_one() -> None:
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads: the split commands set it first
+    thing, which works only while the CLI's modules leave torch unloaded."""
+    code = (
+        "import os, sys\n"
+        "import silotune.cli\n"
+        "from silotune.split.process import environment, shorten_spin\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(os.environ.get('GOMP_SPINCOUNT'), environment()['GOMP_SPINCOUNT'], end=' ')\n"
+        "print(shorten_spin(), os.environ['GOMP_SPINCOUNT'], shorten_spin())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert unset.returncode == 0, unset.stderr[-2000:]
+    assert unset.stdout.split() == ["None", "30000", "True", "30000", "False"]
+    own = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "GOMP_SPINCOUNT": "7"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert own.stdout.split() == ["7", "7", "False", "7", "False"]
 
 
 def test_a_resumed_run_goes_on_only_from_a_round_server_and_clients_all_saved(

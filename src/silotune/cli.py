@@ -14,6 +14,7 @@ from silotune.disk import check_writable, on_full_disk
 from silotune.errors import UserError
 from silotune.logs import install as route_logs
 from silotune.procs import run_command
+from silotune.split.process import shorten_spin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +172,7 @@ def _split_certs(args: argparse.Namespace) -> Path | None:
 
 
 def _split_server(args: argparse.Namespace, console: Console) -> int:
+    shorten_spin()  # before torch loads
     from silotune.config import load_config
     from silotune.split.roles import run_server
 
@@ -207,6 +209,7 @@ def _server_clients(value: str) -> tuple[int, set[str] | None]:
 
 
 def _split_client(args: argparse.Namespace, console: Console) -> int:
+    shorten_spin()  # before torch loads
     from silotune.config import load_config
     from silotune.split.roles import run_client
 

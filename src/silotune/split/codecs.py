@@ -121,18 +121,21 @@ MASK_BITS = "mask_bits"
 
 def encode_mask(mask: torch.Tensor) -> tuple[Tensors, dict[str, Any]]:
     """The mask (b, t) as each row's [start, stop) of ones if every row is one run, else its
-    bits packed 8 to a byte; with the header field `mask_width` = t."""
-    bits = mask.detach().cpu().bool()
+    bits packed 8 to a byte; with the header field `mask_width` = t. (NumPy: a decoding step
+    sends one of these per token, and torch's per-op cost dominates on tensors this small.)"""
+    bits = mask.detach().cpu().numpy().astype(bool)
     width = bits.shape[1]
     meta = {"mask_width": width}
-    ones = bits.sum(dim=1)
-    start = torch.where(ones > 0, bits.int().argmax(dim=1), torch.zeros_like(ones))
-    positions = torch.arange(width)
+    if bits.all():  # no padding (batch-1 decoding, full training batches): one op, not five
+        return {MASK_SPAN: torch.tensor([[0, width]] * bits.shape[0], dtype=torch.int32)}, meta
+    ones = bits.sum(axis=1)
+    start = np.where(ones > 0, bits.argmax(axis=1), 0)
+    positions = np.arange(width)
     runs = (positions >= start[:, None]) & (positions < (start + ones)[:, None])
-    if torch.equal(runs, bits):
-        return {MASK_SPAN: torch.stack([start, start + ones], dim=1).int()}, meta
-    packed = np.packbits(bits.numpy(), axis=1)  # (b, ⌈t/8⌉)
-    return {MASK_BITS: torch.from_numpy(packed)}, meta
+    if np.array_equal(runs, bits):
+        span = np.stack([start, start + ones], axis=1).astype(np.int32)
+        return {MASK_SPAN: torch.from_numpy(span)}, meta
+    return {MASK_BITS: torch.from_numpy(np.packbits(bits, axis=1))}, meta  # (b, ⌈t/8⌉)
 
 
 def decode_mask(tensors: Tensors, meta: dict[str, Any]) -> torch.Tensor:
@@ -140,11 +143,12 @@ def decode_mask(tensors: Tensors, meta: dict[str, Any]) -> torch.Tensor:
     for a span outside [0, t] or ending before it starts."""
     width = int(meta["mask_width"])
     if MASK_SPAN in tensors:
-        span = tensors[MASK_SPAN].long()
-        if bool(((span[:, 0] < 0) | (span[:, 1] < span[:, 0]) | (span[:, 1] > width)).any()):
+        span = tensors[MASK_SPAN].numpy().astype(np.int64)
+        start, stop = span[:, :1], span[:, 1:]
+        if bool(((start < 0) | (stop < start) | (stop > width)).any()):
             raise FrameRejected("activations mask_span holds a span outside [0, mask_width]")
-        positions = torch.arange(width)
-        return ((positions >= span[:, :1]) & (positions < span[:, 1:])).long()
+        positions = np.arange(width)
+        return torch.from_numpy(((positions >= start) & (positions < stop)).astype(np.int64))
     bits = np.unpackbits(tensors[MASK_BITS].numpy(), axis=1, count=width)
     return torch.from_numpy(bits.astype(np.int64))
 

@@ -67,6 +67,16 @@ def environment() -> dict[str, str]:
     return {"GOMP_SPINCOUNT": _GOMP_SPINCOUNT, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+def shorten_spin() -> bool:
+    """Shorten libgomp's spin in this process's environment unless the user set it; True if it
+    did. libgomp reads it once, when torch loads: call this before anything imports torch (the
+    split commands do; a benchmark that already imported it re-executes itself)."""
+    if "GOMP_SPINCOUNT" in os.environ:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
+    return True
+
+
 def parse(argv: list[str]) -> ServerArgs | ClientArgs:
     """Inverse of `command` (without the interpreter and module)."""
     role, payload = argv
