@@ -7,6 +7,8 @@ a callable middle whose autograd function sends activations forward and gradient
 from __future__ import annotations
 
 import base64
+import binascii
+import math
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from silotune.security.cipher import ClientHandshake, PlainFrames, session_ciphe
 from silotune.split.codecs import FloatCodec, encode_mask
 from silotune.split.protocol import Frame, Kind, decode, encode, run_id
 from silotune.split.records import LinkStats
+from silotune.split.replies import averaged_adapter, reply_tensor
 from silotune.split.transport import TimedSealer, open_channel, stream_method
 
 
@@ -114,7 +117,9 @@ class MiddleLink:
         crypto = self.sealer.seconds - crypto_before
         self.stats.serialize_s += time.perf_counter() - received - crypto
         self.stats.wait_s += received - start
-        self.stats.server_s += float(reply.meta.get("server_s", 0.0))
+        server_s = reply.meta.get("server_s", 0.0)  # the server's own timing: only counted
+        if type(server_s) in (int, float) and math.isfinite(server_s):
+            self.stats.server_s += server_s
         self.stats.bytes_down += len(reply_raw)
         self.stats.frames += 1
         if reply.kind == Kind.ERROR:
@@ -138,21 +143,33 @@ class MiddleLink:
             hello["key"] = base64.b64encode(handshake.hello()).decode()
         reply = self.call(Frame(Kind.HELLO, meta=hello))
         if handshake is None:
-            if reply.kind != Kind.READY:
-                raise FrameRejected(f"expected ready from the server, got {reply.kind}")
-            self.server_round = int(str(reply.meta.get("round", 0)))
-            self.server_resumed = bool(reply.meta.get("resumed", False))
+            self._ready(reply)
             return
-        final, secret = handshake.finish(base64.b64decode(str(reply.meta["key"])))
-        reply = self.call(Frame(Kind.KEY, meta={"key": base64.b64encode(final).decode()}))
-        if reply.kind != Kind.READY:
-            raise FrameRejected(f"expected ready from the server, got {reply.kind}")
-        self.server_round = int(str(reply.meta.get("round", 0)))
-        self.server_resumed = bool(reply.meta.get("resumed", False))
+        key = reply.meta.get("key")
+        if reply.kind != Kind.WELCOME or not isinstance(key, str):
+            raise FrameRejected(f"expected a welcome with a key from the server, got {reply.kind}")
+        try:
+            answer = base64.b64decode(key, validate=True)
+        except (binascii.Error, ValueError):
+            raise FrameRejected("the server's key is not valid base64") from None
+        final, secret = handshake.finish(answer)
+        self._ready(self.call(Frame(Kind.KEY, meta={"key": base64.b64encode(final).decode()})))
         run = run_id(self.config)
         cipher = session_ciphers(secret, handshake.salt, run, self.client_id, "client")
         crypto = self.sealer.seconds
         self.sealer = TimedSealer(cipher, crypto)
+
+    def _ready(self, reply: Frame) -> None:
+        """Take the server's READY: the rounds it had finished, whether it resumed."""
+        rounds, resumed = reply.meta.get("round", 0), reply.meta.get("resumed", False)
+        if reply.kind != Kind.READY:
+            raise FrameRejected(f"expected ready from the server, got {reply.kind}")
+        if type(rounds) is not int or rounds < 0 or type(resumed) is not bool:
+            raise FrameRejected(
+                f"the server's ready is malformed (round {str(rounds)[:20]!r}, resumed "
+                f"{str(resumed)[:20]!r})"
+            )
+        self.server_round, self.server_resumed = rounds, resumed
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor, train: bool, cache: str = ""
@@ -187,9 +204,7 @@ class MiddleLink:
 
     def take_forward(self, like: torch.Tensor) -> torch.Tensor:
         """The middle's output for the oldest activations sent, on `like`'s device and dtype."""
-        reply = self._for_this_step(self.receive())
-        out = self.activations.decode("hidden", reply.tensors, like.shape[-1])
-        return out.to(like.device, like.dtype)
+        return self._reply_tensor(Kind.HIDDEN, "hidden", self.activations, like)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         """Send dL/d(middle output); receive dL/d(front output)."""
@@ -204,8 +219,17 @@ class MiddleLink:
 
     def take_backward(self, like: torch.Tensor) -> torch.Tensor:
         """dL/d(front output) for the oldest gradient sent, on `like`'s device and dtype."""
+        return self._reply_tensor(Kind.GRAD_INPUT, "grad", self.gradients, like)
+
+    def _reply_tensor(
+        self, kind: Kind, name: str, codec: FloatCodec, like: torch.Tensor
+    ) -> torch.Tensor:
+        """The reply to the oldest request, screened as `like` (what went out), on its device."""
         reply = self._for_this_step(self.receive())
-        out = self.gradients.decode("grad", reply.tensors, like.shape[-1])
+        try:
+            out = reply_tensor(reply, kind, name, codec, like)
+        except FrameRejected as exc:
+            raise _refused_reply(exc) from None
         return out.to(like.device, like.dtype)
 
     def _for_this_step(self, reply: Frame) -> Frame:
@@ -220,7 +244,10 @@ class MiddleLink:
     def average(self, state: StateDict, weight: float) -> StateDict:
         """Hand in this client's front/back adapter; get the average over the clients."""
         reply = self.call(Frame(Kind.AVERAGE, self.step, state, {"weight": weight}))
-        return {k: v.clone() for k, v in reply.tensors.items()}
+        try:
+            return averaged_adapter(reply, state)
+        except FrameRejected as exc:
+            raise _refused_reply(exc) from None
 
     def close(self) -> None:
         """Say goodbye (unless the session is already broken) and close the channel."""
@@ -230,6 +257,12 @@ class MiddleLink:
         finally:
             self._outbox.put(None)
             self._channel.close()
+
+
+def _refused_reply(exc: FrameRejected) -> SplitError:
+    return SplitError(
+        f"refused the split server's reply: {exc}; the server is faulty or not this run's"
+    )
 
 
 def _rpc_message(exc: grpc.RpcError, target: str) -> str:

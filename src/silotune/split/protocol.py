@@ -108,6 +108,11 @@ class TensorSpec:
         return math.prod(self.shape) * _ITEM_BYTES[self.dtype]
 
 
+def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
+    """The spec a decoded (or about to be sent) tensor has on the wire."""
+    return TensorSpec(name, _NAMES[tensor.dtype], tuple(tensor.shape))
+
+
 # Screens a frame from its header alone: (kind, declared tensors, other header fields).
 HeaderCheck = Callable[[Kind, list[TensorSpec], dict[str, Any]], None]
 
