@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import GlmConfig, PretrainedConfig, Qwen2Config
+from transformers import PretrainedConfig
 
 from silotune import logs
 from silotune.config import load_config
 from silotune.modeling.load import resolve_model
-from silotune.modeling.memory import GIB, model_config, plan_run
+from silotune.modeling.memory import GIB, plan_run
 from silotune.modeling.placement import planned_placement, resolve_placement
+from silotune.modeling.shapes import GLM4_9B, QWEN25_7B, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -46,28 +47,7 @@ SETTINGS = {
         "train.gradient_checkpointing=true",
     ],
 }
-# Qwen2.5-7B-Instruct's published shape (config.json on the hub), for the 7B presets.
-QWEN25_7B = Qwen2Config(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    tie_word_embeddings=False,
-)
-# GLM-4-9B-Chat in its transformers-native form (THUDM/glm-4-9b-chat-hf, config.json on the hub).
-GLM4_9B = GlmConfig(
-    hidden_size=4096,
-    intermediate_size=13696,
-    num_hidden_layers=40,
-    num_attention_heads=32,
-    num_key_value_heads=2,
-    head_dim=128,
-    vocab_size=151552,
-    attention_bias=True,
-    tie_word_embeddings=False,
-)
+# The presets' models, as their hubs publish them (silotune.modeling.shapes).
 PRESETS: dict[str, PretrainedConfig] = {
     "fedpit-7b-qlora.toml": QWEN25_7B,
     "split-7b.toml": QWEN25_7B,

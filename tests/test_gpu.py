@@ -8,8 +8,9 @@ import torch
 
 from silotune.config import Config, load_config
 from silotune.modeling.load import resolve_model
-from silotune.modeling.memory import GIB, model_config, plan_run
+from silotune.modeling.memory import GIB, plan_run
 from silotune.modeling.placement import resolve_placement
+from silotune.modeling.shapes import model_config
 from silotune.split.loading import load_segments
 from silotune.split.model import SplitCausalLM
 from silotune.training.workbench import Workbench

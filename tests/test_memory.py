@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoConfig, GlmConfig, LlamaConfig
+from transformers import AutoConfig, LlamaConfig
 
 from silotune.cli import main
 from silotune.config import Config, load_config
@@ -16,9 +16,10 @@ from silotune.data.sft import tokenize_dataset
 from silotune.errors import ConfigError
 from silotune.modeling.adapters import GLOBAL
 from silotune.modeling.load import resolve_model
-from silotune.modeling.memory import GIB, model_config, plan_run
+from silotune.modeling.memory import GIB, plan_run
 from silotune.modeling.placement import Placement, planned_placement
 from silotune.modeling.shape import architecture
+from silotune.modeling.shapes import GLM4_9B, model_config
 from silotune.training.loop import train_steps
 from silotune.training.workbench import Workbench
 
@@ -125,6 +126,23 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "lower train.batch_size" in capsys.readouterr().err
 
 
+def test_a_preset_is_planned_without_a_download(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline, the presets' large models are planned from their published shapes; any other
+    hub id still needs its config.json."""
+    def unreachable(location: str, **kwargs: object) -> None:
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {location}")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
+    assert model_config("THUDM/glm-4-9b-chat-hf") is GLM4_9B
+    with pytest.raises(ConfigError, match="cannot load model 'someone/not-a-preset'"):
+        model_config("someone/not-a-preset")
+    preset = str(CONFIGS / "split-glm4-9b.toml")
+    assert main(["plan", preset, "--device", "cuda", "--memory-gib", "80"]) == 0
+    assert "split server" in capsys.readouterr().out
+
+
 DP = ("privacy.mode=dp-sgd", "privacy.noise_multiplier=1.0")
 
 
@@ -210,23 +228,12 @@ def test_planned_per_example_gradients_are_what_opacus_holds(
 def test_the_glm4_9b_split_preset_is_planned_from_its_published_shape() -> None:
     """FL-GLM's own family: GLM-4-9B-Chat (transformers-native) is split and planned like the
     7B presets, without a download."""
-    glm4_9b = GlmConfig(
-        hidden_size=4096,
-        intermediate_size=13696,
-        num_hidden_layers=40,
-        num_attention_heads=32,
-        num_key_value_heads=2,
-        head_dim=128,
-        vocab_size=151552,
-        attention_bias=True,
-        tie_word_embeddings=False,
-    )
     cfg = load_config(CONFIGS / "split-glm4-9b.toml")
-    assert architecture(glm4_9b, cfg.lora.target_modules, 8).params == pytest.approx(
+    assert architecture(GLM4_9B, cfg.lora.target_modules, 8).params == pytest.approx(
         9.4e9, rel=0.01
     )
     placement = planned_placement(cfg, "cuda")  # as the preset asks: 4-bit, bf16, checkpointing
-    plan = plan_run(cfg, glm4_9b, placement, capacity=80 * GIB)
+    plan = plan_run(cfg, GLM4_9B, placement, capacity=80 * GIB)
     roles = {e.role: e.total / GIB for e in plan.estimates}
     assert plan.fits and 7 < roles["split server"] < 11 and plan.client is not None
     assert 9 < plan.client.total / GIB < 14

@@ -28,6 +28,8 @@ def test_tiny_model_is_cached_and_identical_on_rebuild(
         assert pa.equal(pb), name
     assert load_tokenizer(first).get_vocab() == load_tokenizer(second).get_vocab()
     assert not list((tmp_path / "a" / "models").glob(".*")), "temporary folder left behind"
+    # Reports and run records carry the description: no path of this machine in it.
+    assert first.description == second.description == "tiny random Llama (1 block, hidden 32)"
 
 
 def test_local_folder_is_used_as_is() -> None:

@@ -80,8 +80,9 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 
     from silotune.config import load_config
     from silotune.modeling.load import resolve_model
-    from silotune.modeling.memory import gib, model_config, plan_run
+    from silotune.modeling.memory import gib, plan_run
     from silotune.modeling.placement import planned_placement, resolve_placement
+    from silotune.modeling.shapes import model_config
 
     config = load_config(args.config, args.overrides)
     if args.device is None:

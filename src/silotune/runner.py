@@ -51,8 +51,9 @@ from silotune.jobs import AlgorithmResult, AlgorithmSpec, Job, RoundLog
 from silotune.logs import to_file
 from silotune.modeling.adapters import adapter_nbytes
 from silotune.modeling.load import resolve_model
-from silotune.modeling.memory import model_config, plan_run
+from silotune.modeling.memory import plan_run
 from silotune.modeling.placement import resolve_placement
+from silotune.modeling.shapes import model_config
 from silotune.privacy.audit import (
     Canaries,
     audit_result,

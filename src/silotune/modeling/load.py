@@ -38,7 +38,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where `from_pretrained` loads a model from (a folder or a hub id)."""
+    """Where `from_pretrained` loads a model from (a folder or a hub id), and what reports and
+    run records call it (no path of this machine beyond what the user configured)."""
 
     location: str
     description: str
@@ -65,7 +66,7 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
                 f"model.name {cfg.name!r} is a path but holds no config.json; point it at a "
                 "Hugging Face model folder"
             )
-        return ModelSource(str(path), f"local folder {path}")
+        return ModelSource(str(path), f"local folder {cfg.name}")
     return ModelSource(cfg.name, f"hub model {cfg.name}")
 
 
@@ -121,7 +122,7 @@ def _materialize_smollm2() -> ModelSource:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         _save_atomically(model, tokenizer, target)
-    return ModelSource(str(target), f"SmolLM2-135M-Instruct (packaged GGUF, cached at {target})")
+    return ModelSource(str(target), "SmolLM2-135M-Instruct (packaged GGUF)")
 
 
 def _materialize_tiny(cfg: ModelConfig) -> ModelSource:
@@ -147,9 +148,8 @@ def _materialize_tiny(cfg: ModelConfig) -> ModelSource:
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
         _save_atomically(model, tokenizer, target)
-    return ModelSource(
-        str(target), f"tiny random Llama ({cfg.tiny_layers} layers, cached at {target})"
-    )
+    blocks = f"{cfg.tiny_layers} block" + ("s" if cfg.tiny_layers != 1 else "")
+    return ModelSource(str(target), f"tiny random Llama ({blocks}, hidden {cfg.tiny_hidden})")
 
 
 def _save_atomically(

@@ -29,15 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from rich.table import Table
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from silotune.config import Config
 from silotune.errors import ConfigError
-from silotune.modeling.load import not_loadable
 from silotune.modeling.placement import Placement
 from silotune.modeling.shape import Shape, architecture
 from silotune.registry import Registry
@@ -382,15 +381,6 @@ def device_capacity(device: torch.device) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def model_config(location: str) -> PretrainedConfig:
-    """The model's config.json (a hub id is fetched, or read from the local HF cache)."""
-    try:
-        cfg: Any = AutoConfig.from_pretrained(location)
-    except (OSError, ValueError) as exc:
-        raise not_loadable(location, exc) from None
-    return cfg  # type: ignore[no-any-return]
 
 
 def gib(value: float) -> int:
