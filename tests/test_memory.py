@@ -131,6 +131,7 @@ def test_a_preset_is_planned_without_a_download(
 ) -> None:
     """Offline, the presets' large models are planned from their published shapes; any other
     hub id still needs its config.json."""
+
     def unreachable(location: str, **kwargs: object) -> None:
         raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {location}")
 

@@ -77,25 +77,29 @@ def _client(config: Config, target: str, data: tuple[Path, Path], out: Path, **k
 
 
 # Two split runs of the same config are not always bit-identical across processes: mostly they
-# are, but adapter values have differed by up to 3.7e-6 after 9 steps. A resume that misses
-# state moves them by 1e-2 or more: measured with the server's RNG or optimizer state not
-# restored, or a client's round seeds shifted by one.
-ADAPTER_ATOL = 1e-4
+# are, but their losses have differed by ~1e-7 (relative) from round 1 on, and AdamW then turns
+# such noise in a near-zero gradient into a whole step (lr) of one adapter value: the worst
+# pair measured, after 6 rounds, had a server tensor 8e-4 apart (relative Frobenius norm) while
+# every round's losses agreed to 1e-7. So losses are compared tightly and adapters by norm. A
+# resume that misses state moves both far more (test_server_killed_mid_step_...): the server's
+# optimizer state not restored, losses 3e-4 apart and a tensor 0.30; its RNG not restored,
+# eval losses 5e-5 and a tensor 0.11.
+ADAPTER_RTOL = 5e-3
 
 
 def assert_same_adapters(a: Path, b: Path) -> None:
-    """The two safetensors files hold the same adapter tensors (to ADAPTER_ATOL)."""
+    """The two safetensors files hold the same adapter tensors (each to ADAPTER_RTOL of its
+    norm)."""
     left, right = load_file(str(a)), load_file(str(b))
     assert left.keys() == right.keys() and left
     for key in left:
-        torch.testing.assert_close(left[key], right[key], rtol=0, atol=ADAPTER_ATOL)
+        gap = float((left[key] - right[key]).norm() / left[key].norm().clamp_min(1e-12))
+        assert gap <= ADAPTER_RTOL, f"{key}: {gap:.2e} apart (relative norm) in {a} and {b}"
 
 
 def assert_same_split_run(whole: Path, resumed: Path, client: str) -> None:
-    """A resumed split run (its split folder) ended as the `whole` one did: the client's rounds'
-    losses and its and the server's adapters."""
-    for name in (f"{client}/adapter.safetensors", "server/middle-adapter.safetensors"):
-        assert_same_adapters(whole / name, resumed / name)
+    """A resumed split run (its split folder) ended as the `whole` one did: every round's
+    losses of the client, then its and the server's adapters."""
     rounds = [
         [json.loads(row) for row in (folder / client / "rounds.jsonl").read_text().splitlines()]
         for folder in (whole, resumed)
@@ -106,9 +110,10 @@ def assert_same_split_run(whole: Path, resumed: Path, client: str) -> None:
         assert right["metrics"]["eval_loss"] == pytest.approx(
             left["metrics"]["eval_loss"], rel=1e-6
         )
+    for name in (f"{client}/adapter.safetensors", "server/middle-adapter.safetensors"):
+        assert_same_adapters(whole / name, resumed / name)
 
 
-@pytest.mark.slow
 def test_server_killed_mid_step_restarts_and_the_run_resumes_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
