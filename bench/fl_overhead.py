@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from silotune import logs
 from silotune.config import load_config
+from silotune.procs import run_command
 from silotune.runner import plan_experiment, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,5 +95,5 @@ def main() -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM stops it as Ctrl-C does: no server or key is left
+    sys.exit(run_command(lambda: main() or 0, "free space and run it again"))

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from silotune.procs import run_command
 from silotune.security.tls import create_dev_pki
 from split_overhead import as_run_processes
 
@@ -136,5 +137,5 @@ def main() -> None:
     console.print(table)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM stops it as Ctrl-C does: no server or key is left
+    sys.exit(run_command(lambda: main() or 0, "free space and run it again"))

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from silotune import logs
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
+from silotune.procs import run_command
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle
@@ -218,5 +219,5 @@ def main() -> None:
     run(args, Console(width=140))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM stops it as Ctrl-C does: no server or key is left
+    sys.exit(run_command(lambda: main() or 0, "free space and run it again"))

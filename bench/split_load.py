@@ -37,6 +37,7 @@ from transformers import AutoConfig
 from silotune import logs
 from silotune.config import Config
 from silotune.modeling.load import resolve_model
+from silotune.procs import run_command
 from silotune.security.tls import create_dev_pki
 from silotune.split.link import MiddleLink, SplitError
 from split_overhead import bench_config, spawn_server, wait_for_port
@@ -246,5 +247,5 @@ def main() -> None:
     report(console, args, run(args, console))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM stops it as Ctrl-C does: no server or key is left
+    sys.exit(run_command(lambda: main() or 0, "free space and run it again"))

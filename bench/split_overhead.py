@@ -49,6 +49,7 @@ from silotune import logs
 from silotune.config import Config, load_config
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
+from silotune.procs import run_command
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink, RemoteMiddle
@@ -324,5 +325,5 @@ def main() -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM stops it as Ctrl-C does: no server or key is left
+    sys.exit(run_command(lambda: main() or 0, "free space and run it again"))

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +40,7 @@ from rich.table import Table
 
 from silotune import logs
 from silotune.config import Config
+from silotune.procs import run_command
 from silotune.security.tls import create_dev_pki
 from silotune.split.adapters import add_segment_adapter
 from silotune.split.link import MiddleLink
@@ -285,5 +287,5 @@ def main() -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM stops it as Ctrl-C does: no server or key is left
+    sys.exit(run_command(lambda: main() or 0, "free space and run it again"))
