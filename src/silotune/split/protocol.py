@@ -108,6 +108,14 @@ class TensorSpec:
         return math.prod(self.shape) * _ITEM_BYTES[self.dtype]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Every value finite (through NumPy where it reads the dtype: on the tiny frames of a
+    decoding step torch's per-operation cost dominates)."""
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float16):
+        return bool(np.isfinite(tensor.detach().numpy()).all())
+    return bool(torch.isfinite(tensor).all())
+
+
 def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
     """The spec a decoded (or about to be sent) tensor has on the wire."""
     return TensorSpec(name, _NAMES[tensor.dtype], tuple(tensor.shape))

@@ -17,7 +17,7 @@ import torch
 from silotune.errors import FrameRejected
 from silotune.modeling.adapters import StateDict
 from silotune.split.codecs import FloatCodec
-from silotune.split.protocol import Frame, Kind, spec_of
+from silotune.split.protocol import Frame, Kind, all_finite, spec_of
 
 
 def reply_tensor(
@@ -29,7 +29,8 @@ def reply_tensor(
     expected = codec.names(name)
     if set(specs) != expected:
         raise FrameRejected(
-            f"{kind} reply carries {sorted(specs)[:4]}, expected {sorted(expected)}"
+            f"{kind} reply carries {[n[:40] for n in sorted(specs)[:4]]}, expected "
+            f"{sorted(expected)}"
         )
     rows, tokens, width = like.shape
     codec.check(f"{kind} reply", name, specs, rows, tokens, width)
@@ -38,7 +39,7 @@ def reply_tensor(
         raise FrameRejected(
             f"{kind} reply is {list(out.shape)} for a request of {list(like.shape)}"
         )
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise FrameRejected(f"{kind} reply holds NaN or Inf")
     return out
 
@@ -49,14 +50,16 @@ def averaged_adapter(reply: Frame, sent: StateDict) -> StateDict:
     got = reply.tensors
     if set(got) != set(sent):
         missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
-        raise FrameRejected(f"averaged adapter: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise FrameRejected(
+            f"averaged adapter: missing {missing[:3]}, unexpected {[n[:40] for n in extra[:3]]}"
+        )
     for key, tensor in got.items():
         if not tensor.is_floating_point() or tensor.shape != sent[key].shape:
             raise FrameRejected(
                 f"averaged adapter tensor {key} is {tensor.dtype} {list(tensor.shape)}, "
                 f"expected a float {list(sent[key].shape)}"
             )
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise FrameRejected(f"averaged adapter tensor {key} holds NaN or Inf")
     return {key: tensor.to(sent[key].dtype).clone() for key, tensor in got.items()}
 

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -31,7 +30,7 @@ from silotune.config import Config
 from silotune.errors import FrameRejected
 from silotune.split.adapters import build_split_model
 from silotune.split.codecs import FloatCodec, check_mask, mask_names
-from silotune.split.protocol import Frame, Kind, TensorSpec
+from silotune.split.protocol import Frame, Kind, TensorSpec, all_finite
 from silotune.split.segments import split_model
 from silotune.training.dp import largest_batch
 
@@ -160,21 +159,13 @@ def _expect_names(kind: Kind, got: dict[str, TensorSpec], expected: set[str]) ->
 def check_values(frame: Frame) -> None:
     """Refuse a frame (already authenticated) whose floating-point tensors hold NaN or Inf."""
     for name, tensor in frame.tensors.items():
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise FrameRejected(f"{frame.kind} tensor {name} holds NaN or Inf")
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Every value finite (NumPy where it can read the dtype: per-token frames are tiny and
-    torch's per-op cost dominates them)."""
-    if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float16):
-        return bool(np.isfinite(tensor.numpy()).all())
-    return bool(torch.isfinite(tensor).all())
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Refuse a computed tensor (a middle output, a gradient) that is not finite."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise FrameRejected(f"{what} is not finite (NaN or Inf); the step is refused")
 
 
