@@ -3,9 +3,10 @@
     python bench/split_generate.py                       # SmolLM2-135M, prompts of 64, 32 new
     python bench/split_generate.py --batch 1 8 --new 64
     python bench/split_generate.py --model tiny-llama --no-encrypt
+    python bench/split_generate.py --batch 1 --reps 20 --no-recomputed   # a tighter interval
 
-The same base and LoRA adapters decode the same random prompts greedily, taking turns (A B C,
-then C B A, ...) so that drifts in machine speed hit them alike:
+The same base and LoRA adapters decode the same random prompts greedily, taking turns (each goes
+first in turn, forwards then backwards) so that drifts in machine speed hit them alike:
 
 - centralized: transformers' `generate` on the whole PEFT model, with its KV cache;
 - split, cached: front and back here with their KV caches, the middle on a `silotune
@@ -15,13 +16,16 @@ then C B A, ...) so that drifts in machine speed hit them alike:
   cache anywhere), as the FL-GLM code decodes.
 
 A row ends at the model's EOS on every side. Printed per batch size: tokens/s of each (tokens
-decoded over seconds, summed over the runs) and their ratios to centralized, and whether the
-split model produced exactly the centralized tokens in every run.
+decoded over seconds, summed over the runs) and their ratios to centralized — for the cached
+split model with the 95 % interval of its per-run ratio (paired: the same prompts) — and
+whether the split model produced exactly the centralized tokens in every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from scipy.stats import t as student_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from silotune import logs
@@ -114,14 +119,17 @@ def measure(
     def recomputed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return split.generate(ids, mask, new, pad_token_id=PAD, eos_token_id=eos, use_cache=False)
 
-    runs = {"centralized": centralized, "split, cached": cached, "split, recomputed": recomputed}
+    runs = {"centralized": centralized, "split, cached": cached}
+    if not args.no_recomputed:
+        runs["split, recomputed"] = recomputed
     names = list(runs)
     seconds: dict[str, list[float]] = {n: [] for n in names}
     tokens: dict[str, list[int]] = {n: [] for n in names}  # decoded, rows x steps taken
     same = True
     for rep in range(args.reps + 1):  # the first round warms up and is not counted
         ids, mask = prompts(vocab, batch, args.prompt, seed=rep)
-        order = names if rep % 2 == 0 else names[::-1]
+        order = names[rep % len(names) :] + names[: rep % len(names)]  # each goes first in turn
+        order = order if rep % 2 == 0 else order[::-1]
         outs = {}
         for name in order:
             before = link_snapshot(link)
@@ -138,7 +146,26 @@ def measure(
                 tokens[name].append(batch * (outs[name].shape[1] - ids.shape[1]))
         same &= torch.equal(outs["centralized"], outs["split, cached"])
     tokens_per_s = {n: sum(tokens[n]) / sum(s) for n, s in seconds.items()}
-    return batch, tokens_per_s, same, parts
+    interval = ratio_interval(seconds, tokens, "split, cached")
+    return batch, tokens_per_s, same, parts, interval
+
+
+def ratio_interval(
+    seconds: dict[str, list[float]], tokens: dict[str, list[int]], name: str
+) -> tuple[float, float]:
+    """The 95 % t-interval of `name`'s tokens/s over centralized's, per run (paired: each run
+    decodes the same prompts on both sides); NaN with fewer than two runs."""
+    per_run = [
+        (tn / sn) / (tc / sc)
+        for tn, sn, tc, sc in zip(
+            tokens[name], seconds[name], tokens["centralized"], seconds["centralized"], strict=True
+        )
+    ]
+    if len(per_run) < 2:
+        return math.nan, math.nan
+    half = student_t.ppf(0.975, len(per_run) - 1) * statistics.stdev(per_run) / len(per_run) ** 0.5
+    mean = statistics.mean(per_run)
+    return mean - half, mean + half
 
 
 def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # type: ignore[type-arg]
@@ -157,19 +184,22 @@ def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # t
         "split cached tok/s",
         "split recomputed tok/s",
         "cached ÷ centralized",
+        "95 % interval (per run)",
         "recomputed ÷ centralized",
         "same tokens",
     ):
         table.add_column(col, justify="right")
-    for batch, tps, same, _ in rows:
-        c, s, r = tps["centralized"], tps["split, cached"], tps["split, recomputed"]
+    for batch, tps, same, _, (low, high) in rows:
+        c, s = tps["centralized"], tps["split, cached"]
+        r = tps.get("split, recomputed", math.nan)
         table.add_row(
             str(batch),
             f"{c:.1f}",
             f"{s:.1f}",
-            f"{r:.1f}",
-            f"{s / c:.2f}",
-            f"{r / c:.2f}",
+            "" if math.isnan(r) else f"{r:.1f}",
+            f"{s / c:.3f}",
+            "" if math.isnan(low) else f"{low:.3f} – {high:.3f}",
+            "" if math.isnan(r) else f"{r / c:.2f}",
             "yes" if same else "NO",
         )
     console.print(table)
@@ -189,7 +219,7 @@ def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # t
         "client AEAD",
     ):
         parts.add_column(col, justify="right")
-    for batch, tps, _, p in rows:
+    for batch, tps, _, p, _ in rows:
         steps = p["steps"]
         step, wait = p["seconds"] / steps, p["wait"] / steps
         framing, aead, server = (
@@ -213,6 +243,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--no-encrypt", action="store_true")
+    parser.add_argument(
+        "--no-recomputed", action="store_true", help="skip the uncached split decoding"
+    )
     args = parser.parse_args()
     as_run_processes()
     logs.install()

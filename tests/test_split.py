@@ -90,6 +90,10 @@ def test_segments_reproduce_full_model_logits() -> None:
     out = s.back(s.middle(s.front(ids, mask), mask), mask)
     real = mask.bool()
     assert torch.equal(full[real], out[real])
+    # Decoding keeps the newest position's logits alone (the head over a prompt is not run).
+    last = s.back(s.middle(s.front(ids, mask), mask), mask, last_only=True)
+    assert last.shape == (ids.shape[0], 1, VOCAB)
+    torch.testing.assert_close(last, out[:, -1:], rtol=0, atol=1e-6)
 
 
 def test_bad_split_points_are_refused() -> None:
@@ -554,6 +558,7 @@ def test_split_generation_matches_the_full_model() -> None:
     local = SplitCausalLM(s.front, s.back, s.middle)
     kwargs = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": model.config.eos_token_id}
     assert torch.equal(local.generate(ids, mask, **kwargs), want)
+    assert torch.equal(local.generate(ids, mask, use_cache=False, **kwargs), want)
     config = split_config("split.tls=false")
     with running_server(s, config) as (port, trainer):
         link = MiddleLink(config, "c0", f"localhost:{port}", None)

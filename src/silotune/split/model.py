@@ -101,7 +101,8 @@ class SplitCausalLM(nn.Module):
         incremental = self._incremental() if use_cache else None
         for step in range(max_new_tokens):
             if incremental is None:
-                logits = self(input_ids=ids, attention_mask=mask).logits[:, -1]  # (b, v)
+                hidden = self.middle(self.front(ids, mask), mask)
+                logits = self.back(hidden, mask, last_only=True)[:, -1]  # (b, v)
             else:
                 logits = incremental(new, mask, step == 0)[:, -1]
             scores = processors(ids, logits.float())  # type: ignore[arg-type]
@@ -149,7 +150,9 @@ class SplitCausalLM(nn.Module):
 
         def step(new: torch.Tensor, mask: torch.Tensor, first: bool) -> torch.Tensor:
             hidden = self.front(new, mask, front_cache)  # (b, q, d)
-            out: torch.Tensor = self.back(run_middle(hidden, mask, first), mask, back_cache)
+            out: torch.Tensor = self.back(
+                run_middle(hidden, mask, first), mask, back_cache, last_only=True
+            )
             return out
 
         return step

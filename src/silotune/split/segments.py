@@ -263,10 +263,19 @@ class Back(Segment):
         self.logits_transform = logits_transform(config)
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Cache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """(b, q, d) -> (b, q, vocab) logits."""
-        out: torch.Tensor = self.lm_head(self.norm(self.run_blocks(hidden, attention_mask, cache)))
+        """(b, q, d) -> (b, q, vocab) logits; with `last_only` (decoding) (b, 1, vocab), the
+        newest position's alone, as transformers' generate keeps (`logits_to_keep`): the head
+        over a whole prompt is most of a prefill's work on small models."""
+        hidden = self.run_blocks(hidden, attention_mask, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        out: torch.Tensor = self.lm_head(self.norm(hidden))
         return out if self.logits_transform is None else self.logits_transform(out)
 
 
