@@ -4,6 +4,7 @@
     python bench/split_generate.py --batch 1 8 --new 64
     python bench/split_generate.py --model tiny-llama --no-encrypt
     python bench/split_generate.py --batch 1 --reps 20 --no-recomputed   # a tighter interval
+    python bench/split_generate.py --batch 1 --pin   # one core each: two one-core machines
 
 The same base and LoRA adapters decode the same random prompts greedily, taking turns (each goes
 first in turn, forwards then backwards) so that drifts in machine speed hit them alike:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -65,6 +67,13 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    server_cpus = None
+    if args.pin:  # two one-core machines: this process on CPU 0, the server on CPU 1
+        if len(os.sched_getaffinity(0)) < 2:
+            sys.exit("--pin needs two CPUs: one for this process, one for the server")
+        os.sched_setaffinity(0, {0})
+        torch.set_num_threads(1)
+        server_cpus = {1}
     torch.manual_seed(0)
     extra = [f"split.tls={str(not args.no_tls).lower()}"]
     extra.append(f"split.encrypt={str(not args.no_encrypt).lower()}")
@@ -81,7 +90,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         if not args.no_tls:
             certs = Path(tmp) / "pki"
             create_dev_pki(certs, [CLIENT])
-        with split_server(config, "process", Path(tmp), certs) as server:
+        with split_server(config, "process", Path(tmp), certs, server_cpus) as server:
             link = MiddleLink(config, CLIENT, server.target, certs)
             split = SplitCausalLM(segments.front, segments.back, RemoteMiddle(link))
             for batch in args.batch:
@@ -245,6 +254,12 @@ def main() -> None:
     parser.add_argument("--no-encrypt", action="store_true")
     parser.add_argument(
         "--no-recomputed", action="store_true", help="skip the uncached split decoding"
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="one core each, as two one-core machines: this process (client and centralized "
+        "decoding) on CPU 0, the server on CPU 1, one thread each",
     )
     args = parser.parse_args()
     as_run_processes()

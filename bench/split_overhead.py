@@ -98,9 +98,10 @@ def random_examples(vocab: int, seq: int, count: int, seed: int = 0) -> Examples
 
 
 def spawn_server(
-    config: Config, folder: Path, certs: Path | None, clients: int
+    config: Config, folder: Path, certs: Path | None, clients: int, cpus: set[int] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start `silotune split-server` on a free loopback port (see `wait_for_port`)."""
+    """Start `silotune split-server` on a free loopback port (see `wait_for_port`), on the CPUs
+    `cpus` only if given (its threads, started later, inherit them)."""
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / "config.json"
     config_file.write_text(json.dumps(config.to_dict()))
@@ -111,7 +112,10 @@ def spawn_server(
         *tls,
     ]
     with (folder / "server.log").open("wb") as log:  # started as `silotune run` starts it
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment())
+        pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=environment(), preexec_fn=pin
+        )
 
 
 def wait_for_port(proc: subprocess.Popen[bytes], folder: Path) -> int:
@@ -139,11 +143,12 @@ class ServerHandle:
 
 @contextmanager
 def split_server(
-    config: Config, kind: str, tmp: Path, certs: Path | None
+    config: Config, kind: str, tmp: Path, certs: Path | None, cpus: set[int] | None = None
 ) -> Iterator[ServerHandle]:
-    """A split server for one client, as a process or as a thread of this process."""
+    """A split server for one client, as a process (on `cpus` if given) or as a thread of
+    this process."""
     if kind == "process":
-        proc = spawn_server(config, tmp / "server", certs, clients=1)
+        proc = spawn_server(config, tmp / "server", certs, clients=1, cpus=cpus)
         target = f"localhost:{wait_for_port(proc, tmp / 'server')}"
 
         def process_crypto() -> float:
