@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,10 +36,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from scipy.stats import t as student_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from silotune import logs
+from silotune.evaluation.intervals import mean_interval
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
 from silotune.procs import run_command
@@ -170,11 +169,8 @@ def ratio_interval(
             tokens[name], seconds[name], tokens["centralized"], seconds["centralized"], strict=True
         )
     ]
-    if len(per_run) < 2:
-        return math.nan, math.nan
-    half = student_t.ppf(0.975, len(per_run) - 1) * statistics.stdev(per_run) / len(per_run) ** 0.5
-    mean = statistics.mean(per_run)
-    return mean - half, mean + half
+    _, _, low, high = mean_interval(per_run)
+    return (math.nan, math.nan) if low is None or high is None else (low, high)
 
 
 def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # type: ignore[type-arg]

@@ -166,15 +166,20 @@ def records_of(scores: Mapping[str, PerRecord]) -> int:
     return max((len(next(iter(s.values()))) for s in scores.values() if s), default=0)
 
 
+def mean_interval(values: Sequence[float]) -> tuple[float, float, float | None, float | None]:
+    """Mean, sd and the t-interval (CONFIDENCE) of the mean of `values` (independent repeats:
+    seeds, benchmark runs); no interval from fewer than two."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0, None, None
+    sd = statistics.stdev(values)
+    half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+    return mean, sd, mean - half, mean + half
+
+
 def over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A difference over seeds: mean, sd, the t-interval of the mean, and each seed's own."""
-    values = [float(found["diff"]) for found in per_seed.values()]
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    low = high = None
-    if len(values) > 1:
-        half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * sd
-        low, high = mean - half / math.sqrt(len(values)), mean + half / math.sqrt(len(values))
+    mean, sd, low, high = mean_interval([float(found["diff"]) for found in per_seed.values()])
     return {
         "mean": mean,
         "sd": sd,
