@@ -5,6 +5,7 @@
     python bench/split_generate.py --model tiny-llama --no-encrypt
     python bench/split_generate.py --batch 1 --reps 20 --no-recomputed   # a tighter interval
     python bench/split_generate.py --batch 1 --pin   # one core each: two one-core machines
+    python bench/split_generate.py --no-pipe         # without the bare-pipe floor
 
 The same base and LoRA adapters decode the same random prompts greedily, taking turns (each goes
 first in turn, forwards then backwards) so that drifts in machine speed hit them alike:
@@ -14,24 +15,31 @@ first in turn, forwards then backwards) so that drifts in machine speed hit them
   split-server` process over loopback gRPC with mutual TLS and AES-256-GCM frames; the server
   keeps the middle's cache, so each new token crosses the wire alone;
 - split, recomputed: the same split model resending the whole sequence for every token (no
-  cache anywhere), as the FL-GLM code decodes.
+  cache anywhere), as the FL-GLM code decodes;
+- split, bare pipe: the same front and back, the middle with its cache in a child process behind
+  a bare OS pipe (no gRPC, TLS, AEAD, framing, screening or server bookkeeping): the floor any
+  transport between two processes has, so cached ÷ bare pipe is what silotune's own link costs
+  and bare pipe ÷ centralized what two processes cost on this machine.
 
 A row ends at the model's EOS on every side. Printed per batch size: tokens/s of each (tokens
 decoded over seconds, summed over the runs) and their ratios to centralized — for the cached
-split model with the 95 % interval of its per-run ratio (paired: the same prompts) — and
-whether the split model produced exactly the centralized tokens in every run.
+split model and the bare pipe with the 95 % intervals of their per-run ratios (paired: the same
+prompts) — and whether the split models produced exactly the centralized tokens in every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -39,6 +47,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from silotune import logs
+from silotune.config import Config
 from silotune.evaluation.intervals import mean_interval
 from silotune.modeling.adapters import add_lora
 from silotune.modeling.load import load_model, resolve_model
@@ -57,6 +66,52 @@ def prompts(vocab: int, batch: int, length: int, seed: int) -> tuple[torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, length), generator=gen)
     return ids, torch.ones_like(ids)
+
+
+class PipeMiddle:
+    """The middle with its KV cache in a child process behind a bare OS pipe: what a decoding
+    step costs between two processes without any of silotune's link (the bench's floor). It
+    answers `forward` as `MiddleLink` does for decoding, so `SplitCausalLM` drives it alike."""
+
+    def __init__(self, config: Config, cpus: set[int] | None) -> None:
+        context = multiprocessing.get_context("spawn")  # a forked OpenMP pool would hang
+        self.conn, child = context.Pipe()
+        self.proc = context.Process(target=pipe_server, args=(child, config, cpus), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor, train: bool, cache: str = ""
+    ) -> torch.Tensor:
+        self.conn.send((hidden.numpy(), mask.numpy(), cache == "new"))
+        return torch.from_numpy(self.conn.recv())
+
+    def close(self) -> None:
+        """Ask the child to end; kill it if it does not (or died and cannot be asked)."""
+        with contextlib.suppress(OSError):  # a child that is gone cannot be asked
+            self.conn.send(None)
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def pipe_server(conn: Any, config: Config, cpus: set[int] | None) -> None:
+    """The child of `PipeMiddle`: the server's middle and adapter, run on each message."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+    middle = load_segments(config, "server").middle
+    add_segment_adapter(middle, config, "middle")
+    cache = None
+    with torch.no_grad():
+        while (message := conn.recv()) is not None:
+            hidden, mask, first = message
+            if first or cache is None:
+                cache = middle.new_cache()
+            out = middle(torch.from_numpy(hidden), torch.from_numpy(mask), cache)
+            conn.send(out.numpy())
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -89,18 +144,31 @@ def run(args: argparse.Namespace, console: Console) -> None:
         if not args.no_tls:
             certs = Path(tmp) / "pki"
             create_dev_pki(certs, [CLIENT])
-        with split_server(config, "process", Path(tmp), certs, server_cpus) as server:
-            link = MiddleLink(config, CLIENT, server.target, certs)
-            split = SplitCausalLM(segments.front, segments.back, RemoteMiddle(link))
-            for batch in args.batch:
-                rows.append(measure(args, central, split, vocab, batch))
-            link.close()
+        pipe = None if args.no_pipe else PipeMiddle(config, server_cpus)
+        try:
+            with split_server(config, "process", Path(tmp), certs, server_cpus) as server:
+                link = MiddleLink(config, CLIENT, server.target, certs)
+                split = SplitCausalLM(segments.front, segments.back, RemoteMiddle(link))
+                piped = None
+                if pipe is not None:  # the same front and back, the middle behind the pipe
+                    piped = SplitCausalLM(segments.front, segments.back, RemoteMiddle(pipe))  # type: ignore[arg-type]
+                for batch in args.batch:
+                    rows.append(measure(args, central, split, piped, vocab, batch))
+                link.close()
+        finally:
+            if pipe is not None:
+                pipe.close()
     report(args, rows, console)
 
 
 def measure(
-    args: argparse.Namespace, central: torch.nn.Module, split: SplitCausalLM, vocab: int, batch: int
-) -> tuple[int, dict[str, float], bool, dict[str, float]]:
+    args: argparse.Namespace,
+    central: torch.nn.Module,
+    split: SplitCausalLM,
+    piped: SplitCausalLM | None,
+    vocab: int,
+    batch: int,
+) -> tuple[int, dict[str, float], bool, dict[str, float], dict[str, tuple[float, float]]]:
     new = args.new
     link = split.middle.link  # type: ignore[union-attr]
     parts: dict[str, float] = {}  # the cached runs' link counters, summed
@@ -127,7 +195,13 @@ def measure(
     def recomputed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return split.generate(ids, mask, new, pad_token_id=PAD, eos_token_id=eos, use_cache=False)
 
+    def bare_pipe(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert piped is not None
+        return piped.generate(ids, mask, new, pad_token_id=PAD, eos_token_id=eos)
+
     runs = {"centralized": centralized, "split, cached": cached}
+    if piped is not None:
+        runs["split, bare pipe"] = bare_pipe
     if not args.no_recomputed:
         runs["split, recomputed"] = recomputed
     names = list(runs)
@@ -153,24 +227,38 @@ def measure(
                 seconds[name].append(s)
                 tokens[name].append(batch * (outs[name].shape[1] - ids.shape[1]))
         same &= torch.equal(outs["centralized"], outs["split, cached"])
+        same &= piped is None or torch.equal(outs["centralized"], outs["split, bare pipe"])
     tokens_per_s = {n: sum(tokens[n]) / sum(s) for n, s in seconds.items()}
-    interval = ratio_interval(seconds, tokens, "split, cached")
-    return batch, tokens_per_s, same, parts, interval
+    intervals = {"cached": ratio_interval(seconds, tokens, "split, cached", "centralized")}
+    if piped is not None:
+        intervals["pipe"] = ratio_interval(seconds, tokens, "split, bare pipe", "centralized")
+        intervals["cached/pipe"] = ratio_interval(
+            seconds, tokens, "split, cached", "split, bare pipe"
+        )
+    return batch, tokens_per_s, same, parts, intervals
 
 
 def ratio_interval(
-    seconds: dict[str, list[float]], tokens: dict[str, list[int]], name: str
+    seconds: dict[str, list[float]], tokens: dict[str, list[int]], name: str, base: str
 ) -> tuple[float, float]:
-    """The 95 % t-interval of `name`'s tokens/s over centralized's, per run (paired: each run
+    """The 95 % t-interval of `name`'s tokens/s over `base`'s, per run (paired: each run
     decodes the same prompts on both sides); NaN with fewer than two runs."""
     per_run = [
-        (tn / sn) / (tc / sc)
-        for tn, sn, tc, sc in zip(
-            tokens[name], seconds[name], tokens["centralized"], seconds["centralized"], strict=True
+        (tn / sn) / (tb / sb)
+        for tn, sn, tb, sb in zip(
+            tokens[name], seconds[name], tokens[base], seconds[base], strict=True
         )
     ]
     _, _, low, high = mean_interval(per_run)
     return (math.nan, math.nan) if low is None or high is None else (low, high)
+
+
+def with_interval(value: float, interval: tuple[float, float] | None) -> str:
+    """A ratio and its interval for a table cell ("" for a ratio not measured)."""
+    if math.isnan(value):
+        return ""
+    low, high = interval or (math.nan, math.nan)
+    return f"{value:.3f}" + ("" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]")
 
 
 def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # type: ignore[type-arg]
@@ -187,23 +275,29 @@ def report(args: argparse.Namespace, rows: list, console: Console) -> None:  # t
         "batch",
         "centralized tok/s",
         "split cached tok/s",
+        "bare pipe tok/s",
         "split recomputed tok/s",
-        "cached ÷ centralized",
-        "95 % interval (per run)",
+        "cached ÷ centralized [95 %]",
+        "bare pipe ÷ centralized [95 %]",
+        "cached ÷ bare pipe [95 %]",
         "recomputed ÷ centralized",
         "same tokens",
     ):
         table.add_column(col, justify="right")
-    for batch, tps, same, _, (low, high) in rows:
+    for batch, tps, same, _, intervals in rows:
         c, s = tps["centralized"], tps["split, cached"]
         r = tps.get("split, recomputed", math.nan)
+        b = tps.get("split, bare pipe", math.nan)
+
         table.add_row(
             str(batch),
             f"{c:.1f}",
             f"{s:.1f}",
+            "" if math.isnan(b) else f"{b:.1f}",
             "" if math.isnan(r) else f"{r:.1f}",
-            f"{s / c:.3f}",
-            "" if math.isnan(low) else f"{low:.3f} – {high:.3f}",
+            with_interval(s / c, intervals.get("cached")),
+            with_interval(b / c, intervals.get("pipe")),
+            with_interval(s / b, intervals.get("cached/pipe")),
             "" if math.isnan(r) else f"{r / c:.2f}",
             "yes" if same else "NO",
         )
@@ -250,6 +344,9 @@ def main() -> None:
     parser.add_argument("--no-encrypt", action="store_true")
     parser.add_argument(
         "--no-recomputed", action="store_true", help="skip the uncached split decoding"
+    )
+    parser.add_argument(
+        "--no-pipe", action="store_true", help="skip the split model over a bare pipe (the floor)"
     )
     parser.add_argument(
         "--pin",
