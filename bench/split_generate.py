@@ -22,9 +22,10 @@ first in turn, forwards then backwards) so that drifts in machine speed hit them
   and bare pipe ÷ centralized what two processes cost on this machine.
 
 A row ends at the model's EOS on every side. Printed per batch size: tokens/s of each (tokens
-decoded over seconds, summed over the runs) and their ratios to centralized — for the cached
-split model and the bare pipe with the 95 % intervals of their per-run ratios (paired: the same
-prompts) — and whether the split models produced exactly the centralized tokens in every run.
+decoded over seconds, summed over the runs), their ratios to centralized and the cached split
+model's to the bare pipe's — with the 95 % intervals of the per-run ratios where both decoded
+the same prompts with a cache — and whether the split models produced exactly the centralized
+tokens in every run.
 """
 
 from __future__ import annotations
